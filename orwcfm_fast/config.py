@@ -1,0 +1,250 @@
+"""Trainer configuration: the known keys, their defaults, and validation.
+
+The keys and defaults of the published ORW-CFM-W2 trainer are kept as they are
+(``learning_rate`` ... ``parallel``); the keys this library adds are documented in
+:data:`OPTIONS` and in the README's config table. Validation happens once, in the
+trainer's constructor: an unknown key names the closest known one, a bad value names
+its key and what was expected.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+__all__ = [
+    "ConfigError",
+    "Option",
+    "OPTIONS",
+    "DEFAULTS",
+    "ODE_SOLVERS",
+    "COUPLINGS",
+    "WEIGHT_NORMALIZATIONS",
+    "validate_config",
+    "serializable_config",
+]
+
+ODE_SOLVERS = ("euler", "midpoint", "heun", "rk4")
+COUPLINGS = ("independent", "exact_ot", "weighted_ot")
+WEIGHT_NORMALIZATIONS = ("none", "batch")
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown or its value is invalid. The message names the key."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """One configuration key.
+
+    Attributes:
+        default: value used when the key is absent.
+        check: ``check(value) -> value`` normalises a valid value or raises ``ValueError``
+            whose text says what was expected (the key is added by :func:`validate_config`).
+        doc: one line for the README's config table.
+    """
+
+    default: Any
+    check: Callable[[Any], Any]
+    doc: str
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _float(low=None, low_inclusive=True, allow_none=False):
+    def check(value):
+        if value is None and allow_none:
+            return None
+        if not _is_real(value) or not math.isfinite(float(value)):
+            raise ValueError(f"expected a finite number, got {value!r}")
+        value = float(value)
+        if low is not None and (value < low or (value == low and not low_inclusive)):
+            sign = ">=" if low_inclusive else ">"
+            raise ValueError(f"expected a number {sign} {low}, got {value!r}")
+        return value
+
+    return check
+
+
+def _int(low):
+    def check(value):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f"expected an integer, got {value!r}")
+        if value < low:
+            raise ValueError(f"expected an integer >= {low}, got {value!r}")
+        return int(value)
+
+    return check
+
+
+def _bool(value):
+    if not isinstance(value, bool):
+        raise ValueError(f"expected True or False, got {value!r}")
+    return value
+
+
+def _str(allow_none=False):
+    def check(value):
+        if value is None and allow_none:
+            return None
+        if not isinstance(value, str):
+            raise ValueError(f"expected a string, got {value!r}")
+        return value
+
+    return check
+
+
+def _choice(choices, allow_callable=False):
+    def check(value):
+        if allow_callable and callable(value):
+            return value
+        if not isinstance(value, str) or value not in choices:
+            hint = _did_you_mean(value, choices) if isinstance(value, str) else ""
+            extra = " or a callable" if allow_callable else ""
+            raise ValueError(f"expected one of {list(choices)}{extra}, got {value!r}{hint}")
+        return value
+
+    return check
+
+
+def _prompts(value):
+    if value is None:
+        return None
+    if isinstance(value, str) or not all(isinstance(p, str) for p in value) or len(value) == 0:
+        raise ValueError(f"expected a non-empty list of strings, got {value!r}")
+    return list(value)
+
+
+def _reward(value):
+    if isinstance(value, str) or callable(value):
+        return value
+    raise ValueError(f"expected a registered reward name or a callable samples -> [B] tensor, got {value!r}")
+
+
+def _shape(value):
+    if value is None:
+        return None
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = (value,)
+    try:
+        shape = tuple(value)
+    except TypeError:
+        raise ValueError(f"expected a tuple of positive integers, got {value!r}") from None
+    if not shape or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d > 0 for d in shape):
+        raise ValueError(f"expected a non-empty tuple of positive integers, got {value!r}")
+    return tuple(int(d) for d in shape)
+
+
+def _optional_int(low):
+    def check(value):
+        return None if value is None else _int(low)(value)
+
+    return check
+
+
+def _int_range(low, high):
+    def check(value):
+        value = _int(low)(value)
+        if value > high:
+            raise ValueError(f"expected an integer <= {high}, got {value!r}")
+        return value
+
+    return check
+
+
+_seed = _optional_int(0)
+
+
+OPTIONS: dict[str, Option] = {
+    # --- the published reference's keys, same meanings and defaults ---
+    "learning_rate": Option(2e-4, _float(0.0, low_inclusive=False), "Adam learning rate"),
+    "warmup_steps": Option(5000, _int(0), "linear LR warmup: lr * min(step, warmup_steps) / warmup_steps"),
+    "w2_coefficient": Option(1.0, _float(0.0), "alpha: weight of the W2 bound ||v - v_ref||^2"),
+    "temperature": Option(0.5, _float(0.0), "beta: weights are exp(temperature * reward)"),
+    "grad_clip": Option(1.0, _float(0.0, low_inclusive=False, allow_none=True),
+                        "max gradient norm (None: no clipping)"),
+    "batch_size": Option(128, _int(1), "samples drawn and trained on per step"),
+    "text_prompts": Option(None, _prompts, "CLIP prompts; reward = p(prompt 0) - p(prompt 1)"),
+    "use_wandb": Option(False, _bool, "log epoch means to Weights & Biases (imported only then)"),
+    "wandb_project": Option("flow-matching", _str(), "wandb project"),
+    "run_name": Option("orw-cfm-w2", _str(), "wandb run name; prefix of the metrics CSV"),
+    "savedir": Option("./results", _str(), "where the epoch-metrics CSV is written"),
+    "ref_path": Option(None, _str(allow_none=True), "pretrained checkpoint path (for your script)"),
+    "parallel": Option(False, _bool, "wrap the policy in DataParallel over all visible GPUs"),
+    # --- keys this library adds ---
+    "reward": Option("clip", _reward, "registered reward name or callable samples [B, ...] -> [B]"),
+    "sample_shape": Option(None, _shape, "shape of one sample; inferred from torchcfm UNets"),
+    "ode_solver": Option("euler", _choice(ODE_SOLVERS), "fixed-step sampler: euler, midpoint, heun, rk4"),
+    "ode_steps": Option(100, _int(1), "solver steps from t=0 to t=1"),
+    "coupling": Option("independent", _choice(COUPLINGS, allow_callable=True),
+                       "pairing of noise x_0 with samples x_1: independent, exact_ot, weighted_ot"),
+    "weight_normalization": Option("none", _choice(WEIGHT_NORMALIZATIONS),
+                                   "none: raw exp(beta r); batch: B * softmax(beta r), overflow-safe"),
+    "sigma": Option(0.0, _float(0.0), "std of the Gaussian around the conditional path (torchcfm's sigma)"),
+    "policy_dropout": Option(False, _bool, "keep the policy's dropout active in its training forward"),
+    "clip_model": Option("ViT-B-32", _str(), "open_clip architecture for the CLIP reward"),
+    "clip_pretrained": Option("openai", _str(allow_none=True),
+                              "open_clip tag or local weights file; None = random init"),
+    "clip_batch_size": Option(None, _optional_int(1), "images per CLIP forward (None: the whole batch)"),
+    "jpeg_quality": Option(95, _int_range(1, 100), "JPEG quality for the jpeg_(in)compressibility rewards"),
+    "seed": Option(None, _seed, "seed for noise, times and couplings (None: nondeterministic)"),
+}
+
+DEFAULTS: dict[str, Any] = {name: opt.default for name, opt in OPTIONS.items()}
+
+
+def _did_you_mean(name: str, candidates) -> str:
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def validate_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Check a user config and fill in defaults.
+
+    Args:
+        config: the user's keys; ``None`` means all defaults.
+
+    Returns:
+        A new dict with every key of :data:`OPTIONS`, values normalised
+        (ints to floats where a float is meant, lists to tuples for shapes).
+
+    Raises:
+        ConfigError: for an unknown key (naming the closest known key) or an invalid
+            value (naming the key and what was expected).
+    """
+    if config is None:
+        config = {}
+    if not isinstance(config, Mapping):
+        raise ConfigError(f"config must be a dict of options, got {type(config).__name__}")
+    for key in config:
+        if key not in OPTIONS:
+            raise ConfigError(f"unknown config key {key!r}{_did_you_mean(str(key), OPTIONS)}")
+    resolved = {}
+    for key, opt in OPTIONS.items():
+        value = config.get(key, opt.default)
+        try:
+            resolved[key] = opt.check(value)
+        except ValueError as err:
+            raise ConfigError(f"config key {key!r}: {err}") from None
+    return resolved
+
+
+def serializable_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config with callables replaced by a description, so it can be saved.
+
+    Checkpoints store the config for the record; a callable reward or coupling is
+    code, which the user passes again when building a trainer to resume.
+    """
+    out = {}
+    for key, value in config.items():
+        if callable(value):
+            name = getattr(value, "__qualname__", None) or type(value).__qualname__
+            out[key] = f"<callable {name}>"
+        else:
+            out[key] = value
+    return out

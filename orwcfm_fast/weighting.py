@@ -1,0 +1,55 @@
+"""Rewards -> loss weights.
+
+ORW-CFM-W2 weights each sample's flow matching loss by ``w = exp(temperature * r)``.
+Two forms are offered:
+
+- ``"none"``: the published reference's raw ``exp(temperature * r)``. Its scale
+  follows the rewards (it overflows float32 once ``temperature * r > 88.7``).
+- ``"batch"``: self-normalised within the batch, ``B * softmax(temperature * r)``.
+  The weights then average 1, and the softmax subtracts the batch maximum, so they
+  never overflow. Relative weights (and the target ``q(x) w(x) / Z``) are the same.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from orwcfm_fast.config import WEIGHT_NORMALIZATIONS
+
+__all__ = ["reward_weights", "effective_sample_size"]
+
+
+def reward_weights(rewards: torch.Tensor, temperature: float, normalization: str = "none") -> torch.Tensor:
+    """Weights ``exp(temperature * rewards)``, optionally self-normalised.
+
+    Args:
+        rewards: ``[B]`` rewards.
+        temperature: ``beta >= 0``; 0 gives uniform weights.
+        normalization: ``"none"`` (raw exponentials) or ``"batch"``
+            (``B * softmax(beta * r)``, mean 1, overflow-safe).
+
+    Returns:
+        ``[B]`` weights, float32 (or the rewards' dtype if it is wider).
+    """
+    if rewards.ndim != 1:
+        raise ValueError(f"rewards must have shape [B], got {tuple(rewards.shape)}")
+    dtype = torch.promote_types(rewards.dtype, torch.float32)
+    logits = temperature * rewards.to(dtype)
+    if normalization == "none":
+        return torch.exp(logits)
+    if normalization == "batch":
+        return torch.softmax(logits, dim=0) * rewards.shape[0]
+    raise ValueError(f"weight_normalization must be one of {list(WEIGHT_NORMALIZATIONS)}, got {normalization!r}")
+
+
+def effective_sample_size(weights: torch.Tensor) -> torch.Tensor:
+    """Kish's effective sample size as a fraction of the batch, ``(sum w)^2 / (B sum w^2)``.
+
+    Args:
+        weights: ``[B]`` non-negative weights.
+
+    Returns:
+        0-dim tensor in ``[1/B, 1]``: 1 when all weights are equal, ``1/B`` when one dominates.
+    """
+    w = weights.double()
+    return (w.sum() ** 2 / (w.numel() * (w * w).sum())).to(weights.dtype)
