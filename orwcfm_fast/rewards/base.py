@@ -1,0 +1,222 @@
+"""Reward interface, callable / weighted-sum wrappers and output validation.
+
+A *reward* maps a batch of samples ``[B, *sample_shape]`` (images ``[B, C, H, W]`` in
+``[-1, 1]``, or arbitrary tensors such as 2-D points ``[B, 2]``) to a ``[B]`` float32
+tensor on the samples' device. The trainer calls rewards under ``torch.no_grad``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+__all__ = ["Reward", "CallableReward", "WeightedSum", "check_rewards"]
+
+# How many offending indices an error message lists before eliding the rest.
+_MAX_LISTED = 8
+
+
+class Reward(nn.Module):
+    """Abstract base class of rewards.
+
+    Subclasses implement :meth:`forward`. Being an :class:`torch.nn.Module`, a reward
+    can hold networks and buffers that ``.to(device)`` moves.
+    """
+
+    def forward(self, samples: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """Scores a batch.
+
+        Args:
+            samples: ``[B, *sample_shape]`` batch of samples.
+
+        Returns:
+            ``[B]`` float32 tensor of rewards on ``samples.device``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement forward(samples) -> [B]")
+
+
+def _to_float_tensor(value: Any, device: torch.device) -> torch.Tensor:
+    """Converts a tensor / array / list to a float32 tensor on ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=torch.float32)
+    return torch.as_tensor(value, dtype=torch.float32, device=device)
+
+
+class CallableReward(Reward):
+    """Wraps any callable ``samples -> [B]`` (tensor, numpy array, list, ...) as a :class:`Reward`.
+
+    The output is converted to a float32 tensor on the samples' device; its shape is not
+    checked here (see :func:`check_rewards`). If ``fn`` is an :class:`torch.nn.Module` it is
+    registered as a submodule, so ``.to(device)`` moves it.
+
+    Args:
+        fn: callable mapping ``[B, *sample_shape]`` samples to ``B`` rewards.
+        name: optional display name (defaults to the callable's ``__name__``).
+
+    Example:
+        >>> r = CallableReward(lambda x: -(x ** 2).sum(dim=1), name="neg_sq_norm")
+        >>> r(torch.ones(4, 2)).shape
+        torch.Size([4])
+    """
+
+    def __init__(self, fn: Callable[[torch.Tensor], Any], name: Optional[str] = None):
+        super().__init__()
+        if not callable(fn):
+            raise TypeError(f"CallableReward needs a callable samples -> [B] rewards, got {type(fn).__name__}")
+        self.fn = fn  # registered as a submodule when it is an nn.Module
+        self.name = name if name is not None else getattr(fn, "__name__", type(fn).__name__)
+
+    def forward(self, samples: torch.Tensor) -> torch.Tensor:
+        """Calls the wrapped function.
+
+        Args:
+            samples: ``[B, *sample_shape]``.
+
+        Returns:
+            The callable's output as a float32 tensor on ``samples.device`` (normally ``[B]``).
+        """
+        return _to_float_tensor(self.fn(samples), samples.device)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}"
+
+
+def _as_reward(reward: Any) -> Reward:
+    if isinstance(reward, Reward):
+        return reward
+    if callable(reward):
+        return CallableReward(reward)
+    raise TypeError(f"expected a Reward or a callable samples -> [B], got {type(reward).__name__}")
+
+
+class WeightedSum(Reward):
+    """Linear combination ``sum_k weight_k * reward_k(samples)``.
+
+    Args:
+        terms: sequence of ``(weight, reward)`` pairs; each reward is a :class:`Reward`,
+            an :class:`torch.nn.Module` or a plain callable ``samples -> [B]`` (plain callables
+            and non-Reward modules are wrapped in :class:`CallableReward`). The rewards are kept in
+            an :class:`torch.nn.ModuleList`, so ``.to(device)`` moves them.
+
+    Raises:
+        ValueError: if ``terms`` is empty or a term is not a ``(weight, reward)`` pair.
+
+    Example:
+        >>> r = WeightedSum([(1.0, JPEGCompressibility()), (0.5, lambda x: x.mean(dim=(1, 2, 3)))])
+    """
+
+    def __init__(self, terms: Sequence[Tuple[float, Union[Reward, Callable[[torch.Tensor], Any]]]]):
+        super().__init__()
+        terms = list(terms)
+        if not terms:
+            raise ValueError("WeightedSum needs at least one (weight, reward) term, got none")
+        weights, rewards = [], []
+        for k, term in enumerate(terms):
+            try:
+                weight, reward = term
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"WeightedSum term {k} must be a (weight, reward) pair, got {term!r}"
+                ) from None
+            weights.append(float(weight))
+            rewards.append(_as_reward(reward))
+        self.weights = weights
+        self.rewards = nn.ModuleList(rewards)
+
+    def forward(self, samples: torch.Tensor) -> torch.Tensor:
+        """Evaluates every term and sums them.
+
+        Args:
+            samples: ``[B, *sample_shape]``.
+
+        Returns:
+            ``[B]`` float32 tensor on ``samples.device``.
+
+        Raises:
+            ValueError: if a term returns something that is not ``B`` finite floats
+                (the message names the term).
+        """
+        batch_size = samples.shape[0]
+        total = torch.zeros(batch_size, dtype=torch.float32, device=samples.device)
+        for k, (weight, reward) in enumerate(zip(self.weights, self.rewards)):
+            try:
+                value = check_rewards(reward(samples), batch_size, device=samples.device)
+            except ValueError as e:
+                raise ValueError(f"WeightedSum term {k} ({type(reward).__name__}): {e}") from e
+            total = total + weight * value
+        return total
+
+    def extra_repr(self) -> str:
+        return f"weights={self.weights}"
+
+
+def _describe_indices(mask: torch.Tensor) -> str:
+    idx = torch.nonzero(mask, as_tuple=False).flatten().tolist()
+    shown = ", ".join(str(i) for i in idx[:_MAX_LISTED])
+    more = f", ... ({len(idx) - _MAX_LISTED} more)" if len(idx) > _MAX_LISTED else ""
+    return f"[{shown}{more}]"
+
+
+def check_rewards(
+    rewards: Any, batch_size: int, device: Optional[Union[str, torch.device]] = None
+) -> torch.Tensor:
+    """Validates a reward function's output.
+
+    Accepts a tensor or anything :func:`torch.as_tensor` converts (numpy array, list) of
+    shape ``[B]`` or ``[B, 1]`` (squeezed), with a floating dtype and only finite values.
+
+    Args:
+        rewards: the reward output to check.
+        batch_size: expected ``B``.
+        device: device of the returned tensor (default: where ``rewards`` already lives).
+
+    Returns:
+        ``[B]`` float32 tensor.
+
+    Raises:
+        ValueError: on a non-convertible value, a wrong shape, a non-floating dtype, or
+            NaN / inf values (the message names how many and the first few sample indices).
+    """
+    if not isinstance(rewards, torch.Tensor):
+        try:
+            rewards = torch.as_tensor(rewards)
+        except Exception as e:
+            raise ValueError(
+                f"reward must return a tensor of shape [{batch_size}] (one float per sample), "
+                f"got {type(rewards).__name__} that cannot be converted to a tensor: {e}"
+            ) from e
+    shape = tuple(rewards.shape)
+    if shape == (batch_size, 1):
+        rewards = rewards.reshape(batch_size)
+    elif shape != (batch_size,):
+        raise ValueError(
+            f"reward returned shape {list(shape)} (dtype {rewards.dtype}), expected [{batch_size}] "
+            f"(or [{batch_size}, 1]): one scalar per sample of the batch of {batch_size}"
+        )
+    if not rewards.is_floating_point():
+        raise ValueError(
+            f"reward returned dtype {rewards.dtype} (shape {list(shape)}), expected a floating "
+            f"dtype (float32 preferred); convert with .float()"
+        )
+    if device is not None:
+        rewards = rewards.to(device)
+    rewards = rewards.to(torch.float32)
+    finite = torch.isfinite(rewards)
+    if not bool(finite.all()):
+        nan = torch.isnan(rewards)
+        posinf = torch.isposinf(rewards)
+        neginf = torch.isneginf(rewards)
+        parts = []
+        if bool(nan.any()):
+            parts.append(f"{int(nan.sum())} NaN at sample indices {_describe_indices(nan)}")
+        if bool(posinf.any()):
+            parts.append(f"{int(posinf.sum())} +inf at sample indices {_describe_indices(posinf)}")
+        if bool(neginf.any()):
+            parts.append(f"{int(neginf.sum())} -inf at sample indices {_describe_indices(neginf)}")
+        raise ValueError(
+            f"reward returned {int((~finite).sum())} non-finite value(s) out of {batch_size}: "
+            + "; ".join(parts)
+        )
+    return rewards
