@@ -1,0 +1,402 @@
+"""``ORWCFMTrainer``: the published ORW-CFM-W2 trainer's API over this library's pieces.
+
+One training step (``training_step``):
+
+1. ``sample_batch``: ``batch_size`` samples ``x_1`` from ``last_policy`` by integrating
+   ``dx/dt = last_policy(t, x)`` from Gaussian noise (``ode_solver``, ``ode_steps``),
+   then their rewards ``r``;
+2. weights ``w = exp(temperature * r)`` (``weight_normalization``);
+3. ``compute_loss``: fresh noise ``x_0``, the ``coupling`` of ``x_0`` with ``x_1`` (weights
+   travel with their samples), ``t ~ U(0, 1)``, ``x_t``, ``u_t = x_1 - x_0``,
+   ``loss = mean_i(w_i * fm_i + alpha * w2_i)``;
+4. backward, gradient clipping, Adam and warmup-scheduler steps.
+
+``last_policy`` is refreshed from ``net_model`` once per epoch (``update_last_policy``).
+Each piece is a method or a module function so the fast paths can replace it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from typing import Any, Mapping
+
+import torch
+
+from orwcfm_fast import __version__
+from orwcfm_fast.checkpoints import (
+    CheckpointError,
+    atomic_save,
+    load_file,
+    load_state_strict,
+    read_model_state,
+    unwrap_model,
+)
+from orwcfm_fast.config import ConfigError, serializable_config, validate_config
+from orwcfm_fast.coupling import couple
+from orwcfm_fast.ops import conditional_path, orw_cfm_w2_loss
+from orwcfm_fast.rewards import check_rewards, make_reward
+from orwcfm_fast.run_log import EpochLog
+from orwcfm_fast.sampling import integrate
+from orwcfm_fast.weighting import effective_sample_size, reward_weights
+
+__all__ = ["ORWCFMTrainer", "LinearWarmup", "infer_sample_shape"]
+
+
+class LinearWarmup:
+    """LR factor ``min(step, warmup_steps) / warmup_steps`` (1 when ``warmup_steps == 0``).
+
+    A class rather than a lambda so ``LambdaLR.state_dict()`` can save it.
+    """
+
+    def __init__(self, warmup_steps: int):
+        self.warmup_steps = warmup_steps
+
+    def __call__(self, step: int) -> float:
+        if self.warmup_steps <= 0:
+            return 1.0
+        return min(step, self.warmup_steps) / self.warmup_steps
+
+
+def infer_sample_shape(model: torch.nn.Module) -> tuple[int, ...] | None:
+    """``(C, H, W)`` of a torchcfm ``UNetModel``/``UNetModelWrapper``; ``None`` for other models."""
+    m = unwrap_model(model)
+    channels, size = getattr(m, "in_channels", None), getattr(m, "image_size", None)
+    if isinstance(channels, int) and isinstance(size, int):
+        return (channels, size, size)
+    return None
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+class ORWCFMTrainer:
+    """Online reward-weighted CFM fine-tuning with a W2 bound to the frozen reference.
+
+    A drop-in for the published ``ORWCFMTrainer(model, config, device)``: same attributes
+    (``net_model``, ``last_policy``, ``ref_model``, ``optimizer``, ``scheduler``, ``alpha``,
+    ``beta``, ``grad_clip``, ``config``), methods and config keys; see
+    :mod:`orwcfm_fast.config` for every key.
+
+    Args:
+        model: velocity model ``model(t, x) -> v`` with ``t`` ``[B]`` and ``x`` ``[B, *sample_shape]``.
+            It becomes ``net_model`` (trained in place); ``last_policy`` and ``ref_model`` are copies.
+        config: option dict; unknown keys and invalid values raise :class:`ConfigError`.
+        device: where everything runs; default: the model's device.
+    """
+
+    def __init__(self, model: torch.nn.Module, config: Mapping[str, Any] | None = None, device=None):
+        self.config = validate_config(config)
+        cfg = self.config
+        self.device = torch.device(device) if device is not None else _model_device(model)
+        self.alpha = cfg["w2_coefficient"]
+        self.beta = cfg["temperature"]
+        self.grad_clip = cfg["grad_clip"]
+        self.batch_size = cfg["batch_size"]
+
+        inferred = infer_sample_shape(model)
+        if cfg["sample_shape"] is None and inferred is None:
+            raise ConfigError(
+                f"config key 'sample_shape' is required for {type(unwrap_model(model)).__name__} "
+                "(it is inferred only for torchcfm UNets): give the shape of one sample, e.g. (2,) or (3, 32, 32)"
+            )
+        if cfg["sample_shape"] is not None and inferred is not None and tuple(cfg["sample_shape"]) != inferred:
+            raise ConfigError(
+                f"config key 'sample_shape' is {cfg['sample_shape']} but the UNet is built for {inferred}"
+            )
+        self.sample_shape = tuple(cfg["sample_shape"] or inferred)
+
+        seed = cfg["seed"] if cfg["seed"] is not None else int(torch.randint(0, 2**62, ()).item())
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.cpu_generator = torch.Generator().manual_seed(seed + 1)
+
+        model = unwrap_model(model).to(self.device)
+        self.last_policy = copy.deepcopy(model).eval().requires_grad_(False)
+        self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.net_model = self._maybe_parallel(model)
+        self._check_model_output()
+
+        self.optimizer = torch.optim.Adam(self.net_model.parameters(), lr=cfg["learning_rate"])
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, LinearWarmup(cfg["warmup_steps"]))
+        self.reward_fn = make_reward(cfg["reward"], cfg, self.device)
+
+        self.epoch = 0
+        self.global_step = 0
+        self.history: list[dict[str, float]] = []
+        self._log: EpochLog | None = None
+
+    # ------------------------------------------------------------------ setup helpers
+
+    def _maybe_parallel(self, model: torch.nn.Module) -> torch.nn.Module:
+        if not self.config["parallel"]:
+            return model
+        if self.device.type == "cuda" and torch.cuda.device_count() > 1:
+            return torch.nn.DataParallel(model)
+        warnings.warn("config 'parallel' is True but fewer than two CUDA devices are in use: running on one device")
+        return model
+
+    @torch.no_grad()
+    def _check_model_output(self) -> None:
+        x = torch.zeros((2, *self.sample_shape), device=self.device)
+        t = torch.full((2,), 0.5, device=self.device)
+        try:
+            out = self.ref_model(t, x)
+        except Exception as err:
+            raise ConfigError(
+                f"model(t, x) failed for x of shape {tuple(x.shape)} (config 'sample_shape' = {self.sample_shape}): "
+                f"{type(err).__name__}: {err}"
+            ) from err
+        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ConfigError(
+                f"model(t, x) returned {got} for x of shape {tuple(x.shape)}: the velocity must have the "
+                f"sample's shape (check config 'sample_shape' = {self.sample_shape})"
+            )
+
+    # ------------------------------------------------------------------ sampling
+
+    def _noise(self, n: int) -> torch.Tensor:
+        return torch.randn((n, *self.sample_shape), generator=self.generator, device=self.device)
+
+    @torch.no_grad()
+    def _integrate(self, model: torch.nn.Module, n: int) -> torch.Tensor:
+        return integrate(model, self._noise(n), solver=self.config["ode_solver"], steps=self.config["ode_steps"])
+
+    @torch.no_grad()
+    def sample_batch(self, ep: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw ``batch_size`` samples from ``last_policy`` and score them.
+
+        Args:
+            ep: the epoch (kept for the reference's signature; sampling does not depend on it).
+
+        Returns:
+            ``(samples [batch_size, *sample_shape], rewards [batch_size] float32)``.
+        """
+        samples = self._integrate(self.last_policy, self.batch_size)
+        rewards = check_rewards(self.reward_fn(samples), self.batch_size, device=self.device)
+        return samples, rewards
+
+    @torch.no_grad()
+    def sample(self, n: int, batch_size: int | None = None) -> torch.Tensor:
+        """``n`` samples from the current policy ``net_model`` (dropout off), in chunks of ``batch_size``.
+
+        Returns:
+            ``[n, *sample_shape]`` tensor on the trainer's device.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"sample(n): n must be a positive integer, got {n!r}")
+        chunk = batch_size or self.batch_size
+        model = self.net_model
+        was_training = model.training
+        model.eval()
+        try:
+            parts = [self._integrate(model, min(chunk, n - i)) for i in range(0, n, chunk)]
+        finally:
+            model.train(was_training)
+        return torch.cat(parts)
+
+    # ------------------------------------------------------------------ loss and step
+
+    def compute_loss(self, x1: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The ORW-CFM-W2 loss on samples ``x1`` with per-sample ``weights``.
+
+        Args:
+            x1: ``[B, *sample_shape]`` samples (constants).
+            weights: ``[B]`` weights of those samples.
+
+        Returns:
+            ``(loss, metrics)``: the differentiable 0-dim loss; metrics are detached 0-dim tensors
+            ``fm_loss`` (``mean_i w_i fm_i``), ``w2_loss`` (``mean_i w2_i``), ``total_loss``
+            (``fm_loss + alpha * w2_loss``).
+        """
+        x0 = torch.randn(x1.shape, generator=self.generator, device=x1.device, dtype=x1.dtype)
+        x0, x1, weights = couple(self.config["coupling"], x0, x1, weights, generator=self.cpu_generator)
+        t = torch.rand(x1.shape[0], generator=self.generator, device=x1.device, dtype=x1.dtype)
+        sigma = self.config["sigma"]
+        noise = torch.randn(x1.shape, generator=self.generator, device=x1.device, dtype=x1.dtype) if sigma > 0 else None
+        x_t, u_t = conditional_path(x0, x1, t, sigma, noise)
+        v = self.net_model(t, x_t)
+        with torch.no_grad():
+            v_ref = self.ref_model(t, x_t)
+        loss, fm, w2 = orw_cfm_w2_loss(v, u_t, v_ref, weights, self.alpha)
+        metrics = {
+            "fm_loss": (weights * fm).mean().detach(),
+            "w2_loss": w2.mean().detach(),
+            "total_loss": loss.detach(),
+        }
+        return loss, metrics
+
+    def _weights(self, rewards: torch.Tensor) -> torch.Tensor:
+        weights = reward_weights(rewards, self.beta, self.config["weight_normalization"])
+        if not bool(torch.isfinite(weights).all()):
+            bad = torch.nonzero(~torch.isfinite(weights)).flatten()[:5].tolist()
+            raise FloatingPointError(
+                f"weights exp(temperature * reward) overflowed for samples {bad} "
+                f"(temperature {self.beta}, max reward {rewards.max().item():.4g}); "
+                "set config 'weight_normalization' to 'batch' (self-normalised, overflow-safe) or lower 'temperature'"
+            )
+        return weights
+
+    def training_step(self, ep: int | None = None) -> dict[str, float]:
+        """Sample, weight, and take one optimiser step.
+
+        Returns:
+            Python floats: ``fm_loss``, ``w2_loss``, ``total_loss``, ``reward`` (batch mean),
+            ``max_reward``, ``weight_ess`` (effective sample size fraction of the weights),
+            ``grad_norm`` (before clipping) and ``lr``.
+        """
+        samples, rewards = self.sample_batch(ep)
+        weights = self._weights(rewards)
+        self.net_model.train(self.config["policy_dropout"])
+        loss, metrics = self.compute_loss(samples, weights)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for p in self.net_model.parameters() if p.grad is not None]
+        max_norm = self.grad_clip if self.grad_clip is not None else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.global_step += 1
+        metrics.update(
+            reward=rewards.mean(),
+            max_reward=rewards.max(),
+            weight_ess=effective_sample_size(weights),
+            grad_norm=grad_norm,
+        )
+        out = {k: float(v) for k, v in metrics.items()}
+        out["lr"] = lr
+        return out
+
+    def update_last_policy(self) -> None:
+        """Copy ``net_model``'s weights into ``last_policy`` in place (no new module)."""
+        self.last_policy.load_state_dict(unwrap_model(self.net_model).state_dict())
+
+    # ------------------------------------------------------------------ the loop
+
+    def _epoch_log(self) -> EpochLog:
+        if self._log is None:
+            cfg = self.config
+            self._log = EpochLog(
+                cfg["savedir"], cfg["run_name"], use_wandb=cfg["use_wandb"],
+                wandb_project=cfg["wandb_project"], config=serializable_config(cfg),
+            )
+        return self._log
+
+    def train(self, num_epochs: int, steps_per_epoch: int) -> list[dict[str, float]]:
+        """Run ``num_epochs`` more epochs of ``steps_per_epoch`` steps.
+
+        Each epoch shows a tqdm bar (reward, loss), appends its means to ``history``, the CSV
+        under ``savedir`` and wandb (when ``use_wandb``), then refreshes ``last_policy``.
+        Calling again continues from the current epoch.
+
+        Returns:
+            The new epochs' mean metrics (each dict has ``epoch``; ``max_reward`` is the epoch's max).
+        """
+        from tqdm.auto import tqdm
+
+        for name, value in (("num_epochs", num_epochs), ("steps_per_epoch", steps_per_epoch)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"train(): {name} must be a positive integer, got {value!r}")
+        log = self._epoch_log()
+        new = []
+        for _ in range(num_epochs):
+            ep = self.epoch
+            sums: dict[str, float] = {}
+            max_reward = -math.inf
+            bar = tqdm(range(steps_per_epoch), desc=f"epoch {ep + 1}", leave=False, dynamic_ncols=True)
+            for _ in bar:
+                m = self.training_step(ep)
+                for key, value in m.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                max_reward = max(max_reward, m["max_reward"])
+                bar.set_postfix(reward=f"{m['reward']:.4f}", loss=f"{m['total_loss']:.4f}")
+            bar.close()
+            means = {key: value / steps_per_epoch for key, value in sums.items()}
+            means["max_reward"] = max_reward
+            self.update_last_policy()
+            self.epoch += 1
+            means["epoch"] = self.epoch
+            log.log(means, step=self.epoch)
+            self.history.append(means)
+            new.append(means)
+            tqdm.write(
+                f"epoch {self.epoch}: reward {means['reward']:.4f} (max {max_reward:.4f}) "
+                f"fm {means['fm_loss']:.4f} w2 {means['w2_loss']:.4g} loss {means['total_loss']:.4f}"
+            )
+        return new
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def load_pretrained(self, path, *, ema: bool = False, load_optimizer: bool = False) -> None:
+        """Load pretrained weights into ``net_model``, ``last_policy`` and ``ref_model``.
+
+        Args:
+            path: a torchcfm checkpoint (``net_model``, ``ema_model``, ``optim``, ``sched``, ``step``),
+                one of ours, a plain state dict, or any of these with ``module.`` prefixes.
+            ema: load torchcfm's ``ema_model`` weights instead of ``net_model``.
+            load_optimizer: also restore the checkpoint's ``optim``/``sched`` states, as the
+                published trainer does (off by default: pretraining's Adam moments and a
+                schedule at step 400k are not a fine-tuning start).
+        """
+        state, ckpt = read_model_state(path, ema=ema, map_location=self.device)
+        for model in (self.net_model, self.last_policy, self.ref_model):
+            load_state_strict(model, state, f"{str(path)!r}")
+        if load_optimizer:
+            if "optim" not in ckpt:
+                raise CheckpointError(f"load_optimizer=True but {str(path)!r} has no 'optim' state")
+            self.optimizer.load_state_dict(ckpt["optim"])
+            if "sched" in ckpt:
+                self.scheduler.load_state_dict(ckpt["sched"])
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything :meth:`load_checkpoint` needs; the reference's keys are kept."""
+        return {
+            "net_model": unwrap_model(self.net_model).state_dict(),
+            "last_policy": self.last_policy.state_dict(),
+            "ref_model": self.ref_model.state_dict(),
+            "optim": self.optimizer.state_dict(),
+            "sched": self.scheduler.state_dict(),
+            "config": serializable_config(self.config),
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "generator": self.generator.get_state(),
+            "cpu_generator": self.cpu_generator.get_state(),
+            "history": list(self.history),
+            "version": __version__,
+        }
+
+    def save_checkpoint(self, path) -> None:
+        """Write :meth:`state_dict` to ``path`` atomically (parent folders are created)."""
+        atomic_save(self.state_dict(), path)
+
+    def load_checkpoint(self, path) -> None:
+        """Resume from :meth:`save_checkpoint`'s file: models, optimiser, scheduler, counters, RNG.
+
+        The trainer's own config (passed to the constructor) stays in force.
+        """
+        ckpt = load_file(path, map_location=self.device)
+        required = ("net_model", "last_policy", "optim", "sched")
+        missing = [k for k in required if not (isinstance(ckpt, Mapping) and k in ckpt)]
+        if missing:
+            raise CheckpointError(
+                f"{str(path)!r} is not a trainer checkpoint: it lacks {missing} "
+                "(for pretrained weights use load_pretrained)"
+            )
+        load_state_strict(self.net_model, ckpt["net_model"], f"{str(path)!r} [net_model]")
+        load_state_strict(self.last_policy, ckpt["last_policy"], f"{str(path)!r} [last_policy]")
+        if "ref_model" in ckpt:
+            load_state_strict(self.ref_model, ckpt["ref_model"], f"{str(path)!r} [ref_model]")
+        self.optimizer.load_state_dict(ckpt["optim"])
+        self.scheduler.load_state_dict(ckpt["sched"])
+        self.epoch = int(ckpt.get("epoch", 0))
+        self.global_step = int(ckpt.get("global_step", 0))
+        self.history = list(ckpt.get("history", []))
+        if "generator" in ckpt:
+            self.generator.set_state(ckpt["generator"].cpu())
+        if "cpu_generator" in ckpt:
+            self.cpu_generator.set_state(ckpt["cpu_generator"].cpu())
