@@ -1,0 +1,27 @@
+"""Provenance stamped into every results file: date, commit (``-dirty`` if tracked files changed), torch."""
+
+from __future__ import annotations
+
+import datetime
+import subprocess
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def git_commit() -> str:
+    """Short HEAD hash, with ``-dirty`` when tracked files differ from it; ``unknown`` outside git."""
+    try:
+        head = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
+        dirty = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, text=True)
+    except Exception:  # noqa: BLE001 - not a git checkout
+        return "unknown"
+    return head + ("-dirty" if dirty.strip() else "")
+
+
+def provenance(device: str) -> dict:
+    """``{'device', 'date', 'commit', 'torch'}`` for a results file."""
+    return {"device": device, "date": datetime.date.today().isoformat(), "commit": git_commit(),
+            "torch": torch.__version__}
