@@ -150,43 +150,34 @@ def test_warmup_schedule_matches_reference(cfg):
 # ---------------------------------------------------------------- reference bug 1: weights follow samples
 
 
-@pytest.mark.parametrize("coupling", ["independent", "exact_ot", "weighted_ot"])
-def test_large_reward_pulls_gradient_toward_its_sample(cfg, coupling):
-    """One sample with a much larger reward must dominate the update direction, under every pairing."""
-    dim, b = 16, 32
+def _update_cosine_with_rewarded_sample(cfg, coupling="independent", misalign=False):
+    """Cosine between the descent step on theta (= E_w[u]) and the one sample given a much larger reward."""
+    dim, b, k = 16, 32, 11
     cfg.update(sample_shape=(dim,), batch_size=b, coupling=coupling, w2_coefficient=0.0, temperature=1.0,
                weight_normalization="batch")
     trainer = ORWCFMTrainer(ConstantVelocity(dim), cfg, "cpu")
     g = torch.Generator().manual_seed(1)
     x1 = torch.randn(b, dim, generator=g)
-    k = 11
     x1[k] = 6.0 * torch.nn.functional.normalize(torch.randn(dim, generator=g), dim=0) * dim**0.5
     rewards = torch.full((b,), -20.0)
     rewards[k] = 20.0
     weights = trainer._weights(rewards)
-    loss, _ = trainer.compute_loss(x1, weights)
+    # misalign: the samples shifted by one against their weights, as the reference's reordering does.
+    loss, _ = trainer.compute_loss(x1[torch.roll(torch.arange(b), 1)] if misalign else x1, weights)
     loss.backward()
-    step = -trainer.net_model.theta.grad  # gradient descent direction on theta = E_w[u]
-    cos = torch.nn.functional.cosine_similarity(step, x1[k], dim=0)
+    return torch.nn.functional.cosine_similarity(-trainer.net_model.theta.grad, x1[k], dim=0).item()
+
+
+@pytest.mark.parametrize("coupling", ["independent", "exact_ot", "weighted_ot"])
+def test_large_reward_pulls_gradient_toward_its_sample(cfg, coupling):
+    """One sample with a much larger reward must dominate the update direction, under every pairing."""
+    cos = _update_cosine_with_rewarded_sample(cfg, coupling)
     assert cos > 0.9, f"{coupling}: update direction has cosine {cos:.3f} with the high-reward sample"
 
 
 def test_misaligned_weights_do_not_pull(cfg):
     """Negative control: weights permuted away from their samples (the reference's bug) lose that pull."""
-    dim, b = 16, 32
-    cfg.update(sample_shape=(dim,), batch_size=b, w2_coefficient=0.0, weight_normalization="batch")
-    trainer = ORWCFMTrainer(ConstantVelocity(dim), cfg, "cpu")
-    g = torch.Generator().manual_seed(1)
-    x1 = torch.randn(b, dim, generator=g)
-    k = 11
-    x1[k] = 6.0 * torch.nn.functional.normalize(torch.randn(dim, generator=g), dim=0) * dim**0.5
-    rewards = torch.full((b,), -20.0)
-    rewards[k] = 20.0
-    weights = trainer._weights(rewards)
-    loss, _ = trainer.compute_loss(x1[torch.roll(torch.arange(b), 1)], weights)
-    loss.backward()
-    cos = torch.nn.functional.cosine_similarity(-trainer.net_model.theta.grad, x1[k], dim=0)
-    assert cos < 0.5
+    assert _update_cosine_with_rewarded_sample(cfg, misalign=True) < 0.5
 
 
 # ---------------------------------------------------------------- reference bugs 4 and 5
