@@ -65,8 +65,8 @@ def main(argv=None) -> dict:
             v = policy(t, x_t)
             _, fm, w2 = orw_cfm_w2_loss(v, u_t, v_ref, weights, 1.0)
             rows[name].append({
-                "fm": float(fm.mean()),
-                "w2": float(w2.mean()),
+                "fm": fm.mean().item(),
+                "w2": w2.mean().item(),
                 "grad_fm": _grad_norm(fm.mean(), params),
                 "grad_w2": _grad_norm(w2.mean(), params),
             })
@@ -77,7 +77,10 @@ def main(argv=None) -> dict:
         summary[name] = {k: round(v, 6) for k, v in mean.items()}
         print(f"{name:12s} fm {mean['fm']:.4f}  w2 {mean['w2']:.5f}  |grad fm| {mean['grad_fm']:.4f}  "
               f"|grad w2| {mean['grad_w2']:.4f}  ratio {mean['grad_w2_over_grad_fm']:.3f}")
-    result = {"experiment": "dropout_w2_at_init", **provenance("cpu"), "batches": args.batches, "batch_size": args.batch_size,
+    from orwcfm_fast.tasks.digits import unet_cache_path
+
+    result = {"experiment": "dropout_w2_at_init", **provenance("cpu"),
+              "unet_checkpoint": unet_cache_path(args.cache_dir).name, "batches": args.batches, "batch_size": args.batch_size,
               "summary": summary}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
