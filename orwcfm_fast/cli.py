@@ -38,8 +38,8 @@ def _non_negative_float(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     """The ``orwcfm-fast`` argument parser (one subparser per command)."""
     from orwcfm_fast import __version__
+    from orwcfm_fast.tasks.demo import DEMO_DEFAULTS as D
 
-    # Defaults are spelled out here (not read from tasks.demo) so `--help` imports no torch.
     parser = argparse.ArgumentParser(
         prog="orwcfm-fast",
         description="Online reward-weighted conditional flow matching with W2 regularisation (ORW-CFM-W2).",
@@ -60,26 +60,23 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     demo.add_argument("--outdir", default="runs/demo", help="folder for figures and metrics.json")
-    demo.add_argument("--target-digit", type=_digit, default=7, help="digit whose classifier probability is the reward")
-    demo.add_argument("--epochs", type=_positive_int, default=10, help="fine-tuning epochs")
-    demo.add_argument("--steps-per-epoch", type=_positive_int, default=30, help="optimiser steps per epoch")
-    demo.add_argument("--batch-size", type=_positive_int, default=64, help="samples per training step")
+    demo.add_argument("--target-digit", type=_digit, default=D["target_digit"], help="digit whose classifier probability is the reward")
+    demo.add_argument("--epochs", type=_positive_int, default=D["epochs"], help="fine-tuning epochs")
+    demo.add_argument("--steps-per-epoch", type=_positive_int, default=D["steps_per_epoch"], help="optimiser steps per epoch")
+    demo.add_argument("--batch-size", type=_positive_int, default=D["batch_size"], help="samples per training step")
     demo.add_argument("--alpha", type=_non_negative_float, default=1.0, help="W2 coefficient")
-    demo.add_argument("--temperature", type=_non_negative_float, default=None,
-                      help="beta in exp(beta * reward) (default: the demo's)")
-    demo.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    demo.add_argument("--temperature", type=_non_negative_float, default=D["temperature"],
+                      help="beta in the weights exp(beta * reward)")
+    demo.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0; %(default)s: cuda if available, else cpu")
     demo.add_argument("--cache-dir", default="runs/cache", help="cache of the pretrained UNet and classifier")
     demo.add_argument("--seed", type=int, default=0, help="random seed")
-    demo.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    demo.add_argument("--quiet", action="store_true", help="no pretraining bar or per-epoch lines (the trainer's epoch bars remain)")
     return parser
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     from orwcfm_fast.tasks.demo import run_demo
 
-    kwargs = {}
-    if args.temperature is not None:
-        kwargs["temperature"] = args.temperature
     metrics = run_demo(
         args.outdir,
         target_digit=args.target_digit,
@@ -90,8 +87,8 @@ def _run_demo(args: argparse.Namespace) -> int:
         device=args.device,
         cache_dir=args.cache_dir,
         seed=args.seed,
+        temperature=args.temperature,
         progress=not args.quiet,
-        **kwargs,
     )
     digit = metrics["target_digit"]
     print(f"ORW-CFM-W2 digits demo (target digit {digit}) on {metrics['device']}: {metrics['elapsed_s']:.0f} s")

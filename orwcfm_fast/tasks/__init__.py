@@ -5,6 +5,7 @@ Submodules are imported lazily: ``import orwcfm_fast.tasks`` does no work.
 - :mod:`orwcfm_fast.tasks.digits` the 8x8 digits UNet, its pretraining, and a reward classifier
 - :mod:`orwcfm_fast.tasks.plots`  sample grids and metric curves as PNG files
 - :mod:`orwcfm_fast.tasks.demo`   the offline end-to-end fine-tuning demo (:func:`run_demo`)
+- :mod:`orwcfm_fast.tasks.gaussians` the 2-D eight-Gaussians task (import it directly)
 """
 
 __all__ = [

@@ -13,6 +13,11 @@ in a few minutes on two CPU cores:
 
 It writes ``samples_before.png``, ``samples_after.png``, ``curves.png`` and
 ``metrics.json`` into ``outdir`` (plus the trainer's per-epoch CSV ``demo_metrics.csv``).
+
+Measured on an idle 2-core CPU (defaults, empty cache): pretraining 126 s, classifier
+13 s, fine-tuning 100 s (+7 s of evaluation), 247 s in all; with the cache, ~110 s.
+Reward p(7) 0.066 -> 0.926 (7s: 6.6% -> 94.5% of samples), diversity 5.93 -> 4.60
+(real digits 6.03, real 7s 4.66).
 """
 
 from __future__ import annotations
@@ -31,17 +36,25 @@ __all__ = ["DEMO_DEFAULTS", "run_demo"]
 #: Default fine-tuning settings of :func:`run_demo`, chosen to fit the CPU budget.
 DEMO_DEFAULTS: dict[str, Any] = {
     "target_digit": 7,
-    "epochs": 10,
+    "epochs": 8,
     "steps_per_epoch": 30,
     "batch_size": 64,
-    "temperature": 10.0,
+    # beta: with the paper's raw weights exp(beta * r) and alpha = 1, beta = 3 takes the
+    # share of 7s from ~7% to ~90% in 5 epochs while the diversity levels off near that of
+    # real 7s. beta = 1 barely moves (the W2 term dominates); beta = 2 is slower.
+    "temperature": 3.0,
     "learning_rate": 5e-4,
+    # One epoch of linear warm-up: Adam's first steps at full lr (update ~ lr * sign(grad)
+    # for every weight) cost ~10% of the diversity before the reward has moved.
+    "warmup_steps": 30,
     "weight_normalization": "none",
-    # Euler with 10 steps: the 8x8 digits flow is nearly straight, and on two CPU cores a
-    # 64-sample batch costs 10 UNet forwards (~0.3 s) instead of 100 (~3 s) per training
-    # step. Samples from 10 Euler steps score the same under the classifier as from 50.
-    "ode_solver": "euler",
-    "ode_steps": 10,
+    # Midpoint with 5 steps (10 UNet calls per sample): the same cost as Euler with 10
+    # steps, but as accurate as Euler with 50+ on this model (diversity 5.88 vs 5.51 for
+    # Euler-10 vs 5.80 for Euler-50). Euler-10's contraction compounds over the online
+    # epochs (each epoch trains on the previous policy's samples) and collapses the 7s
+    # into one prototype; midpoint-5 does not. 100 Euler steps would cost 10x as much.
+    "ode_solver": "midpoint",
+    "ode_steps": 5,
     "eval_samples": 256,
 }
 
@@ -96,6 +109,7 @@ def run_demo(
     seed: int = 0,
     temperature: float = DEMO_DEFAULTS["temperature"],
     learning_rate: float = DEMO_DEFAULTS["learning_rate"],
+    warmup_steps: int = DEMO_DEFAULTS["warmup_steps"],
     weight_normalization: str = DEMO_DEFAULTS["weight_normalization"],
     ode_solver: str = DEMO_DEFAULTS["ode_solver"],
     ode_steps: int = DEMO_DEFAULTS["ode_steps"],
@@ -118,22 +132,28 @@ def run_demo(
         seed: Seed of the trainer and of the evaluation noise.
         temperature: ``beta`` in the weights ``exp(beta * reward)``.
         learning_rate: Adam learning rate of the fine-tuning.
+        warmup_steps: Linear learning-rate warm-up steps of the fine-tuning.
+        weight_normalization: ``"none"`` (the paper's raw ``exp(beta r)``) or ``"batch"``
+            (self-normalised); see :mod:`orwcfm_fast.weighting`.
         ode_solver: Fixed-step solver used for the policy's samples (training and evaluation).
         ode_steps: Steps of that solver.
         eval_samples: Number of fixed-noise samples scored before and after each epoch (>= 2).
         pretrain_steps: Override of the UNet pretraining steps (default
             :data:`~orwcfm_fast.tasks.digits.PRETRAIN_DEFAULTS`; a different value is cached separately).
         classifier_steps: Override of the classifier's training steps.
-        progress: Show progress bars.
+        progress: Show the pretraining bar and per-phase/per-epoch lines (the trainer's
+            own per-epoch tqdm bars always show).
 
     Returns:
         The metrics also written to ``outdir/metrics.json``: ``base_reward``,
         ``final_reward``, ``base_diversity``, ``final_diversity`` (mean reward and mean
         pairwise distance of the ``eval_samples`` fixed-noise samples before and after
         fine-tuning), ``base_target_fraction``, ``final_target_fraction``,
-        ``data_diversity`` (of as many real digits), ``target_digit``,
-        ``classifier_accuracy``, ``epochs``, ``steps_per_epoch``, ``batch_size``,
-        ``alpha``, ``temperature``, ``learning_rate``, ``ode_solver``, ``ode_steps``,
+        ``data_diversity`` (of as many real digits), ``data_target_diversity`` (of real
+        images of ``target_digit``: the diversity a perfect all-target model would have),
+        ``target_digit``, ``classifier_accuracy``, ``epochs``, ``steps_per_epoch``,
+        ``batch_size``, ``alpha``, ``temperature``, ``learning_rate``, ``warmup_steps``,
+        ``weight_normalization``, ``ode_solver``, ``ode_steps``, ``eval_samples``,
         ``device``, ``seed``, ``timings_s`` (per phase), ``cached`` (which of the
         pretrained pieces came from the cache), ``elapsed_s``, ``history`` (per-epoch
         dicts: the trainer's means plus ``eval_*``; entry 0 is the pretrained model)
@@ -153,7 +173,7 @@ def run_demo(
     )
     from orwcfm_fast.tasks.plots import save_curves, save_sample_grid
 
-    if not (isinstance(target_digit, int) and 0 <= target_digit <= 9):
+    if isinstance(target_digit, bool) or not (isinstance(target_digit, int) and 0 <= target_digit <= 9):
         raise ValueError(f"target_digit must be an integer 0..9, got {target_digit!r}")
     if eval_samples < 2:
         raise ValueError(f"eval_samples must be >= 2 (diversity needs pairs), got {eval_samples}")
@@ -216,7 +236,7 @@ def run_demo(
         stale_csv.unlink()
     config = {
         "learning_rate": learning_rate,
-        "warmup_steps": 0,
+        "warmup_steps": warmup_steps,
         "w2_coefficient": alpha,
         "temperature": temperature,
         "weight_normalization": weight_normalization,
@@ -268,6 +288,8 @@ def run_demo(
         "curves": save_curves(
             history, ["eval_reward", "eval_target_fraction", "eval_diversity"], outdir / "curves.png",
             title=f"ORW-CFM-W2 on 8x8 digits, target {target_digit} (alpha={alpha:g}, beta={temperature:g})",
+            references={"eval_diversity": {"real digits": data_diversity, f"real {target_digit}s": target_diversity}},
+            zero_based=True,
         ),
     }
     timings["plots"] = time.perf_counter() - t0
@@ -291,6 +313,7 @@ def run_demo(
         "alpha": alpha,
         "temperature": temperature,
         "learning_rate": learning_rate,
+        "warmup_steps": warmup_steps,
         "weight_normalization": weight_normalization,
         "ode_solver": ode_solver,
         "ode_steps": ode_steps,

@@ -105,6 +105,9 @@ def save_curves(
     keys: Iterable[str],
     path: str | os.PathLike,
     title: str | None = None,
+    *,
+    references: Mapping[str, Mapping[str, float]] | None = None,
+    zero_based: bool = False,
 ) -> Path:
     """Plot per-epoch metrics, one panel per key, and save them as a PNG.
 
@@ -116,11 +119,15 @@ def save_curves(
         keys: Metric names to plot (one panel each, side by side).
         path: Output file (parent folders are created).
         title: Optional figure title.
+        references: Optional ``{key: {label: value}}``: dashed horizontal reference lines
+            (with a legend) in that key's panel.
+        zero_based: Start every y axis at 0 (unless a value is negative).
 
     Returns:
         The path written, as a :class:`~pathlib.Path`.
     """
     keys = list(keys)
+    references = references or {}
     if not keys:
         raise ValueError("save_curves needs at least one key")
     fig = _new_figure((3.6 * len(keys), 3.0))
@@ -132,6 +139,13 @@ def save_curves(
                 xs.append(float(entry.get("epoch", i)))
                 ys.append(float(entry[key]))
         ax.plot(xs, ys, marker="o", markersize=3)
+        refs = references.get(key, {})
+        for j, (label, value) in enumerate(refs.items()):
+            ax.axhline(float(value), linestyle="--", linewidth=1, color=f"C{j + 1}", label=label)
+        if refs:
+            ax.legend(fontsize=8, loc="best")
+        if zero_based and all(y >= 0 for y in ys) and all(float(v) >= 0 for v in refs.values()):
+            ax.set_ylim(bottom=0.0)
         ax.set_xlabel("epoch")
         ax.set_title(key)
         ax.grid(True, alpha=0.3)
