@@ -8,7 +8,18 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["conditional_path_reference", "orw_cfm_w2_loss_reference"]
+__all__ = [
+    "accumulation_dtype",
+    "conditional_path_reference",
+    "ode_step_reference",
+    "orw_cfm_w2_loss_backward_reference",
+    "orw_cfm_w2_loss_reference",
+]
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype in which the ops accumulate and return reductions: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _per_sample(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -58,6 +69,9 @@ def orw_cfm_w2_loss_reference(
 
     ``fm[i] = mean_D (v[i] - u[i])^2``, ``w2[i] = mean_D (v[i] - v_ref[i])^2`` and
     ``loss = mean_i (weights[i] * fm[i] + alpha * w2[i])``, where ``D`` are all non-batch dims.
+    The reductions run in :func:`accumulation_dtype` (float32 for half/bf16/float32 inputs,
+    float64 for float64), and ``loss``, ``fm``, ``w2`` are returned in that dtype: a bf16
+    policy still gets an fp32 loss. For float32 inputs this is exactly the published arithmetic.
 
     Args:
         v: ``[B, ...]`` policy velocity (differentiable).
@@ -69,7 +83,66 @@ def orw_cfm_w2_loss_reference(
     Returns:
         ``(loss, fm, w2)``: a 0-dim loss and the ``[B]`` per-sample terms.
     """
+    acc = accumulation_dtype(v.dtype)
+    v, u, v_ref = v.to(acc), u.to(acc), v_ref.to(acc)
     fm = (v - u).pow(2).flatten(1).mean(dim=1)
     w2 = (v - v_ref).pow(2).flatten(1).mean(dim=1)
-    loss = (weights.to(fm.dtype) * fm + alpha * w2).mean()
+    loss = (weights.to(acc) * fm + alpha * w2).mean()
     return loss, fm, w2
+
+
+def orw_cfm_w2_loss_backward_reference(
+    v: torch.Tensor,
+    u: torch.Tensor,
+    v_ref: torch.Tensor,
+    c_fm: torch.Tensor,
+    c_w2: torch.Tensor,
+) -> torch.Tensor:
+    """Gradient of the loss with respect to ``v``, given per-sample coefficients.
+
+    ``grad_v[i] = c_fm[i] * (v[i] - u[i]) + c_w2[i] * (v[i] - v_ref[i])``. With upstream
+    gradients ``g_loss`` (0-dim), ``g_fm``, ``g_w2`` (``[B]``) of :func:`orw_cfm_w2_loss_reference`'s
+    three outputs, ``c_fm = 2 / D * (g_loss * weights / B + g_fm)`` and
+    ``c_w2 = 2 / D * (g_loss * alpha / B + g_w2)`` (``D`` = elements per sample).
+
+    Args:
+        v, u, v_ref: ``[B, ...]``, same shape.
+        c_fm, c_w2: ``[B]`` coefficients (any float dtype).
+
+    Returns:
+        ``[B, ...]`` gradient in ``v``'s dtype (computed in :func:`accumulation_dtype`).
+    """
+    acc = accumulation_dtype(v.dtype)
+    shape = (v.shape[0],) + (1,) * (v.ndim - 1)
+    v_acc = v.to(acc)
+    grad = c_fm.to(acc).reshape(shape) * (v_acc - u.to(acc)) + c_w2.to(acc).reshape(shape) * (v_acc - v_ref.to(acc))
+    return grad.to(v.dtype)
+
+
+def ode_step_reference(
+    x: torch.Tensor,
+    ks: list[torch.Tensor] | tuple[torch.Tensor, ...],
+    coeffs: list[float] | tuple[float, ...],
+    dt: float,
+) -> torch.Tensor:
+    """One Runge-Kutta combination: ``x + dt * sum_j coeffs[j] * ks[j]``.
+
+    It is both a stage point (``coeffs`` = a row of the tableau's ``a``) and the step
+    update (``coeffs`` = ``b``). Accumulates in :func:`accumulation_dtype` and rounds once.
+
+    Args:
+        x: ``[B, ...]`` state.
+        ks: stage derivatives, each shaped like ``x`` (may be empty).
+        coeffs: one float per entry of ``ks``.
+        dt: step size.
+
+    Returns:
+        A new ``[B, ...]`` tensor in ``x``'s dtype; ``x`` and ``ks`` are not modified.
+    """
+    if len(ks) != len(coeffs):
+        raise ValueError(f"ode_step: got {len(coeffs)} coefficients for {len(ks)} stage values")
+    acc = accumulation_dtype(x.dtype)
+    out = x.to(acc, copy=True)
+    for coeff, k in zip(coeffs, ks):
+        out.add_(k.to(acc), alpha=dt * coeff)
+    return out.to(x.dtype)

@@ -1,0 +1,203 @@
+"""Shared cases and float64 oracles for the op tests of every backend (torch, cpp, triton, cuda).
+
+The expected values here are written out independently of ``orwcfm_fast.ops.reference``
+(float64, per-sample sums), so a bug in the reference cannot hide a bug in a kernel.
+
+Tolerances, and why:
+
+- Loss, ``fm``, ``w2`` in float32: sums of non-negative squares. With float32 accumulation
+  in blocks (or pairwise), the relative rounding error is ~ log2(D) * 2^-24 plus the
+  rounding of the inputs' differences, far below ``FP32_RTOL = 1e-5`` for D <= 3*64*64.
+- Gradients and elementwise outputs (``x_t``, ``u_t``, ODE steps): where terms cancel a
+  relative bound is meaningless, so the error is bounded by ``ELEMENTWISE_ULPS`` float32
+  ulps of the *magnitudes* of the terms (:func:`assert_elementwise_close`).
+- bf16/fp16: a kernel's error against float64 must be at most twice the torch backend's
+  error at the same precision (flash-attention's rule), see :func:`assert_low_precision_ok`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+
+__all__ = [
+    "FP32_RTOL",
+    "ELEMENTWISE_ULPS",
+    "random_shapes",
+    "loss_inputs",
+    "expected_loss",
+    "expected_loss_grad",
+    "expected_path",
+    "expected_ode_step",
+    "assert_rel_close",
+    "assert_elementwise_close",
+    "assert_low_precision_ok",
+]
+
+FP32_RTOL = 1e-5
+ELEMENTWISE_ULPS = 8  # float32 ulps (2^-24 each) of the terms' magnitudes
+_EPS32 = 2.0**-24
+
+# Shapes every backend must get right, whatever the random draw.
+FIXED_SHAPES = [
+    (1, 1),  # B = 1, D = 1
+    (1, 2),
+    (7, 1),  # D = 1
+    (5, 2),  # 2-D points
+    (3, 1, 8, 8),  # the demo's digits
+    (2, 3, 32, 32),  # CIFAR
+    (1, 3, 64, 64),  # largest D we meet, B = 1
+    (512, 2),  # largest B, tiny D
+    (5, 123, 123),  # Liger's odd shape
+    (4, 13),
+    (6, 3, 5, 7),
+]
+
+
+def random_shapes(n: int, seed: int = 0, max_numel: int = 3 * 64 * 64 * 8) -> list[tuple[int, ...]]:
+    """``FIXED_SHAPES`` plus random ``[B, ...]`` shapes, ``n`` in all.
+
+    B is drawn log-uniformly in [1, 512], D log-uniformly in [1, 3*64*64] (odd sizes
+    included), split into 1-3 non-batch dims; shapes over ``max_numel`` elements shrink B.
+    """
+    rng = random.Random(seed)
+    shapes = list(FIXED_SHAPES[:n])
+    while len(shapes) < n:
+        b = int(round(math.exp(rng.uniform(0, math.log(512)))))
+        d = int(round(math.exp(rng.uniform(0, math.log(3 * 64 * 64)))))
+        b = max(1, min(b, max_numel // max(d, 1)))
+        ndim = rng.choice([1, 1, 2, 3])
+        dims = [d]
+        if ndim >= 2 and d >= 4:
+            c = rng.choice([1, 2, 3, 4])
+            if d % c == 0:
+                dims = [c, d // c]
+        if ndim == 3 and len(dims) == 2:
+            rest = dims[1]
+            side = int(math.isqrt(rest))
+            if side * side == rest and side > 1:
+                dims = [dims[0], side, side]
+        shapes.append((b, *dims))
+    return shapes
+
+
+def loss_inputs(shape, *, seed: int, dtype=torch.float32, device="cpu", weight_kind: str = "uniform"):
+    """``(v, u, v_ref, weights)`` for the loss; ``weight_kind``: uniform, zero, huge or mixed."""
+    g = torch.Generator().manual_seed(seed)
+    v, u, v_ref = (torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(3))
+    b = shape[0]
+    if weight_kind == "uniform":
+        w = torch.rand(b, generator=g, dtype=torch.float64) * 3
+    elif weight_kind == "zero":
+        w = torch.zeros(b, dtype=torch.float64)
+    elif weight_kind == "huge":
+        w = torch.exp(torch.rand(b, generator=g, dtype=torch.float64) * 80)  # up to e^80 ~ 5.5e34 < float32 max
+    elif weight_kind == "mixed":
+        w = torch.where(torch.rand(b, generator=g) < 0.5, 0.0, torch.exp(torch.randn(b, generator=g) * 10).double())
+    else:
+        raise ValueError(weight_kind)
+    return tuple(a.to(dtype=dtype, device=device) for a in (v, u, v_ref)) + (w.to(dtype=torch.float32, device=device),)
+
+
+def expected_loss(v, u, v_ref, weights, alpha: float):
+    """Float64 ``(loss, fm, w2)``: per-sample sums of squares over the sample's elements."""
+    v, u, v_ref, w = (a.detach().double().cpu() for a in (v, u, v_ref, weights))
+    b = v.shape[0]
+    d = v[0].numel()
+    fm = torch.stack([((v[i] - u[i]) ** 2).sum() / d for i in range(b)]) if b <= 64 else ((v - u) ** 2).reshape(b, -1).sum(1) / d
+    w2 = torch.stack([((v[i] - v_ref[i]) ** 2).sum() / d for i in range(b)]) if b <= 64 else ((v - v_ref) ** 2).reshape(b, -1).sum(1) / d
+    loss = (w * fm + alpha * w2).sum() / b
+    return loss, fm, w2
+
+
+def expected_loss_grad(v, u, v_ref, weights, alpha: float, g_loss: float = 1.0, g_fm=None, g_w2=None):
+    """Float64 gradient of ``g_loss * loss + <g_fm, fm> + <g_w2, w2>`` in ``v``, and its term scale.
+
+    Returns:
+        ``(grad, scale)``: ``scale`` is the elementwise sum of the terms' magnitudes, for
+        :func:`assert_elementwise_close`.
+    """
+    v, u, v_ref, w = (a.detach().double().cpu() for a in (v, u, v_ref, weights))
+    b, d = v.shape[0], v[0].numel()
+    shape = (b,) + (1,) * (v.ndim - 1)
+    c_fm = g_loss * w / b + (g_fm.double().cpu() if g_fm is not None else 0.0)
+    c_w2 = g_loss * alpha / b + (g_w2.double().cpu() if g_w2 is not None else 0.0)
+    c_fm = torch.as_tensor(c_fm, dtype=torch.float64).expand(b).reshape(shape) * 2.0 / d
+    c_w2 = torch.as_tensor(c_w2, dtype=torch.float64).expand(b).reshape(shape) * 2.0 / d
+    t_fm, t_w2 = c_fm * (v - u), c_w2 * (v - v_ref)
+    return t_fm + t_w2, t_fm.abs() + t_w2.abs()
+
+
+def expected_path(x_0, x_1, t, sigma: float = 0.0, noise=None):
+    """Float64 ``(x_t, u_t, scale_x_t)`` of the straight conditional path."""
+    x_0, x_1, t = (a.detach().double().cpu() for a in (x_0, x_1, t))
+    tb = t.reshape((-1,) + (1,) * (x_1.ndim - 1))
+    x_t = tb * x_1 + (1 - tb) * x_0
+    scale = (tb * x_1).abs() + ((1 - tb) * x_0).abs()
+    if sigma > 0:
+        n = noise.detach().double().cpu()
+        x_t = x_t + sigma * n
+        scale = scale + (sigma * n).abs()
+    u_t = x_1 - x_0
+    return x_t, u_t, scale
+
+
+def expected_ode_step(x, ks, coeffs, dt: float):
+    """Float64 ``(x + dt * sum_j coeffs[j] ks[j], scale)``."""
+    out = x.detach().double().cpu().clone()
+    scale = out.abs()
+    for c, k in zip(coeffs, ks):
+        term = dt * c * k.detach().double().cpu()
+        out = out + term
+        scale = scale + term.abs()
+    return out, scale
+
+
+def _where(err: torch.Tensor) -> str:
+    idx = int(err.flatten().argmax())
+    return str(tuple(int(i) for i in torch.unravel_index(torch.tensor(idx), err.shape)))
+
+
+def assert_rel_close(actual, expected, rtol: float, name: str = "value") -> None:
+    """``|actual - expected| <= rtol * |expected|`` elementwise (float64 ``expected``); says where and how far."""
+    a = actual.detach().double().cpu()
+    e = expected.detach().double().cpu()
+    assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)} != expected {tuple(e.shape)}"
+    err = (a - e).abs()
+    bound = rtol * e.abs()
+    bad = ~(err <= bound)
+    if bad.any():
+        rel = err / e.abs().clamp_min(1e-300)
+        raise AssertionError(
+            f"{name}: {int(bad.sum())}/{e.numel()} elements off; worst relative error {float(rel.max()):.3g} "
+            f"at {_where(rel)} (rtol {rtol:g}); actual {float(a.flatten()[rel.flatten().argmax()]):.9g} "
+            f"expected {float(e.flatten()[rel.flatten().argmax()]):.9g}"
+        )
+
+
+def assert_elementwise_close(actual, expected, scale, name: str = "value", ulps: float = ELEMENTWISE_ULPS,
+                             eps: float = _EPS32) -> None:
+    """``|actual - expected| <= ulps * eps * scale`` elementwise, with ``scale`` the terms' magnitudes."""
+    a = actual.detach().double().cpu()
+    assert a.shape == expected.shape, f"{name}: shape {tuple(a.shape)} != expected {tuple(expected.shape)}"
+    err = (a - expected).abs()
+    bound = ulps * eps * scale + 1e-300
+    ratio = err / bound
+    if (ratio > 1).any():
+        raise AssertionError(
+            f"{name}: {int((ratio > 1).sum())}/{a.numel()} elements off; worst error {float(ratio.max()):.3g}x the "
+            f"bound ({ulps} ulps of the terms) at {_where(ratio)}"
+        )
+
+
+def assert_low_precision_ok(actual, torch_actual, expected, name: str = "value", floor: float = 0.0) -> None:
+    """Max error of ``actual`` vs float64 ``expected`` is at most 2x that of the torch backend's ``torch_actual``.
+
+    ``floor`` (absolute) covers the case where the torch backend happens to be exact.
+    """
+    e = expected.detach().double().cpu()
+    err = float((actual.detach().double().cpu() - e).abs().max())
+    torch_err = float((torch_actual.detach().double().cpu() - e).abs().max())
+    assert err <= 2 * torch_err + floor, f"{name}: error {err:.3g} > 2 x torch backend's {torch_err:.3g} (+{floor:g})"
