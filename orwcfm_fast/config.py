@@ -23,6 +23,7 @@ __all__ = [
     "ODE_SOLVERS",
     "COUPLINGS",
     "WEIGHT_NORMALIZATIONS",
+    "OPS_BACKENDS",
     "validate_config",
     "serializable_config",
 ]
@@ -30,6 +31,7 @@ __all__ = [
 ODE_SOLVERS = ("euler", "midpoint", "heun", "rk4")
 COUPLINGS = ("independent", "exact_ot", "weighted_ot")
 WEIGHT_NORMALIZATIONS = ("none", "batch")
+OPS_BACKENDS = ("torch", "cpp", "triton")  # orwcfm_fast.ops.backends.BACKENDS (not imported: no torch here)
 
 
 class ConfigError(ValueError):
@@ -108,6 +110,13 @@ def _choice(choices, allow_callable=False):
             extra = " or a callable" if allow_callable else ""
             raise ValueError(f"expected one of {list(choices)}{extra}, got {value!r}{hint}")
         return value
+
+    return check
+
+
+def _choice_or_none(choices):
+    def check(value):
+        return None if value is None else _choice(choices)(value)
 
     return check
 
@@ -193,6 +202,8 @@ OPTIONS: dict[str, Option] = {
     "clip_batch_size": Option(None, _optional_int(1), "images per CLIP forward (None: the whole batch)"),
     "jpeg_quality": Option(95, _int_range(1, 100), "JPEG quality for the jpeg_(in)compressibility rewards"),
     "seed": Option(None, _seed, "seed for noise, times and couplings (None: nondeterministic)"),
+    "ops_backend": Option(None, _choice_or_none(OPS_BACKENDS),
+                          "fused-op backend: torch, cpp, triton; None = best available"),
 }
 
 DEFAULTS: dict[str, Any] = {name: opt.default for name, opt in OPTIONS.items()}

@@ -35,7 +35,7 @@ from orwcfm_fast.checkpoints import (
 )
 from orwcfm_fast.config import ConfigError, serializable_config, validate_config
 from orwcfm_fast.coupling import couple
-from orwcfm_fast.ops import conditional_path, orw_cfm_w2_loss
+from orwcfm_fast.ops import BackendUnavailableError, conditional_path, orw_cfm_w2_loss, resolve_backend
 from orwcfm_fast.rewards import check_rewards, make_reward
 from orwcfm_fast.run_log import EpochLog
 from orwcfm_fast.sampling import integrate
@@ -114,6 +114,12 @@ class ORWCFMTrainer:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.cpu_generator = torch.Generator().manual_seed(seed + 1)
 
+        if cfg["ops_backend"] is not None:
+            try:
+                resolve_backend(cfg["ops_backend"], self.device.type)
+            except BackendUnavailableError as err:
+                raise ConfigError(f"config key 'ops_backend': {err}") from None
+
         model = unwrap_model(model).to(self.device)
         self.last_policy = copy.deepcopy(model).eval().requires_grad_(False)
         self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -164,7 +170,9 @@ class ORWCFMTrainer:
 
     @torch.no_grad()
     def _integrate(self, model: torch.nn.Module, n: int) -> torch.Tensor:
-        return integrate(model, self._noise(n), solver=self.config["ode_solver"], steps=self.config["ode_steps"])
+        cfg = self.config
+        return integrate(model, self._noise(n), solver=cfg["ode_solver"], steps=cfg["ode_steps"],
+                         backend=cfg["ops_backend"])
 
     @torch.no_grad()
     def sample_batch(self, ep: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,11 +226,12 @@ class ORWCFMTrainer:
         t = torch.rand(x1.shape[0], generator=self.generator, device=x1.device, dtype=x1.dtype)
         sigma = self.config["sigma"]
         noise = torch.randn(x1.shape, generator=self.generator, device=x1.device, dtype=x1.dtype) if sigma > 0 else None
-        x_t, u_t = conditional_path(x0, x1, t, sigma, noise)
+        backend = self.config["ops_backend"]
+        x_t, u_t = conditional_path(x0, x1, t, sigma, noise, backend=backend)
         v = self.net_model(t, x_t)
         with torch.no_grad():
             v_ref = self.ref_model(t, x_t)
-        loss, fm, w2 = orw_cfm_w2_loss(v, u_t, v_ref, weights, self.alpha)
+        loss, fm, w2 = orw_cfm_w2_loss(v, u_t, v_ref, weights, self.alpha, backend=backend)
         metrics = {
             "fm_loss": (weights * fm).mean().detach(),
             "w2_loss": w2.mean().detach(),

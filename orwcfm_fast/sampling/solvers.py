@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from orwcfm_fast.ops import ode_step
+
 __all__ = ["ButcherTableau", "SOLVERS", "integrate", "nfe", "stage_point", "rk_update"]
 
 VelocityModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -99,57 +101,56 @@ SOLVERS: dict[str, ButcherTableau] = {
 }
 
 
-def _combine(x: torch.Tensor, dt: float, coeffs: Sequence[float], ks: Sequence[torch.Tensor]) -> torch.Tensor:
+def _combine(x: torch.Tensor, dt: float, coeffs: Sequence[float], ks: Sequence[torch.Tensor],
+             backend: str | None) -> torch.Tensor:
     if len(coeffs) > len(ks):
         raise ValueError(f"got {len(coeffs)} coefficients but only {len(ks)} stage values")
-    out = x
-    for coeff, k in zip(coeffs, ks):
-        if coeff == 0.0:
-            continue
-        if out is x:
-            out = torch.add(x, k, alpha=dt * coeff)  # fresh tensor: x is never modified
-        else:
-            out.add_(k, alpha=dt * coeff)
-    return out
+    return ode_step(x, list(ks[: len(coeffs)]), list(coeffs), dt, backend=backend)
 
 
 def stage_point(
-    x: torch.Tensor, dt: float, coeffs: Sequence[float], ks: Sequence[torch.Tensor]
+    x: torch.Tensor, dt: float, coeffs: Sequence[float], ks: Sequence[torch.Tensor], backend: str | None = None
 ) -> torch.Tensor:
     """State at which a Runge–Kutta stage evaluates the model.
 
-    Computes ``x + dt * sum_j coeffs[j] * ks[j]``, skipping zero coefficients.
+    Computes ``x + dt * sum_j coeffs[j] * ks[j]``, skipping zero coefficients, in one
+    fused pass (:func:`orwcfm_fast.ops.ode_step`).
 
     Args:
         x: State at the start of the step, ``[B, *sample_shape]``.
         dt: Step size (negative when integrating backwards).
         coeffs: The stage's row of ``a`` restricted to earlier stages, ``len(coeffs) <= len(ks)``.
         ks: Earlier stage derivatives, each ``[B, *sample_shape]``.
+        backend: ops backend (``None``: the best available for ``x``'s device).
 
     Returns:
         ``[B, *sample_shape]``; ``x`` itself (not a copy) when every coefficient is zero.
         Inputs are never modified.
     """
-    return _combine(x, dt, coeffs, ks)
+    return _combine(x, dt, coeffs, ks, backend)
 
 
-def rk_update(x: torch.Tensor, dt: float, b: Sequence[float], ks: Sequence[torch.Tensor]) -> torch.Tensor:
+def rk_update(
+    x: torch.Tensor, dt: float, b: Sequence[float], ks: Sequence[torch.Tensor], backend: str | None = None
+) -> torch.Tensor:
     """State at the end of a Runge–Kutta step.
 
-    Computes ``x + dt * sum_i b[i] * ks[i]``, skipping zero weights.
+    Computes ``x + dt * sum_i b[i] * ks[i]``, skipping zero weights, in one fused pass
+    (:func:`orwcfm_fast.ops.ode_step`).
 
     Args:
         x: State at the start of the step, ``[B, *sample_shape]``.
         dt: Step size (negative when integrating backwards).
         b: Quadrature weights of the tableau, ``len(b) == len(ks)``.
         ks: All stage derivatives of the step, each ``[B, *sample_shape]``.
+        backend: ops backend (``None``: the best available for ``x``'s device).
 
     Returns:
         ``[B, *sample_shape]``; ``x`` itself when every weight is zero. Inputs are never modified.
     """
     if len(b) != len(ks):
         raise ValueError(f"got {len(b)} weights for {len(ks)} stage values")
-    return _combine(x, dt, b, ks)
+    return _combine(x, dt, b, ks, backend)
 
 
 def _resolve_solver(solver: str | ButcherTableau) -> ButcherTableau:
@@ -197,6 +198,7 @@ def integrate(
     t_0: float = 0.0,
     t_1: float = 1.0,
     return_trajectory: bool = False,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """Integrate ``dx/dt = model(t, x)`` from ``t_0`` to ``t_1`` with a fixed-step RK scheme.
 
@@ -217,6 +219,8 @@ def integrate(
         t_0: Start time.
         t_1: End time.
         return_trajectory: Return the states at all grid points instead of only the last.
+        backend: ops backend of the stage/update arithmetic (:mod:`orwcfm_fast.ops`;
+            ``None``: the best available for ``x_0``'s device).
 
     Returns:
         ``x_1`` of shape ``[B, *sample_shape]``, or with ``return_trajectory`` a tensor
@@ -235,7 +239,7 @@ def integrate(
         raise TypeError(f"x_0 must be a torch.Tensor, got {type(x_0).__name__}")
     if x_0.ndim < 1:
         raise ValueError("x_0 must have a batch dimension: expected shape [B, *sample_shape], got a 0-d tensor")
-    if not (x_0.is_floating_point() or x_0.is_complex()):
+    if not x_0.is_floating_point():
         raise TypeError(f"x_0 must be a floating-point tensor, got dtype {x_0.dtype}")
     t_0, t_1 = float(t_0), float(t_1)
     if not (math.isfinite(t_0) and math.isfinite(t_1)):
@@ -254,7 +258,7 @@ def integrate(
         t, dt = grid[n], grid[n + 1] - grid[n]
         ks: list[torch.Tensor] = []
         for i in range(tableau.stages):
-            x_i = stage_point(x, dt, a[i][:i], ks)
+            x_i = stage_point(x, dt, a[i][:i], ks, backend)
             t_i = x.new_full((batch,), t + c[i] * dt)
             k = model(t_i, x_i)
             if not checked:
@@ -266,7 +270,7 @@ def integrate(
                     )
                 checked = True
             ks.append(k)
-        x = rk_update(x, dt, b, ks)
+        x = rk_update(x, dt, b, ks, backend)
         if trajectory is not None:
             trajectory.append(x)
     if trajectory is not None:

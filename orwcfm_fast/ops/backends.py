@@ -1,0 +1,158 @@
+"""Which implementation of the ops runs: availability, reasons, and the choice per call.
+
+Backends:
+
+- ``"torch"``: :mod:`orwcfm_fast.ops.reference`, pure PyTorch; always available.
+- ``"cpp"``: the compiled extension ``orwcfm_fast._C`` (:mod:`orwcfm_fast.ops._cpp`):
+  C++ kernels on CPU tensors, CUDA kernels on CUDA tensors (when built with them).
+- ``"triton"``: :mod:`orwcfm_fast.ops.triton`: Triton kernels on CUDA tensors, and on
+  CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests them; slow, never chosen automatically).
+
+An explicit ``backend=`` that cannot run on the inputs' device raises
+:class:`BackendUnavailableError` saying why; ``backend=None`` takes the first usable one of
+:data:`AUTO_ORDER` for the device, quietly. Availability is probed on first use (never at
+import) and cached.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from dataclasses import dataclass
+
+__all__ = [
+    "BACKENDS",
+    "AUTO_ORDER",
+    "BackendStatus",
+    "BackendUnavailableError",
+    "available_backends",
+    "backend_module",
+    "resolve_backend",
+]
+
+BACKENDS = ("torch", "cpp", "triton")
+
+#: Order tried by ``backend=None``, per device type. On CPU the Triton interpreter is far
+#: slower than either alternative, so it runs only when asked for by name.
+AUTO_ORDER: dict[str, tuple[str, ...]] = {
+    "cuda": ("triton", "cpp", "torch"),
+    "cpu": ("cpp", "torch"),
+}
+
+_MODULES = {
+    "torch": "orwcfm_fast.ops._torch",
+    "cpp": "orwcfm_fast.ops._cpp",
+    "triton": "orwcfm_fast.ops.triton",
+}
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run here; the message says why."""
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    """What one backend can do in this process.
+
+    Attributes:
+        name: ``"torch"``, ``"cpp"`` or ``"triton"``.
+        devices: device types it can run on here (e.g. ``("cpu", "cuda")``); empty if none.
+        reason: why it is unavailable, or on which devices not (empty when it runs everywhere
+            it could).
+    """
+
+    name: str
+    devices: tuple[str, ...]
+    reason: str
+
+    @property
+    def available(self) -> bool:
+        """True when it runs on at least one device type here."""
+        return bool(self.devices)
+
+
+@functools.lru_cache(maxsize=None)
+def backend_module(name: str):
+    """The module implementing backend ``name`` (imported on first use)."""
+    return importlib.import_module(_MODULES[name])
+
+
+def _cuda_present() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@functools.lru_cache(maxsize=None)
+def _status(name: str) -> BackendStatus:
+    if name == "torch":
+        return BackendStatus("torch", ("cpu", "cuda") if _cuda_present() else ("cpu",), "")
+    try:
+        module = backend_module(name)
+    except Exception as err:  # noqa: BLE001 - any import failure makes the backend unavailable
+        return BackendStatus(name, (), f"cannot import {_MODULES[name]}: {type(err).__name__}: {err}")
+    ok, reason = module.is_available()
+    if not ok:
+        return BackendStatus(name, (), reason)
+    devices: list[str] = []
+    notes: list[str] = []
+    if name == "cpp":
+        devices.append("cpu")
+        cuda_ok, cuda_reason = module.cuda_available()
+        if cuda_ok and _cuda_present():
+            devices.append("cuda")
+        elif cuda_ok:
+            notes.append("CUDA kernels built, but no CUDA device is visible")
+        else:
+            notes.append(cuda_reason)
+    else:  # triton
+        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+            devices.append("cpu")
+        else:
+            notes.append("CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)")
+        if _cuda_present():
+            devices.append("cuda")
+        else:
+            notes.append("no CUDA device is visible")
+        if reason:
+            notes.append(reason)
+    return BackendStatus(name, tuple(devices), "; ".join(notes))
+
+
+def available_backends() -> dict[str, BackendStatus]:
+    """Every backend's :class:`BackendStatus`: what is built and usable here, and why not otherwise.
+
+    Example::
+
+        >>> {name: s.devices for name, s in available_backends().items()}
+        {'torch': ('cpu',), 'cpp': ('cpu',), 'triton': ()}
+    """
+    return {name: _status(name) for name in BACKENDS}
+
+
+def resolve_backend(backend: str | None, device_type: str) -> str:
+    """The backend to run on tensors of ``device_type``.
+
+    Args:
+        backend: a name from :data:`BACKENDS`, or ``None`` for the best usable one.
+        device_type: ``"cpu"``, ``"cuda"``, ...
+
+    Raises:
+        ValueError: unknown backend name.
+        BackendUnavailableError: the named backend cannot run on ``device_type`` here.
+    """
+    if backend is None:
+        for name in AUTO_ORDER.get(device_type, ("torch",)):
+            if device_type in _status(name).devices:
+                return name
+        return "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown ops backend {backend!r}; known: {', '.join(BACKENDS)} (or None for the best available)")
+    status = _status(backend)
+    if device_type not in status.devices and not (backend == "torch"):
+        where = f"runs on {', '.join(status.devices)} only" if status.devices else "is unavailable"
+        raise BackendUnavailableError(
+            f"ops backend {backend!r} {where}, not on {device_type} tensors: {status.reason or 'no reason recorded'}"
+        )
+    return backend
