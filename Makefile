@@ -12,10 +12,14 @@ STAMP  := $(VENV)/.installed
 
 venv: $(STAMP)
 
-$(STAMP): setup.py pyproject.toml Makefile
+# The extension's sources are prerequisites too: editing a kernel rebuilds orwcfm_fast._C (ninja, incremental).
+EXT_SOURCES := csrc/sources.txt $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp kernels/*.cu kernels/*.cuh)
+
+$(STAMP): setup.py pyproject.toml Makefile $(EXT_SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "setuptools>=64" wheel
 	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q ninja
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
 	touch $(STAMP)
 
