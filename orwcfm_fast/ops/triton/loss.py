@@ -1,0 +1,267 @@
+"""Triton ORW-CFM-W2 loss: one fused pass for ``fm`` and ``w2``, one fused pass for ``grad_v``.
+
+Ops (``torch.library.triton_op``, visible to ``torch.compile``):
+
+- ``orwcfm_fast::orw_cfm_w2_loss_triton(v, u, v_ref, weights, alpha) -> (loss, fm, w2)``
+- ``orwcfm_fast::orw_cfm_w2_loss_backward_triton(v, u, v_ref, c_fm, c_w2) -> grad_v``
+
+The forward op has autograd: gradients for ``v`` (the backward kernel), ``u``, ``v_ref`` and
+``weights`` (small torch expressions, computed only when asked for). The backward op has
+autograd too (torch expressions), so double backward works. Semantics are those of
+:func:`orwcfm_fast.ops.reference.orw_cfm_w2_loss_reference` and
+:func:`orwcfm_fast.ops.reference.orw_cfm_w2_loss_backward_reference`.
+
+Imported lazily by :mod:`orwcfm_fast.ops.triton` (defining the kernels reads ``TRITON_INTERPRET``).
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from orwcfm_fast.ops.reference import accumulation_dtype
+from orwcfm_fast.ops.triton._common import (
+    check_runnable,
+    keep_opaque_if_interpreted,
+    require_mode,
+    round_to,
+    row_tile,
+    should_launch,
+)
+
+__all__ = ["orw_cfm_w2_loss_backward_op", "orw_cfm_w2_loss_op"]
+
+
+@triton.jit
+def _orw_cfm_w2_loss_fwd_kernel(
+    v_ptr, u_ptr, v_ref_ptr,  # [B, D] contiguous, any float dtype
+    fm_ptr, w2_ptr,  # [B] in the accumulation dtype
+    B, D,
+    ACC_F64: tl.constexpr,  # accumulate in float64 (float64 inputs) instead of float32
+    ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """``fm[i] = sum_j (v - u)[i, j]^2 / D`` and ``w2[i]`` likewise for ``v - v_ref``.
+
+    A program owns ``ROWS`` rows and walks them in ``[ROWS, BLOCK_D]`` blocks, adding squares
+    into per-lane accumulators that are reduced once at the end: deterministic, no atomics, and
+    each lane sums only ``D / BLOCK_D`` terms before the tree reduction.
+    """
+    ACC = tl.float64 if ACC_F64 else tl.float32
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < B
+    row_start = rows.to(tl.int64) * D
+    cols = tl.arange(0, BLOCK_D)
+    acc_fm = tl.zeros([ROWS, BLOCK_D], dtype=ACC)
+    acc_w2 = tl.zeros([ROWS, BLOCK_D], dtype=ACC)
+    for start in range(0, D, BLOCK_D):
+        c = start + cols
+        mask = row_ok[:, None] & (c < D)[None, :]
+        offs = row_start[:, None] + c[None, :]
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(ACC)
+        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(ACC)
+        v_ref = tl.load(v_ref_ptr + offs, mask=mask, other=0.0).to(ACC)
+        d_fm = v - u
+        d_w2 = v - v_ref
+        acc_fm += d_fm * d_fm
+        acc_w2 += d_w2 * d_w2
+    fm = tl.sum(acc_fm, axis=1) / D
+    w2 = tl.sum(acc_w2, axis=1) / D
+    tl.store(fm_ptr + rows, fm, mask=row_ok)
+    tl.store(w2_ptr + rows, w2, mask=row_ok)
+
+
+@triton.jit
+def _orw_cfm_w2_loss_bwd_kernel(
+    v_ptr, u_ptr, v_ref_ptr,  # [B, D] contiguous
+    c_fm_ptr, c_w2_ptr,  # [B] in the accumulation dtype
+    grad_ptr,  # [B, D] in v's dtype
+    B, D,
+    ACC_F64: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """``grad[i, j] = c_fm[i] * (v - u)[i, j] + c_w2[i] * (v - v_ref)[i, j]``, rounded once.
+
+    Program ``p`` handles the ``[ROWS, BLOCK_D]`` block at row tile ``p // n_col``, column tile
+    ``p % n_col`` (a 1-D grid, so no grid-dimension limits).
+    """
+    ACC = tl.float64 if ACC_F64 else tl.float32
+    n_col = tl.cdiv(D, BLOCK_D)
+    pid = tl.program_id(0)
+    rows = (pid // n_col) * ROWS + tl.arange(0, ROWS)
+    cols = (pid % n_col) * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_ok = rows < B
+    mask = row_ok[:, None] & (cols < D)[None, :]
+    offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
+    c_fm = tl.load(c_fm_ptr + rows, mask=row_ok, other=0.0).to(ACC)
+    c_w2 = tl.load(c_w2_ptr + rows, mask=row_ok, other=0.0).to(ACC)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(ACC)
+    u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(ACC)
+    v_ref = tl.load(v_ref_ptr + offs, mask=mask, other=0.0).to(ACC)
+    grad = c_fm[:, None] * (v - u) + c_w2[:, None] * (v - v_ref)
+    tl.store(grad_ptr + offs, round_to(grad, grad_ptr.dtype.element_ty), mask=mask)
+
+
+require_mode(_orw_cfm_w2_loss_fwd_kernel, _orw_cfm_w2_loss_bwd_kernel)
+
+
+def _check_inputs(name: str, v: torch.Tensor, u: torch.Tensor, v_ref: torch.Tensor, per_sample: dict) -> None:
+    """Shape/device checks that keep the kernels in bounds (the dispatcher's messages are friendlier)."""
+    if v.ndim < 2:
+        raise ValueError(f"{name}: v must be [B, ...] with at least one non-batch dim, got shape {tuple(v.shape)}")
+    for other_name, other in (("u", u), ("v_ref", v_ref)):
+        if other.shape != v.shape or other.device != v.device:
+            raise ValueError(
+                f"{name}: {other_name} is {tuple(other.shape)} on {other.device} but v is {tuple(v.shape)} "
+                f"on {v.device}; they must match"
+            )
+    for vec_name, vec in per_sample.items():
+        if vec.shape != (v.shape[0],) or vec.device != v.device:
+            raise ValueError(
+                f"{name}: {vec_name} must be [B] = [{v.shape[0]}] on {v.device}, got {tuple(vec.shape)} on {vec.device}"
+            )
+    for t_name, t in (("v", v), ("u", u), ("v_ref", v_ref), *per_sample.items()):
+        if not t.is_floating_point():
+            raise TypeError(f"{name}: {t_name} must be a floating-point tensor, got {t.dtype}")
+
+
+@triton_op("orwcfm_fast::orw_cfm_w2_loss_triton", mutates_args=())
+def orw_cfm_w2_loss_op(
+    v: torch.Tensor, u: torch.Tensor, v_ref: torch.Tensor, weights: torch.Tensor, alpha: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ORW-CFM-W2 loss with Triton's fused per-sample reduction.
+
+    Args:
+        v, u, v_ref: ``[B, ...]``, same shape and device (any float dtypes; ``v``'s sets the
+            accumulation dtype: float64 for float64, else float32). Non-contiguous inputs are copied.
+        weights: ``[B]`` per-sample weights, any float dtype.
+        alpha: W2 coefficient.
+
+    Returns:
+        ``(loss, fm, w2)`` in the accumulation dtype: 0-dim ``mean_i(weights[i] * fm[i] +
+        alpha * w2[i])`` and the ``[B]`` per-sample means of ``(v - u)^2`` and ``(v - v_ref)^2``.
+    """
+    _check_inputs("orw_cfm_w2_loss", v, u, v_ref, {"weights": weights})
+    check_runnable("orw_cfm_w2_loss", _orw_cfm_w2_loss_fwd_kernel, v)
+    v, u, v_ref = v.contiguous(), u.contiguous(), v_ref.contiguous()
+    acc = accumulation_dtype(v.dtype)
+    b = v.shape[0]
+    d = math.prod(v.shape[1:])
+    if d == 0:  # the mean over no elements, as torch gives it
+        fm = torch.full((b,), float("nan"), dtype=acc, device=v.device)
+        w2 = torch.full((b,), float("nan"), dtype=acc, device=v.device)
+    else:
+        fm = torch.empty((b,), dtype=acc, device=v.device)
+        w2 = torch.empty((b,), dtype=acc, device=v.device)
+        if b > 0 and should_launch(_orw_cfm_w2_loss_fwd_kernel, v):
+            rows, block_d, num_warps = row_tile(d)
+            wrap_triton(_orw_cfm_w2_loss_fwd_kernel)[(triton.cdiv(b, rows),)](
+                v, u, v_ref, fm, w2, b, d,
+                ACC_F64=acc == torch.float64, ROWS=rows, BLOCK_D=block_d, num_warps=num_warps,
+            )
+    loss = (weights.to(acc) * fm + alpha * w2).mean()
+    return loss, fm, w2
+
+
+@triton_op("orwcfm_fast::orw_cfm_w2_loss_backward_triton", mutates_args=())
+def orw_cfm_w2_loss_backward_op(
+    v: torch.Tensor, u: torch.Tensor, v_ref: torch.Tensor, c_fm: torch.Tensor, c_w2: torch.Tensor
+) -> torch.Tensor:
+    """``grad_v[i] = c_fm[i] * (v[i] - u[i]) + c_w2[i] * (v[i] - v_ref[i])`` in one pass.
+
+    Args:
+        v, u, v_ref: ``[B, ...]``, same shape and device.
+        c_fm, c_w2: ``[B]`` per-sample coefficients, any float dtype.
+
+    Returns:
+        A contiguous ``[B, ...]`` tensor in ``v``'s dtype, computed in the accumulation dtype and
+        rounded once.
+    """
+    _check_inputs("orw_cfm_w2_loss_backward", v, u, v_ref, {"c_fm": c_fm, "c_w2": c_w2})
+    check_runnable("orw_cfm_w2_loss_backward", _orw_cfm_w2_loss_bwd_kernel, v)
+    v, u, v_ref = v.contiguous(), u.contiguous(), v_ref.contiguous()
+    acc = accumulation_dtype(v.dtype)
+    c_fm = c_fm.to(acc).contiguous()
+    c_w2 = c_w2.to(acc).contiguous()
+    grad = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    b = v.shape[0]
+    d = math.prod(v.shape[1:])
+    if grad.numel() > 0 and should_launch(_orw_cfm_w2_loss_bwd_kernel, v):
+        rows, block_d, num_warps = row_tile(d)
+        grid = (triton.cdiv(b, rows) * triton.cdiv(d, block_d),)
+        wrap_triton(_orw_cfm_w2_loss_bwd_kernel)[grid](
+            v, u, v_ref, c_fm, c_w2, grad, b, d,
+            ACC_F64=acc == torch.float64, ROWS=rows, BLOCK_D=block_d, num_warps=num_warps,
+        )
+    return grad
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    v, u, v_ref, weights, alpha = inputs
+    _, fm, _ = output
+    # Inputs and fm only: no new full-size tensors are kept alive for the backward.
+    ctx.save_for_backward(v, u, v_ref, weights, fm)
+    ctx.alpha = alpha
+
+
+def _backward(ctx, g_loss, g_fm, g_w2):
+    """Gradients of ``g_loss * loss + <g_fm, fm> + <g_w2, w2>``.
+
+    ``c_fm = 2/D * (g_loss * weights / B + g_fm)`` and ``c_w2 = 2/D * (g_loss * alpha / B + g_w2)``
+    are formed in float64 (``[B]`` vectors: free) and rounded once, so ``grad_v`` carries only the
+    kernel's few roundings.
+    """
+    v, u, v_ref, weights, fm = ctx.saved_tensors
+    need_v, need_u, need_v_ref, need_w, _ = ctx.needs_input_grad
+    acc = fm.dtype
+    b = v.shape[0]
+    d = math.prod(v.shape[1:])
+    f64 = torch.float64
+    zeros = torch.zeros((b,), dtype=f64, device=v.device)
+    g_loss = g_loss.to(f64) if g_loss is not None else torch.zeros((), dtype=f64, device=v.device)
+    g_fm = g_fm.to(f64) if g_fm is not None else zeros
+    g_w2 = g_w2.to(f64) if g_w2 is not None else zeros
+    scale = 2.0 / d if d > 0 else 0.0
+    c_fm = ((g_loss * weights.to(f64) / b + g_fm) * scale).to(acc)
+    c_w2 = ((g_loss * ctx.alpha / b + g_w2) * scale).to(acc)
+
+    grad_v = grad_u = grad_v_ref = grad_w = None
+    if need_v:
+        grad_v = orw_cfm_w2_loss_backward_op(v, u, v_ref, c_fm, c_w2)
+    shape = (b,) + (1,) * (v.ndim - 1)
+    if need_u:
+        grad_u = (-c_fm.reshape(shape) * (v.to(acc) - u.to(acc))).to(u.dtype)
+    if need_v_ref:
+        grad_v_ref = (-c_w2.reshape(shape) * (v.to(acc) - v_ref.to(acc))).to(v_ref.dtype)
+    if need_w:
+        grad_w = (g_loss * fm.to(f64) / b).to(weights.dtype)
+    return grad_v, grad_u, grad_v_ref, grad_w, None
+
+
+def _setup_context_backward_op(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _backward_backward_op(ctx, g):
+    """Gradients of ``<g, grad_v>`` (the backward op is linear in each input): double backward."""
+    v, u, v_ref, c_fm, c_w2 = ctx.saved_tensors
+    need_v, need_u, need_v_ref, need_c_fm, need_c_w2 = ctx.needs_input_grad
+    acc = accumulation_dtype(v.dtype)
+    shape = (v.shape[0],) + (1,) * (v.ndim - 1)
+    g = g.to(acc)
+    c_fm_b, c_w2_b = c_fm.to(acc).reshape(shape), c_w2.to(acc).reshape(shape)
+    grad_v = (g * (c_fm_b + c_w2_b)).to(v.dtype) if need_v else None
+    grad_u = (-g * c_fm_b).to(u.dtype) if need_u else None
+    grad_v_ref = (-g * c_w2_b).to(v_ref.dtype) if need_v_ref else None
+    rows = (v.shape[0], math.prod(v.shape[1:]))
+    v_acc = v.to(acc)
+    grad_c_fm = (g * (v_acc - u.to(acc))).reshape(rows).sum(1).to(c_fm.dtype) if need_c_fm else None
+    grad_c_w2 = (g * (v_acc - v_ref.to(acc))).reshape(rows).sum(1).to(c_w2.dtype) if need_c_w2 else None
+    return grad_v, grad_u, grad_v_ref, grad_c_fm, grad_c_w2
+
+
+orw_cfm_w2_loss_op.register_autograd(_backward, setup_context=_setup_context)
+orw_cfm_w2_loss_backward_op.register_autograd(_backward_backward_op, setup_context=_setup_context_backward_op)
+keep_opaque_if_interpreted(orw_cfm_w2_loss_op, _orw_cfm_w2_loss_fwd_kernel)
+keep_opaque_if_interpreted(orw_cfm_w2_loss_backward_op, _orw_cfm_w2_loss_bwd_kernel)
