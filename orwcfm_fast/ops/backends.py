@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
 from dataclasses import dataclass
 
 __all__ = [
@@ -106,17 +105,13 @@ def _status(name: str) -> BackendStatus:
             notes.append("CUDA kernels built, but no CUDA device is visible")
         else:
             notes.append(cuda_reason)
-    else:  # triton
-        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-            devices.append("cpu")
-        else:
-            notes.append("CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)")
-        if _cuda_present():
-            devices.append("cuda")
-        else:
-            notes.append("no CUDA device is visible")
-        if reason:
-            notes.append(reason)
+    else:  # triton: the module knows whether its kernels are (or will be) interpreted
+        for device_type in ("cpu", "cuda"):
+            ok_here, why = module.is_available(device_type)
+            if ok_here:
+                devices.append(device_type)
+            else:
+                notes.append(why)
     return BackendStatus(name, tuple(devices), "; ".join(notes))
 
 
