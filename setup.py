@@ -13,11 +13,13 @@ Environment variables:
   toolkit around ``nvcc`` on PATH, else /usr/local/cuda).
 - ``TORCH_CUDA_ARCH_LIST``: target GPUs; default: the visible GPUs, or "9.0" (H100) if none.
 - ``MAX_JOBS``: parallel compile jobs for ninja (default 2).
+- ``ORWCFM_FAST_CPU_ARCH``: ``-march`` of the C++ kernels (default x86-64-v3 on x86_64; empty: none).
 """
 
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import sys
 from pathlib import Path
@@ -91,6 +93,19 @@ def _put_ninja_on_path() -> None:
     os.environ["PATH"] = os.pathsep.join(dirs + [os.environ.get("PATH", "")])
 
 
+def _cpu_arch_flags() -> list[str]:
+    """``-march`` for the C++ kernels: x86-64-v3 (AVX2 + FMA, any x86 CPU since 2013) on x86_64.
+
+    GCC vectorises the kernels' loops to the target's vector width: with AVX2 the CPU RK4 update
+    of 128x3x32x32 floats took 0.45 ms instead of 0.61 (2 cores). ``ORWCFM_FAST_CPU_ARCH`` overrides the
+    value (empty: the compiler's default, for older CPUs).
+    """
+    arch = os.environ.get("ORWCFM_FAST_CPU_ARCH")
+    if arch is None:
+        arch = "x86-64-v3" if platform.machine().lower() in {"x86_64", "amd64"} else ""
+    return [f"-march={arch}"] if arch.strip() else []
+
+
 def _extension():
     """``(ext_modules, cmdclass)`` for orwcfm_fast._C, or ``([], {})`` with ORWCFM_FAST_NO_EXT=1."""
     if _flag("ORWCFM_FAST_NO_EXT"):
@@ -129,7 +144,7 @@ def _extension():
     include_dirs = [str(ROOT / "csrc"), str(ROOT / "kernels")]
     # Only method operators and per-op headers (ATen/ops/*.h) are used: keeps compiles short.
     macros = ["-DTORCH_ASSERT_ONLY_METHOD_OPERATORS"]
-    extra_compile_args = {"cxx": ["-O3", *macros]}
+    extra_compile_args = {"cxx": ["-O3", *_cpu_arch_flags(), *macros]}
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH

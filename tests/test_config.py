@@ -87,3 +87,11 @@ def test_callables_accepted_and_serialised():
 def test_not_a_mapping():
     with pytest.raises(ConfigError, match="dict"):
         validate_config([("learning_rate", 1e-4)])
+
+
+def test_readme_config_table_lists_every_key():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [key for key in OPTIONS if f"| `{key}`" not in readme]
+    assert not missing, f"README's config table lacks {missing}"
