@@ -157,3 +157,21 @@ def test_trainer_ops_backend_key():
         x1 = torch.randn(8, 2, generator=torch.Generator().manual_seed(1))
         losses[backend] = trainer.compute_loss(x1, torch.ones(8))[0].item()
     assert all(abs(v - losses["torch"]) <= 1e-6 * abs(losses["torch"]) for v in losses.values()), losses
+
+
+@pytest.mark.parametrize("backend", [None, *CPU_BACKENDS])
+def test_public_ops_trace_with_fullgraph(backend):
+    """Input checks and backend choice trace without graph breaks (the compiled training step needs it)."""
+    g = torch.Generator().manual_seed(4)
+    shape = (3, 2, 5)
+    x_0, x_1, v_ref, k = (torch.randn(shape, generator=g) for _ in range(4))
+    t, w = torch.rand(3, generator=g), torch.rand(3, generator=g)
+
+    def step(x_0, x_1, t, v_ref, w, k):
+        x_t, u_t = ops.conditional_path(x_0, x_1, t, backend=backend)
+        v = ops.ode_step(x_t, [k, u_t], [0.5, 0.25], 0.1, backend=backend)
+        return ops.orw_cfm_w2_loss(v, u_t, v_ref, w, 0.3, backend=backend)
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    for got, want in zip(compiled(x_0, x_1, t, v_ref, w, k), step(x_0, x_1, t, v_ref, w, k)):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)

@@ -16,8 +16,10 @@ import) and cached.
 
 from __future__ import annotations
 
-import functools
 import importlib
+from types import ModuleType
+
+import torch
 from dataclasses import dataclass
 
 __all__ = [
@@ -71,20 +73,30 @@ class BackendStatus:
         return bool(self.devices)
 
 
-@functools.lru_cache(maxsize=None)
-def backend_module(name: str):
+_loaded: dict[str, ModuleType] = {}  # plain dicts, not lru_cache: torch.compile traces lookups in them
+_statuses: dict[str, "BackendStatus"] = {}
+
+
+def backend_module(name: str) -> ModuleType:
     """The module implementing backend ``name`` (imported on first use)."""
-    return importlib.import_module(_MODULES[name])
+    module = _loaded.get(name)
+    if module is None:
+        module = _loaded[name] = importlib.import_module(_MODULES[name])
+    return module
 
 
 def _cuda_present() -> bool:
-    import torch
-
     return torch.cuda.is_available()
 
 
-@functools.lru_cache(maxsize=None)
 def _status(name: str) -> BackendStatus:
+    status = _statuses.get(name)
+    if status is None:
+        status = _statuses[name] = _probe(name)
+    return status
+
+
+def _probe(name: str) -> BackendStatus:
     if name == "torch":
         return BackendStatus("torch", ("cpu", "cuda") if _cuda_present() else ("cpu",), "")
     try:
@@ -126,6 +138,19 @@ def available_backends() -> dict[str, BackendStatus]:
     return {name: _status(name) for name in BACKENDS}
 
 
+def _constant_under_compile(fn):
+    """What ``torch.compiler.assume_constant_result`` does, without importing torch._dynamo.
+
+    Dynamo then calls ``fn`` at trace time and uses its value as a constant: the backend
+    choice (availability is fixed within a process) costs nothing in a compiled graph and is
+    not traced. The decorator itself imports torch._dynamo (and triton, ~2.5 s), which
+    importing this package must not do. tests/test_ops_dispatch.py's fullgraph test guards it.
+    """
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_under_compile
 def resolve_backend(backend: str | None, device_type: str) -> str:
     """The backend to run on tensors of ``device_type``.
 
@@ -140,7 +165,9 @@ def resolve_backend(backend: str | None, device_type: str) -> str:
     if backend is None:
         for name in AUTO_ORDER.get(device_type, ("torch",)):
             if device_type in _status(name).devices:
+                backend_module(name)  # imported here, outside any torch.compile trace
                 return name
+        backend_module("torch")
         return "torch"
     if backend not in BACKENDS:
         raise ValueError(f"unknown ops backend {backend!r}; known: {', '.join(BACKENDS)} (or None for the best available)")
@@ -150,4 +177,5 @@ def resolve_backend(backend: str | None, device_type: str) -> str:
         raise BackendUnavailableError(
             f"ops backend {backend!r} {where}, not on {device_type} tensors: {status.reason or 'no reason recorded'}"
         )
+    backend_module(backend)  # imported here, outside any torch.compile trace
     return backend
