@@ -24,6 +24,7 @@ __all__ = [
     "COUPLINGS",
     "WEIGHT_NORMALIZATIONS",
     "OPS_BACKENDS",
+    "PRECISIONS",
     "validate_config",
     "serializable_config",
 ]
@@ -31,6 +32,7 @@ __all__ = [
 ODE_SOLVERS = ("euler", "midpoint", "heun", "rk4")
 COUPLINGS = ("independent", "exact_ot", "weighted_ot")
 WEIGHT_NORMALIZATIONS = ("none", "batch")
+PRECISIONS = ("fp32", "bf16")
 OPS_BACKENDS = ("torch", "cpp", "triton")  # orwcfm_fast.ops.backends.BACKENDS (not imported: no torch here)
 
 
@@ -204,6 +206,10 @@ OPTIONS: dict[str, Option] = {
     "seed": Option(None, _seed, "seed for noise, times and couplings (None: nondeterministic)"),
     "ops_backend": Option(None, _choice_or_none(OPS_BACKENDS),
                           "fused-op backend: torch, cpp, triton; None = best available"),
+    "precision": Option("fp32", _choice(PRECISIONS),
+                        "fp32: the reference's math; bf16: autocast forwards, fp32 weights, ODE state and loss"),
+    "compile": Option(False, _bool, "torch.compile the policy, reference and sampling forwards"),
+    "compile_backend": Option("inductor", _str(), "torch.compile backend when 'compile' is True"),
 }
 
 DEFAULTS: dict[str, Any] = {name: opt.default for name, opt in OPTIONS.items()}

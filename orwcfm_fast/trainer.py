@@ -17,6 +17,7 @@ Each piece is a method or a module function so the fast paths can replace it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import warnings
@@ -36,6 +37,7 @@ from orwcfm_fast.checkpoints import (
 from orwcfm_fast.config import ConfigError, serializable_config, validate_config
 from orwcfm_fast.coupling import couple
 from orwcfm_fast.ops import BackendUnavailableError, conditional_path, orw_cfm_w2_loss, resolve_backend
+from orwcfm_fast.profiling import phase
 from orwcfm_fast.rewards import check_rewards, make_reward
 from orwcfm_fast.run_log import EpochLog
 from orwcfm_fast.sampling import integrate
@@ -126,7 +128,10 @@ class ORWCFMTrainer:
         self.net_model = self._maybe_parallel(model)
         self._check_model_output()
 
-        self.optimizer = torch.optim.Adam(self.net_model.parameters(), lr=cfg["learning_rate"])
+        self._policy_forward, self._ref_forward, self._last_policy_forward = self._forwards()
+        # Fused Adam on CUDA (one kernel for all parameters); the same update rule as Adam.
+        fused = {"fused": True} if self.device.type == "cuda" else {}
+        self.optimizer = torch.optim.Adam(self.net_model.parameters(), lr=cfg["learning_rate"], **fused)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, LinearWarmup(cfg["warmup_steps"]))
         self.reward_fn = make_reward(cfg["reward"], cfg, self.device)
 
@@ -136,6 +141,25 @@ class ORWCFMTrainer:
         self._log: EpochLog | None = None
 
     # ------------------------------------------------------------------ setup helpers
+
+    def _forwards(self):
+        """Callables for the policy's training forward, the reference and the sampling policy.
+
+        With config ``compile`` they are ``torch.compile`` d (backend ``compile_backend``, default
+        mode: no Inductor CUDA graphs, so they compose with the sampler's own graphs); the
+        modules themselves stay plain (attributes, ``state_dict`` keys and checkpoints unchanged).
+        """
+        models = (self.net_model, self.ref_model, self.last_policy)
+        if not self.config["compile"]:
+            return models
+        backend = self.config["compile_backend"]
+        return tuple(torch.compile(m, backend=backend) for m in models)
+
+    def _autocast(self):
+        """bf16 autocast for ``precision: "bf16"`` (weights, ODE state and loss stay fp32)."""
+        if self.config["precision"] == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def _maybe_parallel(self, model: torch.nn.Module) -> torch.nn.Module:
         if not self.config["parallel"]:
@@ -169,10 +193,11 @@ class ORWCFMTrainer:
         return torch.randn((n, *self.sample_shape), generator=self.generator, device=self.device)
 
     @torch.no_grad()
-    def _integrate(self, model: torch.nn.Module, n: int) -> torch.Tensor:
+    def _integrate(self, model, n: int) -> torch.Tensor:
         cfg = self.config
-        return integrate(model, self._noise(n), solver=cfg["ode_solver"], steps=cfg["ode_steps"],
-                         backend=cfg["ops_backend"])
+        with self._autocast():
+            return integrate(model, self._noise(n), solver=cfg["ode_solver"], steps=cfg["ode_steps"],
+                             backend=cfg["ops_backend"])
 
     @torch.no_grad()
     def sample_batch(self, ep: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,8 +209,10 @@ class ORWCFMTrainer:
         Returns:
             ``(samples [batch_size, *sample_shape], rewards [batch_size] float32)``.
         """
-        samples = self._integrate(self.last_policy, self.batch_size)
-        rewards = check_rewards(self.reward_fn(samples), self.batch_size, device=self.device)
+        with phase("sample", self.device):
+            samples = self._integrate(self._last_policy_forward, self.batch_size)
+        with phase("reward", self.device):
+            rewards = check_rewards(self.reward_fn(samples), self.batch_size, device=self.device)
         return samples, rewards
 
     @torch.no_grad()
@@ -228,9 +255,12 @@ class ORWCFMTrainer:
         noise = torch.randn(x1.shape, generator=self.generator, device=x1.device, dtype=x1.dtype) if sigma > 0 else None
         backend = self.config["ops_backend"]
         x_t, u_t = conditional_path(x0, x1, t, sigma, noise, backend=backend)
-        v = self.net_model(t, x_t)
-        with torch.no_grad():
-            v_ref = self.ref_model(t, x_t)
+        with self._autocast():
+            v = self._policy_forward(t, x_t)
+            with torch.no_grad():
+                v_ref = self._ref_forward(t, x_t)
+        # bf16 forwards: the loss is taken in fp32 against the fp32 target u_t.
+        v, v_ref = v.to(u_t.dtype), v_ref.to(u_t.dtype)
         loss, fm, w2 = orw_cfm_w2_loss(v, u_t, v_ref, weights, self.alpha, backend=backend)
         metrics = {
             "fm_loss": (weights * fm).mean().detach(),
@@ -261,15 +291,18 @@ class ORWCFMTrainer:
         samples, rewards = self.sample_batch(ep)
         weights = self._weights(rewards)
         self.net_model.train(self.config["policy_dropout"])
-        loss, metrics = self.compute_loss(samples, weights)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        params = [p for p in self.net_model.parameters() if p.grad is not None]
-        max_norm = self.grad_clip if self.grad_clip is not None else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.scheduler.step()
+        with phase("loss", self.device):
+            loss, metrics = self.compute_loss(samples, weights)
+        with phase("backward", self.device):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        with phase("optimizer", self.device):
+            params = [p for p in self.net_model.parameters() if p.grad is not None]
+            max_norm = self.grad_clip if self.grad_clip is not None else math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.optimizer.step()
+            self.scheduler.step()
         self.global_step += 1
         metrics.update(
             reward=rewards.mean(),

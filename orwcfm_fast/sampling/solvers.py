@@ -206,7 +206,9 @@ def integrate(
     times are computed in float64 on the host and passed as Python floats, so the
     loop makes no host–device syncs. The function neither changes grad mode (wrap
     it in ``torch.no_grad()`` for sampling) nor the model's train/eval mode, and
-    never copies the model.
+    never copies the model. A model whose output has another dtype than the state
+    (e.g. under bf16 autocast) has it cast to the state's dtype: the state keeps
+    ``x_0``'s precision across the steps.
 
     Args:
         model: Callable ``model(t, x) -> v`` with ``t`` ``[B]`` (``x``'s dtype and
@@ -261,6 +263,8 @@ def integrate(
             x_i = stage_point(x, dt, a[i][:i], ks, backend)
             t_i = x.new_full((batch,), t + c[i] * dt)
             k = model(t_i, x_i)
+            if isinstance(k, torch.Tensor) and k.dtype != x.dtype:
+                k = k.to(x.dtype)  # e.g. a bf16-autocast model: the state stays in x_0's precision
             if not checked:
                 if not isinstance(k, torch.Tensor) or k.shape != x.shape:
                     got = tuple(k.shape) if isinstance(k, torch.Tensor) else type(k).__name__
