@@ -1,0 +1,333 @@
+"""Throughput of one ORW-CFM-W2 training step: a reference-style baseline and orwcfm_fast, side by side.
+
+In one process, on the same model, config and device:
+
+- ``reference``: the published algorithm written out as the published trainer runs it: eager
+  fp32, a deep copy of the policy per sampling call, a torchdyn-style fixed-step Euler solve that
+  keeps the whole trajectory, torchcfm's ``ExactOptimalTransportConditionalFlowMatcher`` (POT exact
+  OT on the CPU), the reference model's forward with autograd on (then detached), Adam,
+  ``clip_grad_norm_``, the CLIP reward;
+- ``fast_fp32``: ``ORWCFMTrainer`` with the same math (Euler, same steps, exact OT, fp32);
+- ``fast_bf16``: the same with ``precision: "bf16"``;
+- ``fast_recommended``: bf16 with the recommended solver of ``benchmarks/solver_accuracy.py``
+  (``--recommended SOLVER:STEPS``, default ``midpoint:5`` as measured on the digits model).
+
+Per mode it reports seconds per step split into phases (sample, reward, update), samples/s,
+achieved TFLOP/s of the sampling phase against a matmul peak measured here, peak memory, and
+the speedup over the baseline. ``--json PATH`` writes all of it, with ``device``, ``config``,
+``reference_s_per_step``, ``fast_s_per_step`` (the identical-math ``fast_fp32`` mode),
+``speedup``, and ``best_speedup`` (the fastest mode).
+
+Default config on a GPU: the paper's (torchcfm CIFAR UNet, 35.7M parameters; batch 128; Euler
+100; CLIP ViT-B/32 with random weights: none can be downloaded here, the compute is the same).
+``--device cpu --quick``: a tiny UNet and a small batch, a few minutes on 2 cores.
+Run: ``python benchmarks/throughput.py [--device cpu --quick] [--json PATH]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _meta import provenance  # noqa: E402
+
+from orwcfm_fast import ORWCFMTrainer  # noqa: E402
+from orwcfm_fast.profiling import phase  # noqa: E402
+from orwcfm_fast.rewards import CLIPReward  # noqa: E402
+from orwcfm_fast.sampling import nfe  # noqa: E402
+
+PROMPTS = ["An image of dog", "Not an image of dog"]
+PAPER_UNET = dict(dim=(3, 32, 32), num_res_blocks=2, num_channels=128, channel_mult=[1, 2, 2, 2], num_heads=4,
+                  num_head_channels=64, attention_resolutions="16", dropout=0.1)
+QUICK_UNET = dict(dim=(3, 32, 32), num_res_blocks=1, num_channels=32, channel_mult=[1, 2], num_heads=2,
+                  num_head_channels=16, attention_resolutions="16", dropout=0.1)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Timer:
+    """Accumulates wall time per phase, synchronising the device at phase boundaries."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.totals: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Phase:
+            def __enter__(self):
+                _sync(timer.device)
+                self.t0 = time.perf_counter()
+                self.range = phase(name, timer.device)
+                self.range.__enter__()
+
+            def __exit__(self, *exc):
+                self.range.__exit__(*exc)
+                _sync(timer.device)
+                timer.totals[name] = timer.totals.get(name, 0.0) + time.perf_counter() - self.t0
+
+        return _Phase()
+
+
+# ----------------------------------------------------------------------------- the baseline
+
+
+class ReferenceStyleTrainer:
+    """The published trainer's step, written from its algorithm (for timing, not for use).
+
+    What it does that costs time: ``copy.deepcopy`` of the policy on every sampling call; a
+    fixed-step Euler solve in the torchdyn style that returns the whole trajectory; torchcfm's
+    exact-OT flow matcher (POT on the CPU, plan sampled with replacement); the reference
+    model's forward with autograd on, detached afterwards; per-step ``.item()`` of the metrics.
+    """
+
+    def __init__(self, model: torch.nn.Module, reward, config: dict, device: torch.device):
+        from torchcfm.conditional_flow_matching import ExactOptimalTransportConditionalFlowMatcher
+
+        self.device = device
+        self.net_model = model.to(device)
+        self.ref_model = copy.deepcopy(model).eval()
+        self.last_policy = copy.deepcopy(model)
+        self.reward = reward
+        self.config = config
+        self.FM = ExactOptimalTransportConditionalFlowMatcher(sigma=0.0)
+        self.optimizer = torch.optim.Adam(self.net_model.parameters(), lr=config["learning_rate"])
+        warmup = config["warmup_steps"]
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(s, warmup) / warmup)
+
+    def _trajectory(self, model, x, steps: int) -> torch.Tensor:
+        t_span = torch.linspace(0, 1, steps + 1, device=self.device)
+        traj = [x]
+        for i in range(steps):
+            t = t_span[i]
+            x = x + (t_span[i + 1] - t) * model(t.expand(x.shape[0]), x)
+            traj.append(x)
+        return torch.stack(traj)
+
+    def sample(self, n: int) -> torch.Tensor:
+        model = copy.deepcopy(self.last_policy).eval()
+        with torch.no_grad():
+            x0 = torch.randn(n, *self.config["sample_shape"], device=self.device)
+            return self._trajectory(model, x0, self.config["ode_steps"])[-1]
+
+    def step(self, timer: _Timer) -> None:
+        with timer("sample"):
+            x1 = self.sample(self.config["batch_size"])
+        with timer("reward"):
+            rewards = self.reward(x1)
+        with timer("update"):
+            weights = torch.exp(self.config["temperature"] * rewards)
+            x0 = torch.randn_like(x1)
+            t, xt, ut = self.FM.sample_location_and_conditional_flow(x0, x1)
+            self.net_model.train()
+            vt = self.net_model(t, xt)
+            vt_ref = self.ref_model(t, xt).detach()
+            fm = ((vt - ut) ** 2).mean(dim=(1, 2, 3))
+            w2 = ((vt - vt_ref) ** 2).mean(dim=(1, 2, 3))
+            loss = (weights * fm + self.config["w2_coefficient"] * w2).mean()
+            self.optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.net_model.parameters(), self.config["grad_clip"])
+            self.optimizer.step()
+            self.scheduler.step()
+            _ = {"loss": loss.item(), "reward": rewards.mean().item(), "max_reward": rewards.max().item()}
+
+
+# ----------------------------------------------------------------------------- orwcfm_fast
+
+
+def _fast_step(trainer: ORWCFMTrainer, timer: _Timer) -> None:
+    """``training_step`` split at its phase boundaries (the same calls, timed)."""
+    with timer("sample"):
+        with torch.no_grad():
+            samples = trainer._integrate(trainer._last_policy_forward, trainer.batch_size)
+    with timer("reward"):
+        from orwcfm_fast.rewards import check_rewards
+
+        rewards = check_rewards(trainer.reward_fn(samples), trainer.batch_size, device=trainer.device)
+    with timer("update"):
+        weights = trainer._weights(rewards)
+        trainer.net_model.train(trainer.config["policy_dropout"])
+        loss, _ = trainer.compute_loss(samples, weights)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in trainer.net_model.parameters() if p.grad is not None],
+                                       trainer.grad_clip)
+        trainer.optimizer.step()
+        trainer.scheduler.step()
+
+
+# ----------------------------------------------------------------------------- measurement
+
+
+def _forward_flops(model: torch.nn.Module, sample_shape, device) -> float:
+    """FLOPs of one forward on one sample (torch's FLOP counter: matmuls and convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(2, *sample_shape, device=device)
+    t = torch.rand(2, device=device)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model.eval()(t, x)
+    return counter.get_total_flops() / 2
+
+
+def _matmul_peak(device: torch.device) -> tuple[float, str]:
+    """Measured dense matmul FLOP/s (bf16 8192^2 on CUDA, fp32 1024^2 on CPU)."""
+    if device.type == "cuda":
+        n, dtype = 8192, torch.bfloat16
+    else:
+        n, dtype = 1024, torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    reps = 20 if device.type == "cuda" else 5
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0), f"{dtype} {n}x{n} matmul"
+
+
+def _peak_memory(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {"peak_gpu_memory_GiB": torch.cuda.max_memory_allocated(device) / 2**30}
+    return {"peak_rss_GiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def _measure(name: str, step, device, warmup: int, steps: int, batch: int, sample_nfe: int, fwd_flops: float,
+             peak: float) -> dict:
+    for _ in range(warmup):
+        step(_Timer(device))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    timer = _Timer(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step(timer)
+    _sync(device)
+    total = (time.perf_counter() - t0) / steps
+    phases = {k: v / steps for k, v in timer.totals.items()}
+    sample_flops = sample_nfe * batch * fwd_flops
+    row = {
+        "mode": name,
+        "s_per_step": total,
+        "phases_s": phases,
+        "samples_per_s": batch / total,
+        "sampling_TFLOPs": sample_flops / phases["sample"] / 1e12,
+        "sampling_fraction_of_peak": sample_flops / phases["sample"] / peak,
+        **_peak_memory(device),
+    }
+    print(f"  {name:>17}: {total:8.3f} s/step  (sample {phases['sample']:.3f}, reward {phases['reward']:.3f}, "
+          f"update {phases['update']:.3f})  {batch / total:8.1f} samples/s  sampling {row['sampling_TFLOPs']:.3g} "
+          f"TFLOP/s ({100 * row['sampling_fraction_of_peak']:.1f}% of peak)", flush=True)
+    return row
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny UNet, small batch (CPU-sized)")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--ode-steps", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per mode")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per mode first")
+    parser.add_argument("--recommended", default="midpoint:5", help="SOLVER:STEPS of the fast_recommended mode")
+    parser.add_argument("--modes", default="reference,fast_fp32,fast_bf16,fast_recommended")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet forwards in the fast modes")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    from torchcfm.models.unet.unet import UNetModelWrapper
+
+    device = torch.device(args.device)
+    unet_kwargs = QUICK_UNET if args.quick else PAPER_UNET
+    batch = args.batch_size or (8 if args.quick else 128)
+    ode_steps = args.ode_steps or (10 if args.quick else 100)
+    steps = args.steps or (2 if args.quick else 5)
+    rec_solver, rec_steps = args.recommended.split(":")
+    modes = args.modes.split(",")
+
+    torch.manual_seed(0)
+    base_model = UNetModelWrapper(**unet_kwargs)
+    n_params = sum(p.numel() for p in base_model.parameters())
+    reward = CLIPReward(PROMPTS, model_name="ViT-B-32", pretrained=None).to(device)
+    fwd_flops = _forward_flops(copy.deepcopy(base_model).to(device), unet_kwargs["dim"], device)
+    peak, peak_what = _matmul_peak(device)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    config = {"learning_rate": 2e-4, "warmup_steps": 5000, "w2_coefficient": 1.0, "temperature": 0.5,
+              "grad_clip": 1.0, "batch_size": batch, "sample_shape": tuple(unet_kwargs["dim"]), "ode_steps": ode_steps}
+    print(f"ORW-CFM-W2 step throughput on {device_name}: UNet {n_params / 1e6:.2f}M parameters, "
+          f"{fwd_flops / 1e9:.2f} GFLOP/sample/forward, batch {batch}, Euler {ode_steps}; "
+          f"peak {peak / 1e12:.3g} TFLOP/s ({peak_what})", flush=True)
+
+    rows = {}
+    if "reference" in modes:
+        ref = ReferenceStyleTrainer(copy.deepcopy(base_model), reward, config, device)
+        rows["reference"] = _measure("reference", ref.step, device, args.warmup, steps, batch, ode_steps, fwd_flops, peak)
+        del ref
+    fast_modes = {
+        "fast_fp32": {"precision": "fp32", "ode_solver": "euler", "ode_steps": ode_steps},
+        "fast_bf16": {"precision": "bf16", "ode_solver": "euler", "ode_steps": ode_steps},
+        "fast_recommended": {"precision": "bf16", "ode_solver": rec_solver, "ode_steps": int(rec_steps)},
+    }
+    for name, extra in fast_modes.items():
+        if name not in modes:
+            continue
+        cfg = {**{k: v for k, v in config.items() if k != "ode_steps"}, "reward": reward, "coupling": "exact_ot",
+               "clip_pretrained": None, "seed": 0, "savedir": "/tmp/orwcfm_throughput", "compile": args.compile,
+               **extra}
+        trainer = ORWCFMTrainer(copy.deepcopy(base_model), cfg, device)
+        sample_nfe = nfe(extra["ode_solver"], extra["ode_steps"])
+        rows[name] = _measure(name, lambda timer, tr=trainer: _fast_step(tr, timer), device, args.warmup, steps,
+                              batch, sample_nfe, fwd_flops, peak)
+        rows[name]["config"] = extra
+        del trainer
+
+    result = {
+        **provenance(device_name),
+        "config": {**config, "unet": unet_kwargs, "unet_parameters": n_params, "forward_GFLOP_per_sample": fwd_flops / 1e9,
+                   "reward": "CLIP ViT-B-32 (random weights)", "quick": args.quick, "compile": args.compile,
+                   "timed_steps": steps, "warmup_steps_untimed": args.warmup},
+        "matmul_peak_TFLOPs": peak / 1e12,
+        "matmul_peak_measured_with": peak_what,
+        "modes": rows,
+    }
+    if "reference" in rows and "fast_fp32" in rows:
+        result["reference_s_per_step"] = rows["reference"]["s_per_step"]
+        result["fast_s_per_step"] = rows["fast_fp32"]["s_per_step"]
+        result["speedup"] = result["reference_s_per_step"] / result["fast_s_per_step"]
+        best = min((r for k, r in rows.items() if k != "reference"), key=lambda r: r["s_per_step"])
+        result["best_mode"] = best["mode"]
+        result["best_speedup"] = result["reference_s_per_step"] / best["s_per_step"]
+        print(f"speedup over the reference-style baseline: {result['speedup']:.2f}x at identical math (fast_fp32), "
+              f"{result['best_speedup']:.2f}x with {best['mode']}")
+    path = args.json or ROOT / "benchmarks" / "results" / f"throughput_{device.type}{'_quick' if args.quick else ''}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(f"wrote {path}")
+    if not all(math.isfinite(r["s_per_step"]) for r in rows.values()):
+        raise RuntimeError("a mode produced a non-finite time")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""The benchmark scripts run end to end (tiny sizes): they are how speed is reported, so they must not rot."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def bench_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+
+
+@pytest.mark.slow
+def test_throughput_quick_writes_the_documented_keys(tmp_path, bench_path):
+    import throughput
+
+    out = tmp_path / "tp.json"
+    result = throughput.main(["--device", "cpu", "--quick", "--batch-size", "2", "--ode-steps", "2", "--steps", "1",
+                              "--warmup", "0", "--modes", "reference,fast_fp32,fast_recommended",
+                              "--recommended", "midpoint:1", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    for key in ("device", "date", "commit", "torch", "config", "reference_s_per_step", "fast_s_per_step", "speedup"):
+        assert key in saved, key
+    assert saved["speedup"] == pytest.approx(saved["reference_s_per_step"] / saved["fast_s_per_step"])
+    for mode in ("reference", "fast_fp32", "fast_recommended"):
+        row = saved["modes"][mode]
+        assert set(row["phases_s"]) == {"sample", "reward", "update"}
+        assert row["s_per_step"] >= sum(row["phases_s"].values()) * 0.99
+    assert result["modes"]["fast_recommended"]["config"]["ode_solver"] == "midpoint"
+
+
+@pytest.mark.parametrize("script", ["bench_loss", "bench_path", "bench_ode_step"])
+def test_op_benchmarks_run(tmp_path, bench_path, script, monkeypatch):
+    module = __import__(script)
+    out = tmp_path / f"{script}.json"
+    result = module.main(module.make_bench, {"cpu": [(3, 5)], "cuda": [(3, 5)]},
+                         ["--device", "cpu", "--providers", "torch,cpp", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["rows"] and all(r["ms"] > 0 for r in saved["rows"])
+    assert {r["provider"] for r in saved["rows"]} <= {"torch", "cpp"}
+    assert result["op"] == saved["op"]
+    sys.modules.pop(script, None)
