@@ -14,5 +14,15 @@ from orwcfm_fast.sampling.solvers import (
     rk_update,
     stage_point,
 )
+from orwcfm_fast.sampling.graph import GraphCaptureWarning, GraphSampler
 
-__all__ = ["ButcherTableau", "SOLVERS", "integrate", "nfe", "stage_point", "rk_update"]
+__all__ = [
+    "ButcherTableau",
+    "SOLVERS",
+    "GraphCaptureWarning",
+    "GraphSampler",
+    "integrate",
+    "nfe",
+    "stage_point",
+    "rk_update",
+]

@@ -1,0 +1,916 @@
+"""Tests for orwcfm_fast.sampling.graph: GraphSampler (integrate replayed from one CUDA graph).
+
+Three groups:
+
+- eager path (CPU): bit-for-bit equal to ``integrate`` for every solver, on a small MLP and a
+  tiny torchcfm UNet; argument validation; eval/no-grad handling;
+- simulated capture (CPU): the graph bookkeeping (keys, LRU, weight-replacement detection,
+  fallback after a failed capture, the ``sample`` fast path) with ``_record`` replaced by a fake
+  graph that recomputes on replay. It checks the Python logic only, not CUDA;
+- ``cuda`` tests: real capture and replay. They need a GPU (skipped at run time without one);
+  on a GPU machine run them with compiled Triton kernels::
+
+      TRITON_INTERPRET=0 .venv/bin/python -m pytest -q -m cuda tests/test_graph_sampler.py
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from orwcfm_fast.ops import available_backends
+from orwcfm_fast.sampling import SOLVERS, ButcherTableau, GraphCaptureWarning, GraphSampler, integrate
+from orwcfm_fast.sampling import graph as graph_mod
+
+SOLVER_NAMES = sorted(SOLVERS)
+
+cuda = pytest.mark.cuda
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def cuda_test(fn):
+    return cuda(needs_cuda(fn))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_cpu_thread():
+    # Small CPU tensors: one thread is fastest, and on a busy 2-core machine several threads
+    # contend (a tiny UNet forward goes from ~20 ms to seconds).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+class MLP(nn.Module):
+    """Small time-conditioned velocity field on ``[B, dim]``."""
+
+    def __init__(self, dim: int = 2, hidden: int = 32, dropout: float = 0.0):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(dim + 1, hidden), nn.SiLU(), nn.Dropout(dropout), nn.Linear(hidden, hidden), nn.SiLU(),
+            nn.Linear(hidden, dim),
+        )
+
+    def forward(self, t, x):
+        return self.net(torch.cat([x, t[:, None].to(x.dtype)], dim=1))
+
+
+class SyncMLP(MLP):
+    """Reads a value back to the host every call: runs eagerly, cannot be captured."""
+
+    def forward(self, t, x):
+        scale = 1.0 + 0.0 * float(t[0])  # .item(): a host-device sync
+        return scale * super().forward(t, x)
+
+
+class BadShape(nn.Module):
+    def forward(self, t, x):
+        return x[:, :1]
+
+
+def make_mlp(seed: int = 0, **kw) -> MLP:
+    torch.manual_seed(seed)
+    return MLP(**kw).eval()
+
+
+def make_unet(seed: int = 0):
+    from torchcfm.models.unet.unet import UNetModelWrapper
+
+    torch.manual_seed(seed)
+    return UNetModelWrapper(
+        dim=(1, 8, 8), num_channels=32, num_res_blocks=1, channel_mult=(1, 2), num_heads=2,
+        num_head_channels=16, attention_resolutions="4", dropout=0.0,
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return make_unet()
+
+
+def eager(model, x_0, solver, steps, backend=None):
+    with torch.no_grad():
+        return integrate(model, x_0, solver=solver, steps=steps, backend=backend)
+
+
+def cpu_backends() -> list[str]:
+    return [name for name, status in available_backends().items() if "cpu" in status.devices]
+
+
+# ----------------------------------------------------------------------------- eager path (CPU)
+
+
+@pytest.mark.parametrize("solver", SOLVER_NAMES)
+@pytest.mark.parametrize("backend", [None, *cpu_backends()])
+def test_eager_equals_integrate_mlp(solver, backend):
+    model = make_mlp()
+    steps = 2 if backend == "triton" else 7  # triton runs in its (slow) interpreter on CPU
+    x_0 = torch.randn(16, 2, generator=torch.Generator().manual_seed(1))
+    sampler = GraphSampler(model, solver=solver, steps=steps, backend=backend)
+    got = sampler(x_0)
+    assert torch.equal(got, eager(model, x_0, solver, steps, backend))
+    assert sampler.captures == 0 and sampler.num_graphs == 0
+    assert not got.requires_grad
+
+
+@pytest.mark.parametrize("solver", SOLVER_NAMES)
+def test_eager_equals_integrate_mlp_float64(solver):
+    model = make_mlp().double()
+    x_0 = torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    got = GraphSampler(model, solver=solver, steps=5)(x_0)
+    assert got.dtype == torch.float64
+    assert torch.equal(got, eager(model, x_0, solver, 5))
+
+
+@pytest.mark.parametrize("solver", SOLVER_NAMES)
+def test_eager_equals_integrate_unet(unet, solver):
+    x_0 = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    got = GraphSampler(unet, solver=solver, steps=2)(x_0)
+    assert torch.equal(got, eager(unet, x_0, solver, 2))
+
+
+def test_custom_tableau_and_plain_callable():
+    ralston = ButcherTableau(name="ralston", a=((0.0, 0.0), (2 / 3, 0.0)), b=(0.25, 0.75), c=(0.0, 2 / 3), order=2)
+    model = make_mlp()
+
+    def velocity(t, x):  # not an nn.Module: no weight tracking, otherwise the same
+        return model(t, x)
+
+    x_0 = torch.randn(4, 2)
+    got = GraphSampler(velocity, solver=ralston, steps=4)(x_0)
+    assert torch.equal(got, eager(model, x_0, ralston, 4))
+
+
+def test_sample_equals_randn_then_integrate():
+    model = make_mlp()
+    sampler = GraphSampler(model, solver="midpoint", steps=6, sample_shape=(2,))
+    g_sampler, g_ref = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    for n in (8, 8, 3):
+        got = sampler.sample(n, generator=g_sampler)
+        want = eager(model, torch.randn((n, 2), generator=g_ref), "midpoint", 6)
+        assert torch.equal(got, want)
+    # the generators advanced alike
+    assert torch.equal(torch.randn(3, generator=g_sampler), torch.randn(3, generator=g_ref))
+    double = GraphSampler(make_mlp().double(), steps=2, sample_shape=(2,))
+    assert double.sample(2, dtype=torch.float64).dtype == torch.float64
+
+
+def test_out_argument():
+    model = make_mlp()
+    sampler = GraphSampler(model, solver="heun", steps=3, sample_shape=(2,))
+    x_0 = torch.randn(5, 2)
+    want = eager(model, x_0, "heun", 3)
+    buf = torch.empty(5, 2)
+    assert sampler(x_0, out=buf) is buf and torch.equal(buf, want)
+    x_in_place = x_0.clone()
+    assert sampler(x_in_place, out=x_in_place) is x_in_place and torch.equal(x_in_place, want)
+    with pytest.raises(ValueError, match="out is"):
+        sampler(x_0, out=torch.empty(4, 2))
+    with pytest.raises(ValueError, match="out is"):
+        sampler(x_0, out=torch.empty(5, 2, dtype=torch.float64))
+    with pytest.raises(TypeError, match="out must be a torch.Tensor"):
+        sampler(x_0, out=[0.0])
+    out = torch.empty(5, 2)
+    assert sampler.sample(5, generator=torch.Generator().manual_seed(0), out=out) is out
+    with pytest.raises(ValueError, match="out must be"):
+        sampler.sample(5, out=torch.empty(4, 2))
+
+
+def test_eval_mode_for_the_call_and_flags_restored():
+    model = make_mlp(dropout=0.5)
+    model.train()
+    model.net[0].eval()  # a submodule with its own flag, which must survive
+    flags = [m.training for m in model.modules()]
+    x_0 = torch.randn(64, 2)
+    sampler = GraphSampler(model, solver="rk4", steps=3)
+    got = sampler(x_0)
+    assert [m.training for m in model.modules()] == flags
+    assert torch.equal(got, sampler(x_0))  # dropout was off: deterministic
+    model.eval()
+    assert torch.equal(got, eager(model, x_0, "rk4", 3))
+
+
+def test_no_autograd_graph():
+    model = MLP()  # parameters require grad, train mode
+    x_0 = torch.randn(4, 2, requires_grad=True)
+    got = GraphSampler(model, steps=2)(x_0)
+    assert not got.requires_grad and got.grad_fn is None
+
+
+def test_shapes_change_freely_on_cpu():
+    model = make_mlp(dim=3)
+    sampler = GraphSampler(model, solver="euler", steps=3)
+    for shape in [(4, 3), (7, 3), (1, 3), (4, 3)]:
+        x_0 = torch.randn(shape)
+        assert torch.equal(sampler(x_0), eager(model, x_0, "euler", 3))
+    assert sampler.captures == 0 and sampler.num_graphs == 0
+    with pytest.raises(RuntimeError):  # the model itself rejects a wrong sample shape
+        sampler(torch.randn(4, 2))
+
+
+def test_exported():
+    import orwcfm_fast.sampling as sampling
+
+    assert "GraphSampler" in sampling.__all__ and sampling.GraphSampler is graph_mod.GraphSampler
+    assert "GraphCaptureWarning" in sampling.__all__
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def test_constructor_validation():
+    model = make_mlp()
+    with pytest.raises(ValueError, match="did you mean 'euler'"):
+        GraphSampler(model, solver="eulr")
+    with pytest.raises(ValueError, match="unknown solver"):
+        GraphSampler(model, solver=3)
+    for steps in (0, -1, 2.5, True, "10", None):
+        with pytest.raises(ValueError, match="steps must be a positive int"):
+            GraphSampler(model, steps=steps)
+    with pytest.raises(ValueError, match="unknown ops backend"):
+        GraphSampler(model, backend="cuda")
+    with pytest.raises(TypeError, match="use_graphs"):
+        GraphSampler(model, use_graphs="auto")
+    for max_graphs in (0, -2, True, 1.5):
+        with pytest.raises(ValueError, match="max_graphs"):
+            GraphSampler(model, max_graphs=max_graphs)
+    with pytest.raises(TypeError, match="model must be callable"):
+        GraphSampler(object())
+    with pytest.raises(TypeError, match="sample_shape"):
+        GraphSampler(model, sample_shape=(2.5,))
+    with pytest.raises(ValueError, match="sample_shape"):
+        GraphSampler(model, sample_shape=(0, 3))
+    assert GraphSampler(model, solver=SOLVERS["rk4"], steps=4).tableau is SOLVERS["rk4"]
+    assert "rk4" in repr(GraphSampler(model, solver="rk4", steps=4))
+
+
+def test_call_validation():
+    sampler = GraphSampler(make_mlp(), steps=2)
+    with pytest.raises(TypeError, match="x_0 must be a torch.Tensor"):
+        sampler([[0.0, 0.0]])
+    with pytest.raises(ValueError, match="batch dimension"):
+        sampler(torch.tensor(1.0))
+    with pytest.raises(TypeError, match="floating-point"):
+        sampler(torch.zeros(3, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="velocity must have the same shape"):
+        GraphSampler(BadShape(), steps=2)(torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        GraphSampler(make_mlp(), steps=2, use_graphs=True)(torch.zeros(3, 2))
+
+
+def test_sample_validation():
+    with pytest.raises(ValueError, match="sample_shape"):
+        GraphSampler(make_mlp(), steps=2).sample(4)
+    sampler = GraphSampler(make_mlp(), steps=2, sample_shape=(2,))
+    for n in (0, -1, True, 2.0):
+        with pytest.raises(ValueError, match="positive integer"):
+            sampler.sample(n)
+
+
+# ----------------------------------------------------------------------------- weight tracking
+
+
+def test_model_watch_in_place_updates_keep_it():
+    model = make_mlp()
+    watch = graph_mod._ModelWatch(model)
+    model.load_state_dict(make_mlp(seed=1).state_dict())  # copy_ into the same tensors
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)
+    model.eval()
+    model(torch.zeros(2), torch.zeros(2, 2))
+    assert watch.unchanged()
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["new_parameter", "data_assignment", "assign_load", "new_submodule", "appended_module", "new_buffer",
+     "removed_bias", "added_bias"],
+)
+def test_model_watch_sees_replacements(change):
+    model = make_mlp()
+    model.register_buffer("scale", torch.ones(1))
+    watch = graph_mod._ModelWatch(model)
+    lin = model.net[0]
+    if change == "new_parameter":
+        lin.weight = nn.Parameter(lin.weight.detach().clone())
+    elif change == "data_assignment":
+        lin.weight.data = lin.weight.data.clone()
+    elif change == "assign_load":
+        model.load_state_dict(copy.deepcopy(model.state_dict()), assign=True)
+    elif change == "new_submodule":
+        model.net[2] = nn.Identity()
+    elif change == "appended_module":
+        model.net.append(nn.Identity())
+    elif change == "new_buffer":
+        model.scale = torch.ones(1)
+    elif change == "removed_bias":
+        lin.bias = None
+    elif change == "added_bias":
+        model.net[3].bias = None
+        watch = graph_mod._ModelWatch(model)
+        model.net[3].bias = nn.Parameter(torch.zeros(model.net[3].out_features))
+    assert not watch.unchanged()
+
+
+# ----------------------------------------------------------------------------- simulated capture (CPU)
+
+
+class FakeGraph:
+    """Stands in for a CUDA graph: replay recomputes integrate on the static input."""
+
+    def __init__(self, sampler, static_in, static_out):
+        self.sampler, self.static_in, self.static_out = sampler, static_in, static_out
+        self.replays = 0
+
+    def replay(self):
+        self.replays += 1
+        with graph_mod._eval_mode(self.sampler.model):
+            self.static_out.copy_(self.sampler._integrate(self.static_in))
+
+
+@pytest.fixture
+def simulate(monkeypatch):
+    """Make a CPU sampler take its graph path, with FakeGraph for the CUDA graph."""
+
+    def install(sampler, fail_with: BaseException | None = None):
+        sampler.record_calls = 0
+
+        def fake_record(static_in):
+            sampler.record_calls += 1
+            with graph_mod._eval_mode(sampler.model):
+                static_out = sampler._integrate(static_in)  # warm-up errors propagate, as for real
+            if fail_with is not None:
+                raise graph_mod._CaptureFailed(fail_with)
+            return FakeGraph(sampler, static_in, static_out), static_out
+
+        monkeypatch.setattr(sampler, "_record", fake_record)
+        monkeypatch.setattr(sampler, "_device_supports_graphs", lambda device: True)
+        return sampler
+
+    return install
+
+
+def test_sim_capture_once_then_replay(simulate):
+    model = make_mlp()
+    sampler = simulate(GraphSampler(model, solver="rk4", steps=4))
+    x_a, x_b = torch.randn(6, 2), torch.randn(6, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y_a = sampler(x_a)
+        y_b = sampler(x_b)
+    assert sampler.captures == 1 and sampler.num_graphs == 1 and sampler.record_calls == 1
+    assert torch.equal(y_a, eager(model, x_a, "rk4", 4)) and torch.equal(y_b, eager(model, x_b, "rk4", 4))
+    entry = next(iter(sampler._graphs.values()))
+    assert entry.graph.replays == 2
+    # results are fresh tensors: the next replay does not overwrite them
+    assert y_a.data_ptr() != entry.static_out.data_ptr() and not torch.equal(y_a, y_b)
+
+
+def test_sim_new_key_per_shape_and_dtype(simulate):
+    model = make_mlp()
+    sampler = simulate(GraphSampler(model, steps=3))
+    for shape in [(4, 2), (8, 2), (4, 2), (8, 2)]:
+        x_0 = torch.randn(shape)
+        assert torch.equal(sampler(x_0), eager(model, x_0, "euler", 3))
+    assert sampler.captures == 2 and sampler.num_graphs == 2
+    model.double()  # params replaced by .data swaps: detected, recaptured
+    with pytest.warns(GraphCaptureWarning, match="replaced"):
+        sampler(torch.randn(4, 2, dtype=torch.float64))
+    assert sampler.num_graphs == 1 and sampler.captures == 3
+
+
+def test_sim_lru_eviction(simulate):
+    sampler = simulate(GraphSampler(make_mlp(), steps=2, max_graphs=2))
+    for b in (1, 2, 1, 3):  # 3 evicts 2 (1 was used more recently)
+        sampler(torch.randn(b, 2))
+    assert sampler.captures == 3 and [k[0] for k in sampler._graphs] == [(1, 2), (3, 2)]
+    sampler(torch.randn(2, 2))
+    assert sampler.captures == 4 and sampler.num_graphs == 2
+
+
+def test_sim_in_place_update_keeps_graph(simulate):
+    model = make_mlp()
+    sampler = simulate(GraphSampler(model, solver="heun", steps=3))
+    x_0 = torch.randn(5, 2)
+    y_old = sampler(x_0)
+    model.load_state_dict(make_mlp(seed=7).state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y_new = sampler(x_0)
+    assert sampler.captures == 1
+    assert torch.equal(y_new, eager(model, x_0, "heun", 3)) and not torch.equal(y_new, y_old)
+
+
+def test_sim_replaced_parameters_recapture_and_warn_once(simulate):
+    model = make_mlp()
+    sampler = simulate(GraphSampler(model, steps=3))
+    x_0 = torch.randn(5, 2)
+    sampler(x_0)
+    model.net[0].weight = nn.Parameter(torch.randn_like(model.net[0].weight))
+    with pytest.warns(GraphCaptureWarning, match="replaced"):
+        got = sampler(x_0)
+    assert sampler.captures == 2 and torch.equal(got, eager(model, x_0, "euler", 3))
+    model.load_state_dict(make_mlp(seed=3).state_dict(), assign=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the warning is given once per sampler
+        got = sampler(x_0)
+    assert sampler.captures == 3 and torch.equal(got, eager(model, x_0, "euler", 3))
+
+
+def test_sim_capture_failure_falls_back_once(simulate):
+    model = make_mlp()
+    reason = RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore details")
+    sampler = simulate(GraphSampler(model, solver="midpoint", steps=3), fail_with=reason)
+    x_0 = torch.randn(5, 2)
+    with pytest.warns(GraphCaptureWarning, match="operation not permitted when stream is capturing") as rec:
+        got = sampler(x_0)
+    assert len(rec) == 1 and "more details" not in str(rec[0].message)
+    assert torch.equal(got, eager(model, x_0, "midpoint", 3))
+    assert sampler.fallback_reason == "RuntimeError: CUDA error: operation not permitted when stream is capturing"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(sampler(x_0), got)
+        sampler(torch.randn(3, 2))
+    assert sampler.record_calls == 1 and sampler.captures == 0
+    sampler.clear()  # retries
+    assert sampler.fallback_reason is None
+    with pytest.warns(GraphCaptureWarning):
+        sampler(x_0)
+    assert sampler.record_calls == 2
+
+
+def test_sim_warmup_errors_propagate(simulate):
+    sampler = simulate(GraphSampler(BadShape(), steps=2))
+    with pytest.raises(ValueError, match="velocity must have the same shape"):
+        sampler(torch.zeros(3, 2))
+    assert sampler.fallback_reason is None and sampler.num_graphs == 0
+
+
+def test_sim_sample_draws_into_static_buffer(simulate):
+    model = make_mlp()
+    sampler = simulate(GraphSampler(model, solver="rk4", steps=3, sample_shape=(2,)))
+    g_sampler, g_ref = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
+    for _ in range(3):
+        got = sampler.sample(16, generator=g_sampler)
+        assert torch.equal(got, eager(model, torch.randn((16, 2), generator=g_ref), "rk4", 3))
+    assert sampler.captures == 1
+    assert next(iter(sampler._graphs.values())).graph.replays == 3
+
+
+def test_sim_clear_and_out(simulate):
+    model = make_mlp()
+    sampler = simulate(GraphSampler(model, steps=2))
+    x_0 = torch.randn(3, 2)
+    out = torch.empty(3, 2)
+    assert sampler(x_0, out=out) is out and torch.equal(out, eager(model, x_0, "euler", 2))
+    sampler.clear()
+    assert sampler.num_graphs == 0
+    sampler(x_0)
+    assert sampler.captures == 2
+
+
+def test_sim_inference_mode_then_normal_calls(simulate):
+    model = make_mlp()
+    sampler = simulate(GraphSampler(model, solver="heun", steps=3, sample_shape=(2,)))
+    x_0 = torch.randn(6, 2)
+    with torch.inference_mode():
+        first = sampler(x_0)  # captures under inference mode
+    assert not sampler._graphs[next(iter(sampler._graphs))].static_in.is_inference()
+    second = sampler(x_0)  # refills the buffers outside it
+    with torch.inference_mode():
+        third = sampler.sample(6, generator=torch.Generator().manual_seed(0))
+    want = eager(model, x_0, "heun", 3)
+    assert torch.equal(first, want) and torch.equal(second, want) and sampler.captures == 1
+    assert torch.equal(third, eager(model, torch.randn(6, 2, generator=torch.Generator().manual_seed(0)), "heun", 3))
+
+
+def test_sim_use_graphs_false(simulate):
+    sampler = simulate(GraphSampler(make_mlp(), steps=2, use_graphs=False))
+    sampler(torch.randn(3, 2))
+    assert sampler.record_calls == 0
+
+
+# ----------------------------------------------------------------------------- _record on a fake torch.cuda (CPU)
+
+
+class FakeCudaRuntime:
+    """Stands in for the torch.cuda calls GraphSampler._record makes, on CPU tensors.
+
+    Every call is first bound to the signature of the real torch.cuda function, so a wrong
+    argument name or count fails here. The fake mimics the documented behaviour that matters for
+    the control flow: ``torch.cuda.stream`` sets and restores the current stream;
+    ``torch.cuda.graph`` makes its stream current and "captures" (ops simply run), and when the
+    body raised, its ``__exit__`` ends the capture with a second error and does not restore the
+    stream (as torch.cuda.graph.__exit__ does when capture_end raises). Replay does nothing, so
+    only the first call's result (computed during the "capture") is meaningful.
+    """
+
+    def __init__(self, monkeypatch):
+        import inspect
+
+        self.capturing = False
+        self.log: list[tuple] = []
+        rt = self
+        real = torch.cuda
+
+        def checked(name, fake):
+            signature = inspect.signature(getattr(real, name))
+
+            def call(*args, **kwargs):
+                signature.bind(*args, **kwargs)
+                return fake(*args, **kwargs)
+
+            monkeypatch.setattr(torch.cuda, name, call)
+
+        class Stream:
+            def __init__(self, device=None, priority=0):
+                inspect.signature(real.Stream).bind(device, priority=priority)
+
+            def wait_stream(self, other):
+                rt.log.append(("wait", self, other))
+
+        class StreamContext:
+            def __init__(self, stream):
+                self.stream = stream
+
+            def __enter__(self):
+                self.prev, rt.current = rt.current, self.stream
+
+            def __exit__(self, *exc):
+                rt.current = self.prev
+
+        class CUDAGraph:
+            def __init__(self, keep_graph=False):
+                self.replays = 0
+
+            def replay(self):
+                self.replays += 1
+
+            def capture_end(self):
+                rt.capturing = False
+
+        class GraphContext:
+            def __init__(self, cuda_graph, pool=None, stream=None, capture_error_mode="global"):
+                self.graph, self.stream, self.mode = cuda_graph, stream, capture_error_mode
+
+            def __enter__(self):
+                self.prev, rt.current = rt.current, self.stream
+                rt.capturing = True
+                rt.log.append(("capture", self.stream, self.mode))
+
+            def __exit__(self, exc_type, exc, tb):
+                rt.capturing = False
+                if exc_type is not None:
+                    raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+                rt.current = self.prev
+
+        self.default = self.current = Stream()
+        monkeypatch.setattr(torch.cuda, "Stream", Stream)
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", CUDAGraph)
+        checked("stream", StreamContext)
+        checked("graph", GraphContext)
+        checked("device", lambda device: __import__("contextlib").nullcontext())
+        checked("current_stream", lambda device=None: rt.current)
+        checked("graph_pool_handle", lambda: object())
+        checked("synchronize", lambda device=None: None)
+        checked("is_current_stream_capturing", lambda: rt.capturing)
+
+
+class RecordingMLP(MLP):
+    """Logs the stream and capture state of each call; can refuse to be captured, like .item()."""
+
+    def __init__(self, rt, refuse_capture=False):
+        torch.manual_seed(0)
+        super().__init__()
+        self.rt, self.refuse_capture, self.calls = rt, refuse_capture, []
+
+    def forward(self, t, x):
+        self.calls.append((self.rt.current, self.rt.capturing, self.training, torch.is_grad_enabled()))
+        if self.refuse_capture and self.rt.capturing:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nCUDA kernel errors ...")
+        return super().forward(t, x)
+
+
+def fake_cuda_sampler(monkeypatch, model, **kw):
+    sampler = GraphSampler(model, **kw)
+    monkeypatch.setattr(sampler, "_device_supports_graphs", lambda device: True)
+    return sampler
+
+
+def test_record_flow_on_fake_cuda(monkeypatch):
+    rt = FakeCudaRuntime(monkeypatch)
+    model = RecordingMLP(rt)
+    model.train()
+    sampler = fake_cuda_sampler(monkeypatch, model, solver="heun", steps=1)  # 2 calls per run: 2 warm-up runs
+    x_0 = torch.randn(5, 2)
+    got = sampler(x_0)
+    assert rt.current is rt.default and not rt.capturing
+    assert sampler.captures == 1 and sampler.fallback_reason is None
+    side = sampler._streams[x_0.device]
+    warm, capture = model.calls[:4], model.calls[4:]
+    assert [c[0] for c in warm] == [side] * 4 and not any(c[1] for c in warm)  # warm-up: side stream
+    assert [c[:2] for c in capture] == [(side, True)] * 2  # capture: the same side stream
+    assert not any(c[2] or c[3] for c in model.calls)  # eval mode, no grad
+    assert model.training  # restored
+    assert ("capture", side, "thread_local") in rt.log
+    assert ("wait", side, rt.default) in rt.log and ("wait", rt.default, side) in rt.log
+    model.eval()
+    assert torch.equal(got, eager(model, x_0, "heun", 1))
+    entry = next(iter(sampler._graphs.values()))
+    assert entry.graph.replays == 1 and entry.static_out.data_ptr() != got.data_ptr()
+    assert sampler._pools[x_0.device] is not None
+
+
+def test_record_failure_on_fake_cuda_restores_stream_and_falls_back(monkeypatch):
+    rt = FakeCudaRuntime(monkeypatch)
+    model = RecordingMLP(rt, refuse_capture=True).eval()
+    sampler = fake_cuda_sampler(monkeypatch, model, solver="euler", steps=4)
+    x_0 = torch.randn(5, 2)
+    with pytest.warns(GraphCaptureWarning, match="operation not permitted when stream is capturing") as rec:
+        got = sampler(x_0)
+    assert len(rec) == 1
+    assert rt.current is rt.default and not rt.capturing  # the caller's stream is current again
+    assert sampler.captures == 0 and sampler.num_graphs == 0 and not sampler._pools
+    assert "previous error" not in sampler.fallback_reason  # the first error is reported, not the follow-up
+    assert torch.equal(got, eager(model, x_0, "euler", 4))
+    calls = len(model.calls)
+    sampler(x_0)
+    assert len(model.calls) == calls + 4  # eager from now on: no warm-up, no capture attempt
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+
+def cuda_backends() -> list[str]:
+    """Backends whose CUDA ops can be captured: not Triton in its interpreter (it syncs with the host)."""
+    found = ["torch"]
+    status = available_backends()
+    if "cuda" in status["cpp"].devices:
+        found.append("cpp")
+    if "cuda" in status["triton"].devices:
+        from orwcfm_fast.ops import triton as triton_backend
+
+        if "compiled" in triton_backend.is_available("cuda")[1]:
+            found.append("triton")
+    return found
+
+
+def cuda_mlp(seed: int = 0, **kw) -> MLP:
+    return make_mlp(seed, **kw).cuda()
+
+
+def cuda_noise(*shape, seed: int = 0, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator(device="cuda").manual_seed(seed), device="cuda", dtype=dtype)
+
+
+@cuda_test
+@pytest.mark.parametrize("solver", SOLVER_NAMES)
+def test_cuda_graph_matches_eager(solver):
+    model = cuda_mlp()
+    sampler = GraphSampler(model, solver=solver, steps=10, backend="torch")
+    x_0 = cuda_noise(256, 2)
+    got = sampler(x_0)
+    assert sampler.captures == 1 and sampler.fallback_reason is None
+    torch.testing.assert_close(got, eager(model, x_0, solver, 10, "torch"), rtol=1e-5, atol=1e-5)
+    got2 = sampler(x_0)
+    assert torch.equal(got, got2)  # replays are deterministic
+    assert sampler.captures == 1 and sampler.num_graphs == 1
+
+
+@cuda_test
+@pytest.mark.parametrize("backend", cuda_backends())
+def test_cuda_graph_each_backend(backend):
+    model = cuda_mlp(dim=3)
+    sampler = GraphSampler(model, solver="rk4", steps=8, backend=backend)
+    x_0 = cuda_noise(128, 3)
+    got = sampler(x_0)
+    assert sampler.captures == 1 and sampler.fallback_reason is None
+    torch.testing.assert_close(got, eager(model, x_0, "rk4", 8, backend), rtol=1e-5, atol=1e-5)
+
+
+@cuda_test
+@pytest.mark.parametrize("solver", ["euler", "heun"])
+def test_cuda_unet_graph_matches_eager(solver):
+    model = make_unet().cuda()
+    sampler = GraphSampler(model, solver=solver, steps=4, backend="torch")
+    x_0 = cuda_noise(8, 1, 8, 8)
+    got = sampler(x_0)
+    assert sampler.captures == 1 and sampler.fallback_reason is None
+    torch.testing.assert_close(got, eager(model, x_0, solver, 4, "torch"), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(sampler(x_0), got, rtol=1e-6, atol=1e-6)  # replays repeat themselves
+
+
+@cuda_test
+def test_cuda_replays_use_new_inputs_and_return_fresh_tensors():
+    model = cuda_mlp()
+    sampler = GraphSampler(model, solver="midpoint", steps=5, backend="torch")
+    x_a, x_b = cuda_noise(64, 2, seed=1), cuda_noise(64, 2, seed=2)
+    y_a = sampler(x_a)
+    y_a_copy = y_a.clone()
+    y_b = sampler(x_b)
+    assert torch.equal(y_a, y_a_copy)  # not overwritten by the second replay
+    assert not torch.allclose(y_a, y_b)
+    torch.testing.assert_close(y_b, eager(model, x_b, "midpoint", 5, "torch"), rtol=1e-5, atol=1e-5)
+    assert sampler.captures == 1
+
+
+@cuda_test
+def test_cuda_in_place_weight_update_without_recapture():
+    model = cuda_mlp(seed=0)
+    sampler = GraphSampler(model, solver="heun", steps=6, backend="torch")
+    x_0 = cuda_noise(128, 2)
+    y_old = sampler(x_0)
+    model.load_state_dict(cuda_mlp(seed=1).state_dict())  # what ORWCFMTrainer.update_last_policy does
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GraphCaptureWarning)
+        y_new = sampler(x_0)
+    assert sampler.captures == 1
+    want = eager(model, x_0, "heun", 6, "torch")
+    torch.testing.assert_close(y_new, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(y_new, y_old)
+    with torch.no_grad():  # an optimizer-style in-place step
+        for p in model.parameters():
+            p.mul_(0.9)
+    torch.testing.assert_close(sampler(x_0), eager(model, x_0, "heun", 6, "torch"), rtol=1e-5, atol=1e-5)
+    assert sampler.captures == 1
+
+
+@cuda_test
+@pytest.mark.parametrize("how", ["new_parameter", "assign_load"])
+def test_cuda_replaced_parameters_recapture(how):
+    model = cuda_mlp()
+    sampler = GraphSampler(model, solver="euler", steps=6, backend="torch")
+    x_0 = cuda_noise(64, 2)
+    sampler(x_0)
+    if how == "new_parameter":
+        model.net[0].weight = nn.Parameter(torch.randn_like(model.net[0].weight))
+    else:
+        model.load_state_dict(cuda_mlp(seed=5).state_dict(), assign=True)
+    with pytest.warns(GraphCaptureWarning, match="replaced"):
+        got = sampler(x_0)
+    assert sampler.captures == 2
+    torch.testing.assert_close(got, eager(model, x_0, "euler", 6, "torch"), rtol=1e-5, atol=1e-5)
+
+
+@cuda_test
+def test_cuda_host_sync_falls_back_with_one_warning():
+    model = SyncMLP().cuda().eval()
+    sampler = GraphSampler(model, solver="rk4", steps=3, backend="torch")
+    x_0 = cuda_noise(32, 2)
+    stream_before = torch.cuda.current_stream()
+    with pytest.warns(GraphCaptureWarning, match="capture") as rec:
+        got = sampler(x_0)
+    assert len([w for w in rec if issubclass(w.category, GraphCaptureWarning)]) == 1
+    assert torch.cuda.current_stream() == stream_before  # the failed capture left the caller's stream current
+    assert sampler.captures == 0 and sampler.fallback_reason
+    torch.testing.assert_close(got, eager(model, x_0, "rk4", 3, "torch"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GraphCaptureWarning)
+        torch.testing.assert_close(sampler(x_0), got)
+    # CUDA still works, and a healthy model still captures after the failure
+    healthy = GraphSampler(cuda_mlp(), steps=3, backend="torch")
+    healthy(x_0)
+    assert healthy.captures == 1 and healthy.fallback_reason is None
+
+
+@cuda_test
+def test_cuda_new_shape_new_graph_and_lru():
+    model = cuda_mlp()
+    sampler = GraphSampler(model, steps=4, backend="torch", max_graphs=2)
+    for b in (32, 16, 32):
+        x_0 = cuda_noise(b, 2, seed=b)
+        torch.testing.assert_close(sampler(x_0), eager(model, x_0, "euler", 4, "torch"), rtol=1e-5, atol=1e-5)
+    assert sampler.captures == 2 and sampler.num_graphs == 2
+    sampler(cuda_noise(8, 2))
+    assert sampler.captures == 3 and sampler.num_graphs == 2
+    model.double()  # new parameter storage: detected, all graphs dropped
+    x_0 = cuda_noise(32, 2, dtype=torch.float64)
+    with pytest.warns(GraphCaptureWarning, match="replaced"):
+        got = sampler(x_0)
+    assert sampler.captures == 4 and sampler.num_graphs == 1
+    torch.testing.assert_close(got, eager(model, x_0, "euler", 4, "torch"))
+    sampler.clear()
+    assert sampler.num_graphs == 0
+
+
+@cuda_test
+def test_cuda_sample_matches_eager_noise():
+    model = cuda_mlp()
+    sampler = GraphSampler(model, solver="rk4", steps=5, backend="torch", sample_shape=(2,))
+    g_sampler = torch.Generator(device="cuda").manual_seed(3)
+    g_ref = torch.Generator(device="cuda").manual_seed(3)
+    for _ in range(3):
+        got = sampler.sample(100, generator=g_sampler)
+        want = eager(model, torch.randn((100, 2), generator=g_ref, device="cuda"), "rk4", 5, "torch")
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert sampler.captures == 1
+
+
+@cuda_test
+def test_cuda_side_stream_and_out():
+    model = cuda_mlp()
+    sampler = GraphSampler(model, solver="heun", steps=5, backend="torch")
+    x_0 = cuda_noise(64, 2)
+    want = eager(model, x_0, "heun", 5, "torch")
+    sampler(x_0)  # capture
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out = torch.empty_like(x_0)
+        got = sampler(x_0, out=out)
+    torch.cuda.current_stream().wait_stream(side)
+    assert got is out
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+@cuda_test
+def test_cuda_use_graphs_false_is_integrate():
+    model = cuda_mlp()
+    x_0 = cuda_noise(64, 2)
+    sampler = GraphSampler(model, solver="midpoint", steps=5, backend="torch", use_graphs=False)
+    assert torch.equal(sampler(x_0), eager(model, x_0, "midpoint", 5, "torch"))
+    assert sampler.captures == 0
+
+
+@cuda_test
+def test_cuda_eval_mode_during_capture():
+    model = cuda_mlp(dropout=0.5)
+    model.train()
+    sampler = GraphSampler(model, solver="euler", steps=5, backend="torch")
+    x_0 = cuda_noise(256, 2)
+    got = sampler(x_0)
+    assert model.training and sampler.captures == 1
+    assert torch.equal(got, sampler(x_0))  # no dropout in the graph
+    torch.testing.assert_close(got, eager(model.eval(), x_0, "euler", 5, "torch"), rtol=1e-5, atol=1e-5)
+
+
+class CastBackMLP(MLP):
+    """Returns x's dtype under autocast (integrate's step op needs k and x of one dtype)."""
+
+    def forward(self, t, x):
+        return super().forward(t, x).to(x.dtype)
+
+
+@cuda_test
+def test_cuda_autocast_graph_tracks_in_place_updates():
+    torch.manual_seed(0)
+    model = CastBackMLP().cuda().eval()
+    sampler = GraphSampler(model, solver="euler", steps=5, backend="torch")
+    x_0 = cuda_noise(64, 2)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y_1 = sampler(x_0)
+        want_1 = eager(model, x_0, "euler", 5, "torch")
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(2.0)
+        y_2 = sampler(x_0)
+        want_2 = eager(model, x_0, "euler", 5, "torch")
+    assert sampler.captures == 1
+    torch.testing.assert_close(y_1, want_1, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(y_2, want_2, rtol=2e-2, atol=2e-2)
+    assert not torch.allclose(y_1, y_2, rtol=2e-2, atol=2e-2)
+    y_fp32 = sampler(x_0)  # outside autocast: another key, another graph
+    assert sampler.captures == 2
+    torch.testing.assert_close(y_fp32, eager(model, x_0, "euler", 5, "torch"), rtol=1e-5, atol=1e-5)
+
+
+@cuda_test
+def test_cuda_default_backend():
+    from orwcfm_fast.ops import resolve_backend
+    from orwcfm_fast.ops import triton as triton_backend
+
+    model = cuda_mlp()
+    sampler = GraphSampler(model, solver="heun", steps=4)
+    x_0 = cuda_noise(64, 2)
+    interpreted = resolve_backend(None, "cuda") == "triton" and "interpreted" in triton_backend.is_available("cuda")[1]
+    if interpreted:  # the interpreter copies CUDA tensors to the host: not capturable
+        with pytest.warns(GraphCaptureWarning, match="capture"):
+            got = sampler(x_0)
+        assert sampler.captures == 0
+    else:
+        got = sampler(x_0)
+        assert sampler.captures == 1 and sampler.fallback_reason is None
+    torch.testing.assert_close(got, eager(model, x_0, "heun", 4), rtol=1e-5, atol=1e-5)
+
+
+@cuda_test
+def test_cuda_inference_mode_capture_then_normal_calls():
+    model = cuda_mlp()
+    sampler = GraphSampler(model, solver="rk4", steps=3, backend="torch")
+    x_0 = cuda_noise(64, 2)
+    with torch.inference_mode():
+        first = sampler(x_0)
+    second = sampler(x_0)
+    want = eager(model, x_0, "rk4", 3, "torch")
+    torch.testing.assert_close(first, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second, want, rtol=1e-5, atol=1e-5)
+    assert sampler.captures == 1
