@@ -116,6 +116,10 @@ def _choice(choices, allow_callable=False):
     return check
 
 
+def _optional_bool(value):
+    return None if value is None else _bool(value)
+
+
 def _choice_or_none(choices):
     def check(value):
         return None if value is None else _choice(choices)(value)
@@ -210,6 +214,9 @@ OPTIONS: dict[str, Option] = {
                         "fp32: the reference's math; bf16: autocast forwards, fp32 weights, ODE state and loss"),
     "compile": Option(False, _bool, "torch.compile the policy, reference and sampling forwards"),
     "compile_backend": Option("inductor", _str(), "torch.compile backend when 'compile' is True"),
+    "unet_speedups": Option(True, _bool,
+                            "torchcfm UNets: SDPA attention, GroupNorm without fp32 copies (same weights)"),
+    "cuda_graphs": Option(None, _optional_bool, "replay sampling from one CUDA graph; None = on CUDA devices"),
 }
 
 DEFAULTS: dict[str, Any] = {name: opt.default for name, opt in OPTIONS.items()}

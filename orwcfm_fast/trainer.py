@@ -37,10 +37,11 @@ from orwcfm_fast.checkpoints import (
 from orwcfm_fast.config import ConfigError, serializable_config, validate_config
 from orwcfm_fast.coupling import couple
 from orwcfm_fast.ops import BackendUnavailableError, conditional_path, orw_cfm_w2_loss, resolve_backend
+from orwcfm_fast.models import describe_unet, optimize_unet
 from orwcfm_fast.profiling import phase
 from orwcfm_fast.rewards import check_rewards, make_reward
 from orwcfm_fast.run_log import EpochLog
-from orwcfm_fast.sampling import integrate
+from orwcfm_fast.sampling import GraphSampler, integrate
 from orwcfm_fast.weighting import effective_sample_size, reward_weights
 
 __all__ = ["ORWCFMTrainer", "LinearWarmup", "infer_sample_shape"]
@@ -122,13 +123,25 @@ class ORWCFMTrainer:
             except BackendUnavailableError as err:
                 raise ConfigError(f"config key 'ops_backend': {err}") from None
 
+        if cfg["cuda_graphs"] and self.device.type != "cuda":
+            raise ConfigError(f"config key 'cuda_graphs' is True but the trainer runs on {self.device}; "
+                              "CUDA graphs need a CUDA device (None: use them where available)")
+
         model = unwrap_model(model).to(self.device)
+        if cfg["unet_speedups"] and describe_unet(model).is_unet:
+            optimize_unet(model)  # in place, before the copies: all three models run the same code
         self.last_policy = copy.deepcopy(model).eval().requires_grad_(False)
         self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         self.net_model = self._maybe_parallel(model)
         self._check_model_output()
 
         self._policy_forward, self._ref_forward, self._last_policy_forward = self._forwards()
+        # Sampling from last_policy: one CUDA graph per batch shape on CUDA (eager elsewhere).
+        # update_last_policy copies weights in place, so the captured graph stays valid.
+        self._sampler = GraphSampler(
+            self._last_policy_forward, solver=cfg["ode_solver"], steps=cfg["ode_steps"], backend=cfg["ops_backend"],
+            use_graphs=False if cfg["cuda_graphs"] is False else None, sample_shape=self.sample_shape,
+        )
         # Fused Adam on CUDA (one kernel for all parameters); the same update rule as Adam.
         fused = {"fused": True} if self.device.type == "cuda" else {}
         self.optimizer = torch.optim.Adam(self.net_model.parameters(), lr=cfg["learning_rate"], **fused)
@@ -209,8 +222,8 @@ class ORWCFMTrainer:
         Returns:
             ``(samples [batch_size, *sample_shape], rewards [batch_size] float32)``.
         """
-        with phase("sample", self.device):
-            samples = self._integrate(self._last_policy_forward, self.batch_size)
+        with phase("sample", self.device), self._autocast():
+            samples = self._sampler.sample(self.batch_size, generator=self.generator, device=self.device)
         with phase("reward", self.device):
             rewards = check_rewards(self.reward_fn(samples), self.batch_size, device=self.device)
         return samples, rewards

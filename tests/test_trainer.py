@@ -444,3 +444,26 @@ def test_compile_config_runs_a_step():
     reference = ORWCFMTrainer(_tiny_unet(), _fast_config(), "cpu")
     got, want = trainer.training_step(), reference.training_step()
     assert got["total_loss"] == pytest.approx(want["total_loss"], rel=1e-4)
+
+
+def test_unet_speedups_swap_modules_and_keep_weights():
+    from orwcfm_fast.models import describe_unet
+
+    model = _tiny_unet()
+    plain = copy.deepcopy(model)
+    trainer = ORWCFMTrainer(model, _fast_config(), "cpu")
+    for m in (trainer.net_model, trainer.last_policy, trainer.ref_model):
+        report = describe_unet(m)
+        assert report.einsum_attention_legacy + report.einsum_attention + report.groupnorm32 == 0, str(report)
+        assert report.sdpa_attention_legacy + report.sdpa_attention > 0
+    assert trainer.net_model.state_dict().keys() == plain.state_dict().keys()
+    x, t = torch.randn(4, 1, 8, 8), torch.rand(4)
+    with torch.no_grad():
+        torch.testing.assert_close(trainer.ref_model(t, x), plain.eval()(t, x), rtol=1e-5, atol=1e-5)
+    untouched = ORWCFMTrainer(_tiny_unet(), _fast_config(unet_speedups=False), "cpu")
+    assert describe_unet(untouched.net_model).sdpa_attention_legacy + describe_unet(untouched.net_model).sdpa_attention == 0
+
+
+def test_cuda_graphs_true_needs_cuda():
+    with pytest.raises(ConfigError, match="'cuda_graphs' is True but the trainer runs on cpu"):
+        ORWCFMTrainer(_tiny_unet(), _fast_config(cuda_graphs=True), "cpu")
