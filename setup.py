@@ -106,6 +106,20 @@ def _cpu_arch_flags() -> list[str]:
     return [f"-march={arch}"] if arch.strip() else []
 
 
+def _cpu_parallel_flags(torch) -> list[str]:
+    """``-fopenmp`` when torch's intra-op parallel backend is OpenMP (Linux builds); else none.
+
+    ``at::parallel_for`` is a header template: with the OpenMP backend its parallel region is
+    an ``#pragma omp parallel`` compiled into the extension, which without ``-fopenmp`` is
+    ignored and every "parallel" kernel runs on one thread. The OpenMP runtime is the one torch
+    already loaded (libgomp.so.1, matched by soname), so the thread pool and
+    ``torch.set_num_threads`` are shared with torch's own ops.
+    """
+    if sys.platform == "win32" or not getattr(torch._C, "has_openmp", False):
+        return []
+    return ["-fopenmp"]
+
+
 def _extension():
     """``(ext_modules, cmdclass)`` for orwcfm_fast._C, or ``([], {})`` with ORWCFM_FAST_NO_EXT=1."""
     if _flag("ORWCFM_FAST_NO_EXT"):
@@ -144,7 +158,8 @@ def _extension():
     include_dirs = [str(ROOT / "csrc"), str(ROOT / "kernels")]
     # Only method operators and per-op headers (ATen/ops/*.h) are used: keeps compiles short.
     macros = ["-DTORCH_ASSERT_ONLY_METHOD_OPERATORS"]
-    extra_compile_args = {"cxx": ["-O3", *_cpu_arch_flags(), *macros]}
+    parallel_flags = _cpu_parallel_flags(torch)
+    extra_compile_args = {"cxx": ["-O3", *_cpu_arch_flags(), *parallel_flags, *macros]}
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH
@@ -156,6 +171,7 @@ def _extension():
             sources=cpp_sources + cuda_sources,
             include_dirs=include_dirs,
             extra_compile_args=extra_compile_args,
+            extra_link_args=parallel_flags,
         )
     else:
         ext = cpp_extension.CppExtension(
@@ -163,6 +179,7 @@ def _extension():
             sources=cpp_sources,
             include_dirs=include_dirs,
             extra_compile_args=extra_compile_args,
+            extra_link_args=parallel_flags,
         )
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "checks.h"
 #include "cpu/cpu_utils.h"
@@ -16,6 +17,23 @@ namespace orwcfm_fast::cpu {
 namespace {
 
 constexpr const char* kPathOp = "orwcfm_fast::conditional_path";
+
+// x_t = t * x_1 + (1 - t) * x_0 (+ s * noise) and u_t = x_1 - x_0 for i < n, rounded once.
+template <bool kNoise, typename scalar_t, typename acc_t>
+void path_run(const scalar_t* C10_RESTRICT x_0, const scalar_t* C10_RESTRICT x_1, const scalar_t* C10_RESTRICT noise,
+              acc_t t, acc_t s, scalar_t* C10_RESTRICT x_t, scalar_t* C10_RESTRICT u_t, int64_t n) {
+  const acc_t one_minus_t = acc_t(1) - t;
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t a = static_cast<acc_t>(x_0[i]);
+    const acc_t b = static_cast<acc_t>(x_1[i]);
+    acc_t xt = t * b + one_minus_t * a;
+    if constexpr (kNoise) {
+      xt += s * static_cast<acc_t>(noise[i]);
+    }
+    x_t[i] = static_cast<scalar_t>(xt);
+    u_t[i] = static_cast<scalar_t>(b - a);
+  }
+}
 
 // x_0, x_1: [B, ...] (same shape and dtype); t: [B]; noise: like x_1, used only when sigma > 0.
 // Returns (x_t, u_t), contiguous, in x_1's dtype; computed in the accumulation type, rounded once:
@@ -33,7 +51,6 @@ std::tuple<at::Tensor, at::Tensor> conditional_path_cpu(const at::Tensor& x_0_in
   if (x_1.numel() == 0) {
     return {x_t, u_t};
   }
-  const at::Tensor t = t_in.to(accumulation_dtype(x_1.scalar_type())).contiguous();
   const int64_t B = x_1.size(0);
   const int64_t D = x_1.numel() / B;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_1.scalar_type(), "conditional_path_cpu", [&] {
@@ -41,27 +58,16 @@ std::tuple<at::Tensor, at::Tensor> conditional_path_cpu(const at::Tensor& x_0_in
     const scalar_t* p0 = x_0.const_data_ptr<scalar_t>();
     const scalar_t* p1 = x_1.const_data_ptr<scalar_t>();
     const scalar_t* pn = add_noise ? noise.const_data_ptr<scalar_t>() : nullptr;
-    const acc_t* pt = t.const_data_ptr<acc_t>();
+    const std::vector<acc_t> t = per_sample_values<acc_t>(t_in);  // rounded once, like .to(acc_t)
     scalar_t* pxt = x_t.mutable_data_ptr<scalar_t>();
     scalar_t* put = u_t.mutable_data_ptr<scalar_t>();
     const acc_t s = static_cast<acc_t>(sigma);
     parallel_rows(B, D, [&](int64_t row, int64_t begin, int64_t end) {
-      const acc_t tt = pt[row];
-      const acc_t one_minus_t = acc_t(1) - tt;
+      const acc_t tt = t[row];
       if (pn != nullptr) {
-        for (int64_t i = begin; i < end; ++i) {
-          const acc_t a = static_cast<acc_t>(p0[i]);
-          const acc_t b = static_cast<acc_t>(p1[i]);
-          pxt[i] = static_cast<scalar_t>(tt * b + one_minus_t * a + s * static_cast<acc_t>(pn[i]));
-          put[i] = static_cast<scalar_t>(b - a);
-        }
-      } else {
-        for (int64_t i = begin; i < end; ++i) {
-          const acc_t a = static_cast<acc_t>(p0[i]);
-          const acc_t b = static_cast<acc_t>(p1[i]);
-          pxt[i] = static_cast<scalar_t>(tt * b + one_minus_t * a);
-          put[i] = static_cast<scalar_t>(b - a);
-        }
+        path_run<true>(p0 + begin, p1 + begin, pn + begin, tt, s, pxt + begin, put + begin, end - begin);
+      } else {  // noise unused: any valid pointer
+        path_run<false>(p0 + begin, p1 + begin, p1 + begin, tt, s, pxt + begin, put + begin, end - begin);
       }
     });
   });
