@@ -70,7 +70,6 @@ import json
 import math
 import sys
 import time
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -84,6 +83,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _meta import provenance  # noqa: E402
 
+from orwcfm_fast.models import describe_unet, optimize_unet  # noqa: E402
 from orwcfm_fast.sampling import SOLVERS, integrate, nfe  # noqa: E402
 
 __all__ = [
@@ -139,30 +139,6 @@ def _timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) 
     return emb
 
 
-def _attention_legacy(self, qkv):  # torchcfm QKVAttentionLegacy.forward without the float32 softmax
-    bs, width, length = qkv.shape
-    ch = width // (3 * self.n_heads)
-    q, k, v = qkv.reshape(bs * self.n_heads, ch * 3, length).split(ch, dim=1)
-    scale = 1 / math.sqrt(math.sqrt(ch))
-    weight = torch.softmax(torch.einsum("bct,bcs->bts", q * scale, k * scale), dim=-1)
-    return torch.einsum("bts,bcs->bct", weight, v).reshape(bs, -1, length)
-
-
-def _attention_new(self, qkv):  # torchcfm QKVAttention.forward without the float32 softmax
-    bs, width, length = qkv.shape
-    ch = width // (3 * self.n_heads)
-    q, k, v = qkv.chunk(3, dim=1)
-    scale = 1 / math.sqrt(math.sqrt(ch))
-    weight = torch.einsum(
-        "bct,bcs->bts",
-        (q * scale).view(bs * self.n_heads, ch, length),
-        (k * scale).view(bs * self.n_heads, ch, length),
-    )
-    weight = torch.softmax(weight, dim=-1)
-    a = torch.einsum("bts,bcs->bct", weight, v.reshape(bs * self.n_heads, ch, length))
-    return a.reshape(bs, -1, length)
-
-
 def _patch_torchcfm_unet(unet: nn.Module) -> None:
     """Make one torchcfm ``UNetModel`` (already ``.double()``) compute in float64 end to end."""
     unet.dtype = torch.float64  # UNetModel.forward does ``h = x.type(self.dtype)``
@@ -196,17 +172,14 @@ def to_float64(model: nn.Module) -> nn.Module:
     """
     copy64 = copy.deepcopy(model).double().eval()
     try:
-        from torchcfm.models.unet import nn as cfm_nn
         from torchcfm.models.unet import unet as cfm_unet
     except ImportError:  # torchcfm absent: nothing of its kind to patch
         return copy64
+    if describe_unet(copy64).is_unet:
+        # The library's SDPA attention and GroupNorm compute in their input's dtype (torchcfm's
+        # softmax and GroupNorm32 cast to float32): on a float64 copy, float64 throughout.
+        optimize_unet(copy64)
     for module in copy64.modules():
-        if isinstance(module, cfm_nn.GroupNorm32):
-            module.forward = types.MethodType(nn.GroupNorm.forward, module)
-        elif isinstance(module, cfm_unet.QKVAttentionLegacy):
-            module.forward = types.MethodType(_attention_legacy, module)
-        elif isinstance(module, cfm_unet.QKVAttention):
-            module.forward = types.MethodType(_attention_new, module)
         if isinstance(module, cfm_unet.UNetModel):
             _patch_torchcfm_unet(module)
     return copy64
