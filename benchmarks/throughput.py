@@ -156,8 +156,7 @@ class ReferenceStyleTrainer:
 def _fast_step(trainer: ORWCFMTrainer, timer: _Timer) -> None:
     """``training_step`` split at its phase boundaries (the same calls, timed)."""
     with timer("sample"):
-        with torch.no_grad():
-            samples = trainer._integrate(trainer._last_policy_forward, trainer.batch_size)
+        samples = trainer._policy_samples()
     with timer("reward"):
         from orwcfm_fast.rewards import check_rewards
 

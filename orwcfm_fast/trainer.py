@@ -213,6 +213,12 @@ class ORWCFMTrainer:
                              backend=cfg["ops_backend"])
 
     @torch.no_grad()
+    def _policy_samples(self) -> torch.Tensor:
+        """``batch_size`` samples from ``last_policy``: one CUDA-graph replay on CUDA, eager elsewhere."""
+        with self._autocast():
+            return self._sampler.sample(self.batch_size, generator=self.generator, device=self.device)
+
+    @torch.no_grad()
     def sample_batch(self, ep: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw ``batch_size`` samples from ``last_policy`` and score them.
 
@@ -222,8 +228,8 @@ class ORWCFMTrainer:
         Returns:
             ``(samples [batch_size, *sample_shape], rewards [batch_size] float32)``.
         """
-        with phase("sample", self.device), self._autocast():
-            samples = self._sampler.sample(self.batch_size, generator=self.generator, device=self.device)
+        with phase("sample", self.device):
+            samples = self._policy_samples()
         with phase("reward", self.device):
             rewards = check_rewards(self.reward_fn(samples), self.batch_size, device=self.device)
         return samples, rewards
