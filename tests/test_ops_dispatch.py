@@ -175,3 +175,10 @@ def test_public_ops_trace_with_fullgraph(backend):
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     for got, want in zip(compiled(x_0, x_1, t, v_ref, w, k), step(x_0, x_1, t, v_ref, w, k)):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_config_knows_the_same_backends():
+    """config.OPS_BACKENDS is spelled out (config imports no torch); it must not drift from the ops'."""
+    from orwcfm_fast.config import OPS_BACKENDS
+
+    assert tuple(OPS_BACKENDS) == tuple(ops.BACKENDS)
