@@ -12,7 +12,9 @@ Accepted by :func:`read_model_state`:
 from __future__ import annotations
 
 import os
+import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -25,6 +27,8 @@ __all__ = [
     "read_model_state",
     "load_state_strict",
     "atomic_save",
+    "CheckpointRotation",
+    "latest_checkpoint",
 ]
 
 _PREFIXES = ("module.", "_orig_mod.")
@@ -138,10 +142,32 @@ def load_state_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
     model.load_state_dict(state)
 
 
-def atomic_save(obj: Any, path) -> Path:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
+def _fsync_directory(directory: Path) -> None:
+    """fsync a folder so a rename inside it survives a power loss (POSIX).
 
-    A crash mid-write leaves any previous file at ``path`` intact. Parent folders are created.
+    Skipped silently where a folder cannot be opened or fsynced (Windows refuses to open
+    one; some filesystems reject fsync on a folder): the rename itself has still happened.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
+    try:
+        fd = os.open(directory, flags)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: Any, path) -> Path:
+    """``torch.save`` to a temporary file in the same folder, fsync, rename over ``path``, fsync the folder.
+
+    A crash mid-write leaves any previous file at ``path`` intact: readers see either the old
+    file or the new one, never a partial one. The temporary file (``.{name}.*.tmp`` next to
+    ``path``) is removed on any exception, ``KeyboardInterrupt`` included; only a killed
+    process leaves one behind. Parent folders are created.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -153,7 +179,163 @@ def atomic_save(obj: Any, path) -> Path:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        try:
             os.unlink(tmp)
+        except OSError:  # already renamed, or gone: nothing to clean, keep the original error
+            pass
         raise
+    _fsync_directory(path.parent)
     return path
+
+
+def _check_count(value, name: str, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "a positive int" if minimum == 1 else "a non-negative int"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    return value
+
+
+class CheckpointRotation:
+    """Numbered checkpoints in one folder, newest last; keeps the last ``keep_last``.
+
+    File names (``prefix`` = ``"checkpoint"``)::
+
+        checkpoint-e000012.pt           after 12 completed epochs
+        checkpoint-e000012_s000034.pt   12 completed epochs + 34 steps into the 13th
+
+    ``epoch`` counts completed epochs and ``step_in_epoch`` the steps done in the current
+    one, so ``(epoch, step_in_epoch)`` increases with training time, and so does the name
+    in plain string order (``"."`` < ``"_"``; numbers are zero-padded to 6 digits, ordering
+    beyond that is still by number). Only names exactly of this form count as checkpoints of
+    the rotation: other files in the folder (another ``prefix``, ``best.pt``, temporary files
+    ``.checkpoint-*.tmp`` left by a killed save) are never listed nor pruned.
+
+    Args:
+        directory: the folder (created by the first :meth:`save`).
+        keep_last: how many checkpoints :meth:`save` leaves in the folder (a positive int),
+            or ``None`` to keep them all.
+        prefix: start of the file names; a non-empty name without path separators.
+    """
+
+    def __init__(self, directory, *, keep_last: int | None = 3, prefix: str = "checkpoint"):
+        if keep_last is not None:
+            _check_count(keep_last, "keep_last", minimum=1)
+        if not isinstance(prefix, str) or not prefix or prefix in (".", "..") or any(
+            sep in prefix for sep in ("/", "\\", os.sep, "\0")
+        ):
+            raise ValueError(f"prefix must be a non-empty file-name part without path separators, got {prefix!r}")
+        self.directory = Path(directory)
+        self.keep_last = keep_last
+        self.prefix = prefix
+        stem = re.escape(prefix) + r"-e(\d{6,})(?:_s(\d{6,}))?\.pt"
+        self._name_re = re.compile(stem)
+        # atomic_save's temporary files: ".{final name}.{random}.tmp"
+        self._tmp_re = re.compile(r"\." + stem + r"\..+\.tmp", re.DOTALL)
+
+    def __repr__(self) -> str:
+        return f"CheckpointRotation({str(self.directory)!r}, keep_last={self.keep_last!r}, prefix={self.prefix!r})"
+
+    def path_for(self, epoch: int, step_in_epoch: int = 0) -> Path:
+        """The file for a checkpoint after ``epoch`` completed epochs and ``step_in_epoch`` more steps."""
+        _check_count(epoch, "epoch", minimum=0)
+        _check_count(step_in_epoch, "step_in_epoch", minimum=0)
+        name = f"{self.prefix}-e{epoch:06d}"
+        if step_in_epoch:
+            name += f"_s{step_in_epoch:06d}"
+        return self.directory / f"{name}.pt"
+
+    def _parse(self, name: str) -> tuple[int, int] | None:
+        match = self._name_re.fullmatch(name)
+        if match is None:
+            return None
+        key = (int(match.group(1)), int(match.group(2) or 0))
+        # canonical names only: "e0000012" or "_s000000" are not what path_for writes
+        if self.path_for(*key).name != name:
+            return None
+        return key
+
+    def _entries(self) -> list[tuple[tuple[int, int], Path]]:
+        try:
+            children = list(self.directory.iterdir())
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        entries = []
+        for child in children:
+            key = self._parse(child.name)
+            if key is not None and child.is_file():
+                entries.append((key, child))
+        entries.sort(key=lambda entry: entry[0])
+        return entries
+
+    def checkpoints(self) -> list[Path]:
+        """The rotation's checkpoint files now in the folder, oldest first (``[]`` if there is no folder)."""
+        return [path for _, path in self._entries()]
+
+    def latest(self) -> Path | None:
+        """The newest checkpoint file, or ``None`` if there is none."""
+        entries = self._entries()
+        return entries[-1][1] if entries else None
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Delete temporary files of this rotation's names left by a killed save; returns them.
+
+        Called by :meth:`save`. Do not call it while another process saves into the same
+        folder with the same prefix: its in-flight temporary file would go too.
+        """
+        removed = []
+        try:
+            children = list(self.directory.iterdir())
+        except (FileNotFoundError, NotADirectoryError):
+            return removed
+        for child in children:
+            if self._tmp_re.fullmatch(child.name) and child.is_file():
+                try:
+                    child.unlink()
+                except FileNotFoundError:
+                    continue
+                except OSError as err:
+                    warnings.warn(
+                        f"could not remove stale temporary checkpoint file {str(child)!r}: {err}", stacklevel=2
+                    )
+                    continue
+                removed.append(child)
+        return removed
+
+    def save(self, state: Any, epoch: int, step_in_epoch: int = 0) -> Path:
+        """Write ``state`` atomically to :meth:`path_for` ``(epoch, step_in_epoch)``, then prune.
+
+        Stale temporary files of earlier killed saves are removed first. After the write the
+        oldest checkpoints beyond ``keep_last`` are deleted, never the file just written.
+        Overwrites an existing checkpoint of the same ``(epoch, step_in_epoch)``.
+
+        Returns:
+            The path written.
+        """
+        path = self.path_for(epoch, step_in_epoch)
+        self.remove_stale_temporaries()
+        atomic_save(state, path)
+        entries = self._entries()
+        newer = [p for key, p in entries if key > (epoch, step_in_epoch)]
+        if newer:
+            warnings.warn(
+                f"saved {path.name} but {len(newer)} newer checkpoint(s) are already in "
+                f"{str(self.directory)!r} (newest {newer[-1].name}), probably from an earlier run; "
+                "latest() returns the newest, not the one just saved",
+                stacklevel=2,
+            )
+        if self.keep_last is not None:
+            for _, old in entries[: max(0, len(entries) - self.keep_last)]:
+                if old == path:
+                    continue
+                try:
+                    old.unlink()
+                except FileNotFoundError:
+                    pass
+                except OSError as err:
+                    warnings.warn(f"could not remove old checkpoint {str(old)!r}: {err}", stacklevel=2)
+        return path
+
+
+def latest_checkpoint(directory, prefix: str = "checkpoint") -> Path | None:
+    """The newest :class:`CheckpointRotation` checkpoint in ``directory``, or ``None`` (none, or no folder)."""
+    return CheckpointRotation(directory, keep_last=None, prefix=prefix).latest()
