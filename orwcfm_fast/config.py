@@ -217,6 +217,10 @@ OPTIONS: dict[str, Option] = {
     "unet_speedups": Option(True, _bool,
                             "torchcfm UNets: SDPA attention, GroupNorm without fp32 copies (same weights)"),
     "cuda_graphs": Option(None, _optional_bool, "replay sampling from one CUDA graph; None = on CUDA devices"),
+    "overlap_sampling": Option(None, _optional_bool,
+                               "train(): make the next batch in a background thread/stream during this "
+                               "step's update; None = on CUDA devices"),
+    "log_every": Option(10, _int(1), "train(): steps between progress-bar updates (each reads metrics from the device)"),
 }
 
 DEFAULTS: dict[str, Any] = {name: opt.default for name, opt in OPTIONS.items()}

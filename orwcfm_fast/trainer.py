@@ -21,7 +21,7 @@ import contextlib
 import copy
 import math
 import warnings
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import torch
 
@@ -38,6 +38,7 @@ from orwcfm_fast.config import ConfigError, serializable_config, validate_config
 from orwcfm_fast.coupling import couple
 from orwcfm_fast.ops import BackendUnavailableError, conditional_path, orw_cfm_w2_loss, resolve_backend
 from orwcfm_fast.models import describe_unet, optimize_unet
+from orwcfm_fast.prefetch import BackgroundWorker, Pending
 from orwcfm_fast.profiling import phase
 from orwcfm_fast.rewards import check_rewards, make_reward
 from orwcfm_fast.run_log import EpochLog
@@ -69,6 +70,55 @@ def infer_sample_shape(model: torch.nn.Module) -> tuple[int, ...] | None:
     if isinstance(channels, int) and isinstance(size, int):
         return (channels, size, size)
     return None
+
+
+class _Batch(NamedTuple):
+    """One step's training data, ready for the update (made by ``ORWCFMTrainer._make_batch``)."""
+
+    samples: torch.Tensor  # [B, *sample_shape] x_1 as sampled from last_policy
+    rewards: torch.Tensor  # [B] float32, checked finite
+    weights: torch.Tensor  # [B] weights of `samples`, checked finite
+    x_0: torch.Tensor  # [B, *sample_shape] noise after the coupling
+    x_1: torch.Tensor  # [B, *sample_shape] samples after the coupling
+    pair_weights: torch.Tensor  # [B] the weights that travel with (x_0, x_1)
+
+
+class _MetricSums:
+    """Running sums (and the max reward) of step metrics, kept on the device: no host sync per step."""
+
+    def __init__(self):
+        self.keys: tuple[str, ...] | None = None
+        self.sums: torch.Tensor | None = None
+        self.max_reward: torch.Tensor | None = None
+        self.lr_sum = 0.0
+        self.count = 0
+        self.last: dict[str, torch.Tensor] = {}
+
+    def add(self, metrics: Mapping[str, torch.Tensor], lr: float) -> None:
+        if self.keys is None:
+            self.keys = tuple(metrics)
+        values = torch.stack([metrics[k].detach().to(torch.float32) for k in self.keys])
+        self.sums = values if self.sums is None else self.sums + values
+        reward_max = metrics["max_reward"].detach()
+        self.max_reward = reward_max if self.max_reward is None else torch.maximum(self.max_reward, reward_max)
+        self.lr_sum += lr
+        self.count += 1
+        self.last = dict(metrics)
+
+    def last_floats(self, *keys: str) -> dict[str, float]:
+        """The latest step's values of ``keys`` (one host sync)."""
+        values = torch.stack([self.last[k].detach().to(torch.float32) for k in keys]).tolist()
+        return dict(zip(keys, values))
+
+    def means(self) -> dict[str, float]:
+        """Means over the steps so far, with ``max_reward`` the max (one host sync)."""
+        if self.count == 0:
+            return {}
+        values = torch.cat([self.sums / self.count, self.max_reward.reshape(1).to(torch.float32)]).tolist()
+        out = dict(zip(self.keys, values[:-1]))
+        out["max_reward"] = values[-1]
+        out["lr"] = self.lr_sum / self.count
+        return out
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -152,6 +202,8 @@ class ORWCFMTrainer:
         self.global_step = 0
         self.history: list[dict[str, float]] = []
         self._log: EpochLog | None = None
+        # train() makes the next batch in the background while this one trains (overlap_sampling).
+        self._worker = BackgroundWorker(self.device)
 
     # ------------------------------------------------------------------ setup helpers
 
@@ -212,6 +264,47 @@ class ORWCFMTrainer:
             return integrate(model, self._noise(n), solver=cfg["ode_solver"], steps=cfg["ode_steps"],
                              backend=cfg["ops_backend"])
 
+    def _overlap(self) -> bool:
+        """Whether ``train`` makes the next batch in the background (config ``overlap_sampling``)."""
+        flag = self.config["overlap_sampling"]
+        return self.device.type == "cuda" if flag is None else flag
+
+    def _uses_own_steps(self) -> bool:
+        """False when a subclass overrides a step method: ``train`` then calls ``training_step`` as is."""
+        cls = type(self)
+        return all(getattr(cls, name) is getattr(ORWCFMTrainer, name)
+                   for name in ("training_step", "sample_batch", "compute_loss"))
+
+    def _draw_batch_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The random inputs of one batch, in the order the sequential step draws them.
+
+        Returns:
+            ``(noise, x_0)``: the sampler's initial noise and the loss's noise ``x_0``, both
+            ``[batch_size, *sample_shape]`` float32, from ``self.generator``.
+        """
+        noise = self._noise(self.batch_size)
+        x_0 = torch.randn(noise.shape, generator=self.generator, device=self.device, dtype=noise.dtype)
+        return noise, x_0
+
+    @torch.no_grad()
+    def _make_batch(self, noise: torch.Tensor, x_0: torch.Tensor) -> _Batch:
+        """Sample from ``noise``, reward, weight and couple with ``x_0``: all a step needs before its update.
+
+        The same computations, in the same order, as ``sample_batch`` + ``_weights`` + the start of
+        ``compute_loss``; runs in the background worker when ``train`` overlaps batches. Raises on
+        non-finite rewards or weights before anything is updated.
+        """
+        with phase("sample", self.device):
+            with self._autocast():
+                samples = self._sampler(noise)
+        with phase("reward", self.device):
+            rewards = check_rewards(self.reward_fn(samples), self.batch_size, device=self.device)
+            weights = self._weights(rewards)
+        with phase("coupling", self.device):
+            x_0, x_1, pair_weights = couple(self.config["coupling"], x_0, samples, weights,
+                                            generator=self.cpu_generator)
+        return _Batch(samples, rewards, weights, x_0, x_1, pair_weights)
+
     @torch.no_grad()
     def _policy_samples(self) -> torch.Tensor:
         """``batch_size`` samples from ``last_policy``: one CUDA-graph replay on CUDA, eager elsewhere."""
@@ -269,6 +362,11 @@ class ORWCFMTrainer:
         """
         x0 = torch.randn(x1.shape, generator=self.generator, device=x1.device, dtype=x1.dtype)
         x0, x1, weights = couple(self.config["coupling"], x0, x1, weights, generator=self.cpu_generator)
+        return self._coupled_loss(x0, x1, weights)
+
+    def _coupled_loss(self, x0: torch.Tensor, x1: torch.Tensor,
+                      weights: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``compute_loss`` after the coupling: draws ``t`` (and the path noise), runs both forwards."""
         t = torch.rand(x1.shape[0], generator=self.generator, device=x1.device, dtype=x1.dtype)
         sigma = self.config["sigma"]
         noise = torch.randn(x1.shape, generator=self.generator, device=x1.device, dtype=x1.dtype) if sigma > 0 else None
@@ -305,13 +403,39 @@ class ORWCFMTrainer:
         Returns:
             Python floats: ``fm_loss``, ``w2_loss``, ``total_loss``, ``reward`` (batch mean),
             ``max_reward``, ``weight_ess`` (effective sample size fraction of the weights),
-            ``grad_norm`` (before clipping) and ``lr``.
+            ``grad_norm`` (before clipping) and ``lr``. Reading them is a host sync; ``train``
+            does not call this method (unless a subclass overrides a step method) and reads its
+            metrics once per ``log_every`` steps instead.
         """
         samples, rewards = self.sample_batch(ep)
         weights = self._weights(rewards)
         self.net_model.train(self.config["policy_dropout"])
         with phase("loss", self.device):
             loss, metrics = self.compute_loss(samples, weights)
+        metrics, lr, _ = self._optimize(loss, metrics, rewards, weights)
+        out = {k: float(v) for k, v in metrics.items()}
+        out["lr"] = lr
+        return out
+
+    def _train_step(self, batch: _Batch, meanwhile: Callable[[], Any] | None = None):
+        """``training_step`` on a ready batch, metrics left on the device.
+
+        Args:
+            batch: from :meth:`_make_batch`.
+            meanwhile: called once the forwards are queued, before the backward (``train``
+                submits the next batch here, so the background worker overlaps the backward).
+
+        Returns:
+            ``(metrics, lr, meanwhile_result)``: metrics are 0-dim device tensors.
+        """
+        self.net_model.train(self.config["policy_dropout"])
+        with phase("loss", self.device):
+            loss, metrics = self._coupled_loss(batch.x_0, batch.x_1, batch.pair_weights)
+        return self._optimize(loss, metrics, batch.rewards, batch.weights, meanwhile)
+
+    def _optimize(self, loss, metrics, rewards, weights, meanwhile=None):
+        """Backward, clipping (no host sync), optimiser and scheduler steps; adds the batch metrics."""
+        side = meanwhile() if meanwhile is not None else None
         with phase("backward", self.device):
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -329,9 +453,7 @@ class ORWCFMTrainer:
             weight_ess=effective_sample_size(weights),
             grad_norm=grad_norm,
         )
-        out = {k: float(v) for k, v in metrics.items()}
-        out["lr"] = lr
-        return out
+        return metrics, lr, side
 
     def update_last_policy(self) -> None:
         """Copy ``net_model``'s weights into ``last_policy`` in place (no new module)."""
@@ -351,9 +473,15 @@ class ORWCFMTrainer:
     def train(self, num_epochs: int, steps_per_epoch: int) -> list[dict[str, float]]:
         """Run ``num_epochs`` more epochs of ``steps_per_epoch`` steps.
 
-        Each epoch shows a tqdm bar (reward, loss), appends its means to ``history``, the CSV
-        under ``savedir`` and wandb (when ``use_wandb``), then refreshes ``last_policy``.
-        Calling again continues from the current epoch.
+        Each epoch shows a tqdm bar (reward, loss; refreshed every ``log_every`` steps), appends its
+        means to ``history``, the CSV under ``savedir`` and wandb (when ``use_wandb``), then
+        refreshes ``last_policy``. Calling again continues from the current epoch.
+
+        The hot loop does not wait for the device: metrics are summed on the device and read back
+        once per ``log_every`` steps and at the end of the epoch. With ``overlap_sampling`` (default:
+        on CUDA) the next step's batch (sampling, reward, weights, coupling) is made by a background
+        thread, on its own CUDA stream, while this step's backward and optimiser step run; the
+        random draws happen in the same order either way, so the results are the same.
 
         Returns:
             The new epochs' mean metrics (each dict has ``epoch``; ``max_reward`` is the epoch's max).
@@ -364,21 +492,17 @@ class ORWCFMTrainer:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"train(): {name} must be a positive integer, got {value!r}")
         log = self._epoch_log()
+        log_every = self.config["log_every"]
         new = []
         for _ in range(num_epochs):
             ep = self.epoch
-            sums: dict[str, float] = {}
-            max_reward = -math.inf
-            bar = tqdm(range(steps_per_epoch), desc=f"epoch {ep + 1}", leave=False, dynamic_ncols=True)
-            for _ in bar:
-                m = self.training_step(ep)
-                for key, value in m.items():
-                    sums[key] = sums.get(key, 0.0) + value
-                max_reward = max(max_reward, m["max_reward"])
-                bar.set_postfix(reward=f"{m['reward']:.4f}", loss=f"{m['total_loss']:.4f}")
-            bar.close()
-            means = {key: value / steps_per_epoch for key, value in sums.items()}
-            means["max_reward"] = max_reward
+            sums = _MetricSums()
+            bar = tqdm(total=steps_per_epoch, desc=f"epoch {ep + 1}", leave=False, dynamic_ncols=True)
+            try:
+                self._run_epoch(ep, steps_per_epoch, sums, bar, log_every)
+            finally:
+                bar.close()
+            means = sums.means()
             self.update_last_policy()
             self.epoch += 1
             means["epoch"] = self.epoch
@@ -386,10 +510,38 @@ class ORWCFMTrainer:
             self.history.append(means)
             new.append(means)
             tqdm.write(
-                f"epoch {self.epoch}: reward {means['reward']:.4f} (max {max_reward:.4f}) "
+                f"epoch {self.epoch}: reward {means['reward']:.4f} (max {means['max_reward']:.4f}) "
                 f"fm {means['fm_loss']:.4f} w2 {means['w2_loss']:.4g} loss {means['total_loss']:.4f}"
             )
         return new
+
+    def _run_epoch(self, ep: int, steps: int, sums: _MetricSums, bar, log_every: int) -> None:
+        own_steps = self._uses_own_steps()
+        overlap = own_steps and self._overlap()
+        pending: Pending | None = None
+
+        def submit_next() -> Pending:
+            return self._worker.submit(self._make_batch, *self._draw_batch_inputs())
+
+        try:
+            for i in range(steps):
+                if not own_steps:
+                    out = self.training_step(ep)
+                    lr = out.pop("lr")
+                    metrics = {k: torch.tensor(v) for k, v in out.items()}
+                else:
+                    batch = pending.result() if pending is not None else self._make_batch(*self._draw_batch_inputs())
+                    # last_policy changes after the epoch's last step: nothing to prefetch then.
+                    meanwhile = submit_next if overlap and i + 1 < steps else None
+                    metrics, lr, pending = self._train_step(batch, meanwhile)
+                sums.add(metrics, lr)
+                bar.update(1)
+                if (i + 1) % log_every == 0 or i + 1 == steps:
+                    last = sums.last_floats("reward", "total_loss")
+                    bar.set_postfix(reward=f"{last['reward']:.4f}", loss=f"{last['total_loss']:.4f}", refresh=False)
+        finally:
+            if pending is not None:  # an error stopped the epoch: let the background batch finish, unused
+                pending.wait()
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -22,7 +22,7 @@ def test_throughput_quick_writes_the_documented_keys(tmp_path, bench_path):
 
     out = tmp_path / "tp.json"
     result = throughput.main(["--device", "cpu", "--quick", "--batch-size", "2", "--ode-steps", "2", "--steps", "1",
-                              "--warmup", "0", "--modes", "reference,fast_fp32,fast_recommended",
+                              "--warmup", "0", "--modes", "reference,fast_fp32,fast_recommended,fast_overlapped",
                               "--recommended", "midpoint:1", "--json", str(out)])
     saved = json.loads(out.read_text())
     for key in ("device", "date", "commit", "torch", "config", "reference_s_per_step", "fast_s_per_step", "speedup"):
@@ -33,6 +33,9 @@ def test_throughput_quick_writes_the_documented_keys(tmp_path, bench_path):
         assert set(row["phases_s"]) == {"sample", "reward", "update"}
         assert row["s_per_step"] >= sum(row["phases_s"].values()) * 0.99
     assert result["modes"]["fast_recommended"]["config"]["ode_solver"] == "midpoint"
+    overlapped = saved["modes"]["fast_overlapped"]
+    assert overlapped["config"]["overlap_sampling"] is True and overlapped["phases_s"] is None
+    assert overlapped["s_per_step"] > 0
 
 
 @pytest.mark.parametrize("script", ["bench_loss", "bench_path", "bench_ode_step"])
