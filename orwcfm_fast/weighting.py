@@ -50,6 +50,10 @@ def effective_sample_size(weights: torch.Tensor) -> torch.Tensor:
 
     Returns:
         0-dim tensor in ``[1/B, 1]``: 1 when all weights are equal, ``1/B`` when one dominates.
+        All-zero weights (raw weights that underflowed) give ``1/B``: no sample carries weight.
     """
     w = weights.double()
-    return (w.sum() ** 2 / (w.numel() * (w * w).sum())).to(weights.dtype)
+    w = w / w.max().clamp_min(torch.finfo(torch.float64).tiny)  # scale-free; avoids 0/0 and w*w underflow
+    sq = (w * w).sum()
+    ess = torch.where(sq > 0, w.sum() ** 2 / (w.numel() * sq), torch.full_like(sq, 1.0 / w.numel()))
+    return ess.to(weights.dtype)

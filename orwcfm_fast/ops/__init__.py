@@ -83,6 +83,8 @@ def _check_batched(name: str, x) -> None:
         raise ValueError(f"{name} must be [B, ...] with at least one non-batch dim, got shape {tuple(x.shape)}")
     if x.shape[0] < 1:
         raise ValueError(f"{name} has an empty batch (shape {tuple(x.shape)}); B must be >= 1")
+    if x[0].numel() < 1:
+        raise ValueError(f"{name} has samples without elements (shape {tuple(x.shape)}); each sample needs D >= 1")
 
 
 def orw_cfm_w2_loss(v, u, v_ref, weights, alpha: float, backend: str | None = None):
