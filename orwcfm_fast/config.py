@@ -221,6 +221,12 @@ OPTIONS: dict[str, Option] = {
                                "train(): make the next batch in a background thread/stream during this "
                                "step's update; None = on CUDA devices"),
     "log_every": Option(10, _int(1), "train(): steps between progress-bar updates (each reads metrics from the device)"),
+    "checkpoint_every": Option(None, _optional_int(1),
+                               "train(): save a checkpoint every this many epochs (None: only on SIGINT/SIGTERM)"),
+    "checkpoint_dir": Option(None, _str(allow_none=True), "folder of train()'s checkpoints; None = <savedir>/checkpoints"),
+    "keep_checkpoints": Option(3, _optional_int(1), "train(): keep the newest this many checkpoints (None: all)"),
+    "handle_signals": Option(True, _bool,
+                             "train(): on SIGINT/SIGTERM finish the step, save a checkpoint, raise TrainingInterrupted"),
 }
 
 DEFAULTS: dict[str, Any] = {name: opt.default for name, opt in OPTIONS.items()}

@@ -25,9 +25,11 @@ from typing import Any, Callable, Mapping, NamedTuple
 
 import torch
 
-from orwcfm_fast import __version__
+from orwcfm_fast import __version__, rng
+from orwcfm_fast import distributed as dist_utils
 from orwcfm_fast.checkpoints import (
     CheckpointError,
+    CheckpointRotation,
     atomic_save,
     load_file,
     load_state_strict,
@@ -37,6 +39,7 @@ from orwcfm_fast.checkpoints import (
 from orwcfm_fast.config import ConfigError, serializable_config, validate_config
 from orwcfm_fast.coupling import couple
 from orwcfm_fast.ops import BackendUnavailableError, conditional_path, orw_cfm_w2_loss, resolve_backend
+from orwcfm_fast.interrupt import StopRequests, TrainingInterrupted
 from orwcfm_fast.models import describe_unet, optimize_unet
 from orwcfm_fast.prefetch import BackgroundWorker, Pending
 from orwcfm_fast.profiling import phase
@@ -45,7 +48,7 @@ from orwcfm_fast.run_log import EpochLog
 from orwcfm_fast.sampling import GraphSampler, integrate
 from orwcfm_fast.weighting import effective_sample_size, reward_weights
 
-__all__ = ["ORWCFMTrainer", "LinearWarmup", "infer_sample_shape"]
+__all__ = ["ORWCFMTrainer", "LinearWarmup", "TrainingInterrupted", "infer_sample_shape"]
 
 
 class LinearWarmup:
@@ -111,14 +114,41 @@ class _MetricSums:
         return dict(zip(keys, values))
 
     def means(self) -> dict[str, float]:
-        """Means over the steps so far, with ``max_reward`` the max (one host sync)."""
+        """Means over the steps so far, with ``max_reward`` the max (one host sync).
+
+        When distributed, every rank must call it: the means are over all ranks' steps.
+        """
         if self.count == 0:
             return {}
-        values = torch.cat([self.sums / self.count, self.max_reward.reshape(1).to(torch.float32)]).tolist()
+        sums, max_reward = self.sums, self.max_reward.reshape(1).to(torch.float32)
+        count = self.count
+        if dist_utils.is_distributed():
+            import torch.distributed as dist
+
+            sums, max_reward = sums.clone(), max_reward.clone()
+            dist.all_reduce(sums)
+            dist.all_reduce(max_reward, op=dist.ReduceOp.MAX)
+            count *= dist_utils.world_size()
+        values = torch.cat([sums / count, max_reward]).tolist()
         out = dict(zip(self.keys, values[:-1]))
         out["max_reward"] = values[-1]
         out["lr"] = self.lr_sum / self.count
         return out
+
+    def state(self) -> dict[str, Any]:
+        """The sums so far (a checkpoint taken mid-epoch keeps them, so the epoch's means are exact)."""
+        return {"keys": list(self.keys or ()), "sums": self.sums, "max_reward": self.max_reward,
+                "lr_sum": self.lr_sum, "count": self.count}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any], device: torch.device) -> "_MetricSums":
+        sums = cls()
+        if state["count"]:
+            sums.keys = tuple(state["keys"])
+            sums.sums = state["sums"].to(device)
+            sums.max_reward = state["max_reward"].to(device)
+        sums.lr_sum, sums.count = float(state["lr_sum"]), int(state["count"])
+        return sums
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -163,9 +193,14 @@ class ORWCFMTrainer:
             )
         self.sample_shape = tuple(cfg["sample_shape"] or inferred)
 
-        seed = cfg["seed"] if cfg["seed"] is not None else int(torch.randint(0, 2**62, ()).item())
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        self.cpu_generator = torch.Generator().manual_seed(seed + 1)
+        # Data-parallel when a process group is initialised (torchrun): each rank samples its own
+        # batch_size with its own seed (rank 0's is the single-process seed), gradients are averaged.
+        self.rank, self.world_size = dist_utils.rank(), dist_utils.world_size()
+        self.distributed = dist_utils.is_distributed()
+        self.seed = self._base_seed(cfg["seed"])
+        rank_seed = self.seed + 1_000_003 * self.rank
+        self.generator = torch.Generator(device=self.device).manual_seed(rank_seed)
+        self.cpu_generator = torch.Generator().manual_seed(rank_seed + 1)
 
         if cfg["ops_backend"] is not None:
             try:
@@ -180,6 +215,8 @@ class ORWCFMTrainer:
         model = unwrap_model(model).to(self.device)
         if cfg["unet_speedups"] and describe_unet(model).is_unet:
             optimize_unet(model)  # in place, before the copies: all three models run the same code
+        if self.distributed:
+            self._broadcast_from_rank0(model)  # every rank starts from rank 0's weights
         self.last_policy = copy.deepcopy(model).eval().requires_grad_(False)
         self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         self.net_model = self._maybe_parallel(model)
@@ -196,12 +233,19 @@ class ORWCFMTrainer:
         fused = {"fused": True} if self.device.type == "cuda" else {}
         self.optimizer = torch.optim.Adam(self.net_model.parameters(), lr=cfg["learning_rate"], **fused)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, LinearWarmup(cfg["warmup_steps"]))
-        self.reward_fn = make_reward(cfg["reward"], cfg, self.device)
+        try:
+            self.reward_fn = make_reward(cfg["reward"], cfg, self.device)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
 
         self.epoch = 0
         self.global_step = 0
+        self.step_in_epoch = 0  # > 0 only after resuming from a checkpoint taken mid-epoch
+        self._epoch_sums: _MetricSums | None = None  # that partial epoch's metric sums
         self.history: list[dict[str, float]] = []
         self._log: EpochLog | None = None
+        self._rotation: CheckpointRotation | None = None
+        self._skipped_steps: torch.Tensor | None = None  # CUDA: non-finite-gradient steps skipped on device
         # train() makes the next batch in the background while this one trains (overlap_sampling).
         self._worker = BackgroundWorker(self.device)
 
@@ -226,7 +270,34 @@ class ORWCFMTrainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def _base_seed(self, seed: int | None) -> int:
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()).item())
+            if self.distributed:  # one run, one base seed: rank 0's
+                import torch.distributed as dist
+
+                box = [seed]
+                dist.broadcast_object_list(box, src=0)
+                seed = box[0]
+        return seed
+
+    @staticmethod
+    def _broadcast_from_rank0(model: torch.nn.Module) -> None:
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            for tensor in list(model.parameters()) + list(model.buffers()):
+                dist.broadcast(tensor.data, src=0)
+
     def _maybe_parallel(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.distributed:
+            if self.config["parallel"]:
+                warnings.warn("config 'parallel' is ignored under torch.distributed: the run is already data-parallel")
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
+                if self.device.type == "cuda" else None
+            return DistributedDataParallel(model, device_ids=device_ids)
         if not self.config["parallel"]:
             return model
         if self.device.type == "cuda" and torch.cuda.device_count() > 1:
@@ -337,7 +408,7 @@ class ORWCFMTrainer:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"sample(n): n must be a positive integer, got {n!r}")
         chunk = batch_size or self.batch_size
-        model = self.net_model
+        model = unwrap_model(self.net_model)  # not DDP's forward: one rank may sample alone
         was_training = model.training
         model.eval()
         try:
@@ -412,7 +483,7 @@ class ORWCFMTrainer:
         self.net_model.train(self.config["policy_dropout"])
         with phase("loss", self.device):
             loss, metrics = self.compute_loss(samples, weights)
-        metrics, lr, _ = self._optimize(loss, metrics, rewards, weights)
+        metrics, lr, _ = self._optimize(loss, metrics, rewards, weights, check_now=True)
         out = {k: float(v) for k, v in metrics.items()}
         out["lr"] = lr
         return out
@@ -431,10 +502,20 @@ class ORWCFMTrainer:
         self.net_model.train(self.config["policy_dropout"])
         with phase("loss", self.device):
             loss, metrics = self._coupled_loss(batch.x_0, batch.x_1, batch.pair_weights)
-        return self._optimize(loss, metrics, batch.rewards, batch.weights, meanwhile)
+        return self._optimize(loss, metrics, batch.rewards, batch.weights, meanwhile,
+                              check_now=not self._defers_gradient_check())
 
-    def _optimize(self, loss, metrics, rewards, weights, meanwhile=None):
-        """Backward, clipping (no host sync), optimiser and scheduler steps; adds the batch metrics."""
+    def _defers_gradient_check(self) -> bool:
+        """CUDA with fused Adam: non-finite gradients skip the update on the device (no host sync)."""
+        return self.device.type == "cuda" and bool(self.optimizer.defaults.get("fused"))
+
+    def _optimize(self, loss, metrics, rewards, weights, meanwhile=None, *, check_now: bool = True):
+        """Backward, clipping (no host sync), optimiser and scheduler steps; adds the batch metrics.
+
+        Non-finite gradients never reach the parameters: with ``check_now`` the step raises before
+        the optimiser runs; otherwise (CUDA, fused Adam) the optimiser skips the update on the
+        device (``found_inf``, as under a GradScaler) and ``train`` raises at its next metrics read.
+        """
         side = meanwhile() if meanwhile is not None else None
         with phase("backward", self.device):
             self.optimizer.zero_grad(set_to_none=True)
@@ -443,9 +524,22 @@ class ORWCFMTrainer:
             params = [p for p in self.net_model.parameters() if p.grad is not None]
             max_norm = self.grad_clip if self.grad_clip is not None else math.inf
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            if check_now:
+                if not bool(torch.isfinite(grad_norm)):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    raise FloatingPointError(
+                        f"non-finite gradient (norm {float(grad_norm)}) at step {self.global_step}: the update was "
+                        f"not applied, parameters are unchanged (loss {float(loss.detach())}); look for NaN/inf in "
+                        "the model's outputs, or lower 'learning_rate' / use precision 'fp32'"
+                    )
+            else:
+                found_inf = (~torch.isfinite(grad_norm)).to(torch.float32)
+                self.optimizer.found_inf = found_inf
+                self._skipped_steps = found_inf if self._skipped_steps is None else self._skipped_steps + found_inf
             lr = self.optimizer.param_groups[0]["lr"]
             self.optimizer.step()
             self.scheduler.step()
+            self.optimizer.found_inf = None
         self.global_step += 1
         metrics.update(
             reward=rewards.mean(),
@@ -461,8 +555,8 @@ class ORWCFMTrainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def _epoch_log(self) -> EpochLog:
-        if self._log is None:
+    def _epoch_log(self) -> EpochLog | None:
+        if self._log is None and dist_utils.is_main_process():
             cfg = self.config
             self._log = EpochLog(
                 cfg["savedir"], cfg["run_name"], use_wandb=cfg["use_wandb"],
@@ -470,18 +564,35 @@ class ORWCFMTrainer:
             )
         return self._log
 
+    @property
+    def checkpoints(self) -> CheckpointRotation:
+        """The periodic and interruption checkpoints: ``checkpoint_dir`` (default ``<savedir>/checkpoints``)."""
+        if self._rotation is None:
+            cfg = self.config
+            directory = cfg["checkpoint_dir"] or f"{cfg['savedir']}/checkpoints"
+            self._rotation = CheckpointRotation(directory, keep_last=cfg["keep_checkpoints"])
+        return self._rotation
+
     def train(self, num_epochs: int, steps_per_epoch: int) -> list[dict[str, float]]:
         """Run ``num_epochs`` more epochs of ``steps_per_epoch`` steps.
 
         Each epoch shows a tqdm bar (reward, loss; refreshed every ``log_every`` steps), appends its
         means to ``history``, the CSV under ``savedir`` and wandb (when ``use_wandb``), then
-        refreshes ``last_policy``. Calling again continues from the current epoch.
+        refreshes ``last_policy``. Calling again continues from the current epoch; after
+        :meth:`load_checkpoint` of a checkpoint taken mid-epoch, the first epoch run is the rest of
+        that epoch.
 
         The hot loop does not wait for the device: metrics are summed on the device and read back
         once per ``log_every`` steps and at the end of the epoch. With ``overlap_sampling`` (default:
         on CUDA) the next step's batch (sampling, reward, weights, coupling) is made by a background
         thread, on its own CUDA stream, while this step's backward and optimiser step run; the
         random draws happen in the same order either way, so the results are the same.
+
+        Checkpoints: every ``checkpoint_every`` epochs (keeping the last ``keep_checkpoints``) in
+        :attr:`checkpoints`' folder. With ``handle_signals``, SIGINT/SIGTERM finish the current step,
+        save a checkpoint there and raise :class:`TrainingInterrupted` (a ``SystemExit``). Under
+        ``torch.distributed`` every rank must call ``train`` (rank 0 logs and writes files), and a
+        signal is acted on at the next ``log_every`` boundary, by all ranks together.
 
         Returns:
             The new epochs' mean metrics (each dict has ``epoch``; ``max_reward`` is the epoch's max).
@@ -491,40 +602,77 @@ class ORWCFMTrainer:
         for name, value in (("num_epochs", num_epochs), ("steps_per_epoch", steps_per_epoch)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"train(): {name} must be a positive integer, got {value!r}")
-        log = self._epoch_log()
-        log_every = self.config["log_every"]
-        new = []
-        for _ in range(num_epochs):
-            ep = self.epoch
-            sums = _MetricSums()
-            bar = tqdm(total=steps_per_epoch, desc=f"epoch {ep + 1}", leave=False, dynamic_ncols=True)
-            try:
-                self._run_epoch(ep, steps_per_epoch, sums, bar, log_every)
-            finally:
-                bar.close()
-            means = sums.means()
-            self.update_last_policy()
-            self.epoch += 1
-            means["epoch"] = self.epoch
-            log.log(means, step=self.epoch)
-            self.history.append(means)
-            new.append(means)
-            tqdm.write(
-                f"epoch {self.epoch}: reward {means['reward']:.4f} (max {means['max_reward']:.4f}) "
-                f"fm {means['fm_loss']:.4f} w2 {means['w2_loss']:.4g} loss {means['total_loss']:.4f}"
+        if self.step_in_epoch >= steps_per_epoch:
+            raise ValueError(
+                f"train(): the checkpoint stopped epoch {self.epoch + 1} after {self.step_in_epoch} steps, "
+                f"but steps_per_epoch is {steps_per_epoch}: pass the run's steps_per_epoch to finish it"
             )
+        log = self._epoch_log()
+        cfg = self.config
+        new = []
+        with StopRequests(cfg["handle_signals"]) as stop:
+            for _ in range(num_epochs):
+                ep = self.epoch
+                sums = self._epoch_sums or _MetricSums()
+                self._epoch_sums = sums
+                bar = tqdm(total=steps_per_epoch, initial=self.step_in_epoch, desc=f"epoch {ep + 1}", leave=False,
+                           dynamic_ncols=True, disable=not dist_utils.is_main_process() or None)
+                try:
+                    stopped = self._run_epoch(ep, steps_per_epoch, sums, bar, stop)
+                finally:
+                    bar.close()
+                if stopped:
+                    raise TrainingInterrupted(stop.signum, self._save_rotating())
+                means = sums.means()
+                self.update_last_policy()
+                self.epoch += 1
+                self.step_in_epoch = 0
+                self._epoch_sums = None
+                means["epoch"] = self.epoch
+                if log is not None:
+                    log.log(means, step=self.epoch)
+                self.history.append(means)
+                new.append(means)
+                if dist_utils.is_main_process():
+                    tqdm.write(
+                        f"epoch {self.epoch}: reward {means['reward']:.4f} (max {means['max_reward']:.4f}) "
+                        f"fm {means['fm_loss']:.4f} w2 {means['w2_loss']:.4g} loss {means['total_loss']:.4f}"
+                    )
+                every = cfg["checkpoint_every"]
+                if every is not None and self.epoch % every == 0:
+                    self._save_rotating()
+                if self._stop_requested(stop):
+                    raise TrainingInterrupted(stop.signum, self._save_rotating())
         return new
 
-    def _run_epoch(self, ep: int, steps: int, sums: _MetricSums, bar, log_every: int) -> None:
+    def _stop_requested(self, stop: StopRequests) -> bool:
+        """Whether a signal asks to stop; under torch.distributed a collective: all ranks get the same answer."""
+        if not self.distributed:
+            return stop.signum is not None
+        import torch.distributed as dist
+
+        received = [None] * self.world_size
+        dist.all_gather_object(received, stop.signum)
+        received = [signum for signum in received if signum is not None]
+        if received and stop.signum is None:
+            stop.signum = received[0]
+        return bool(received)
+
+    def _run_epoch(self, ep: int, steps: int, sums: _MetricSums, bar, stop: StopRequests) -> bool:
+        """Steps ``step_in_epoch .. steps - 1`` of epoch ``ep``; True if a stop request ended it early."""
         own_steps = self._uses_own_steps()
         overlap = own_steps and self._overlap()
+        log_every = self.config["log_every"]
         pending: Pending | None = None
+        rng_before_pending: dict | None = None
 
         def submit_next() -> Pending:
+            nonlocal rng_before_pending
+            rng_before_pending = self._rng_state()  # a stop discards this batch: rewind its draws
             return self._worker.submit(self._make_batch, *self._draw_batch_inputs())
 
         try:
-            for i in range(steps):
+            for i in range(self.step_in_epoch, steps):
                 if not own_steps:
                     out = self.training_step(ep)
                     lr = out.pop("lr")
@@ -535,13 +683,35 @@ class ORWCFMTrainer:
                     meanwhile = submit_next if overlap and i + 1 < steps else None
                     metrics, lr, pending = self._train_step(batch, meanwhile)
                 sums.add(metrics, lr)
+                self.step_in_epoch = i + 1
                 bar.update(1)
-                if (i + 1) % log_every == 0 or i + 1 == steps:
-                    last = sums.last_floats("reward", "total_loss")
-                    bar.set_postfix(reward=f"{last['reward']:.4f}", loss=f"{last['total_loss']:.4f}", refresh=False)
+                boundary = (i + 1) % log_every == 0 or i + 1 == steps
+                if boundary:
+                    self._read_step_metrics(sums, bar)
+                # Distributed: decided at log boundaries only (a collective); else after every step.
+                if i + 1 < steps and (boundary or not self.distributed) and self._stop_requested(stop):
+                    if pending is not None:
+                        pending.wait()
+                        pending = None
+                        self._set_rng_state(rng_before_pending)
+                    return True
         finally:
             if pending is not None:  # an error stopped the epoch: let the background batch finish, unused
                 pending.wait()
+        return False
+
+    def _read_step_metrics(self, sums: _MetricSums, bar) -> None:
+        """The once-per-log-interval host read: progress bar values and the skipped-step count."""
+        values = sums.last_floats("reward", "total_loss")
+        if self._skipped_steps is not None:
+            skipped, self._skipped_steps = int(self._skipped_steps.item()), None
+            if skipped:
+                raise FloatingPointError(
+                    f"{skipped} step(s) before step {self.global_step} had non-finite gradients; their updates "
+                    "were skipped (the parameters never saw them). Look for NaN/inf in the model's outputs, or "
+                    "lower 'learning_rate' / use precision 'fp32'"
+                )
+        bar.set_postfix(reward=f"{values['reward']:.4f}", loss=f"{values['total_loss']:.4f}", refresh=False)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -566,8 +736,29 @@ class ORWCFMTrainer:
             if "sched" in ckpt:
                 self.scheduler.load_state_dict(ckpt["sched"])
 
+    def _rng_state(self) -> dict[str, Any]:
+        return rng.capture({"generator": self.generator, "cpu_generator": self.cpu_generator},
+                           self.device if self.device.type == "cuda" else None)
+
+    def _set_rng_state(self, state: Mapping[str, Any]) -> None:
+        rng.restore(state, {"generator": self.generator, "cpu_generator": self.cpu_generator},
+                    self.device if self.device.type == "cuda" else None)
+
     def state_dict(self) -> dict[str, Any]:
-        """Everything :meth:`load_checkpoint` needs; the reference's keys are kept."""
+        """Everything :meth:`load_checkpoint` needs; the reference's keys are kept.
+
+        Models, optimiser, scheduler, config, epoch and step counters (also within an epoch, with
+        that epoch's metric sums), history, and every random state (the trainer's generators,
+        torch CPU and CUDA, numpy, Python: one set per rank). Under ``torch.distributed`` this is a
+        collective: every rank must call it.
+        """
+        rng_states = [self._rng_state()]
+        if self.distributed:
+            import torch.distributed as dist
+
+            rng_states = [None] * self.world_size
+            dist.all_gather_object(rng_states, self._rng_state())
+        partial = self._epoch_sums is not None and self.step_in_epoch > 0
         return {
             "net_model": unwrap_model(self.net_model).state_dict(),
             "last_policy": self.last_policy.state_dict(),
@@ -577,20 +768,47 @@ class ORWCFMTrainer:
             "config": serializable_config(self.config),
             "epoch": self.epoch,
             "global_step": self.global_step,
-            "generator": self.generator.get_state(),
-            "cpu_generator": self.cpu_generator.get_state(),
+            "step_in_epoch": self.step_in_epoch,
+            "epoch_sums": self._epoch_sums.state() if partial else None,
+            "rng": rng_states,
+            "seed": self.seed,
+            "world_size": self.world_size,
             "history": list(self.history),
             "version": __version__,
         }
 
     def save_checkpoint(self, path) -> None:
-        """Write :meth:`state_dict` to ``path`` atomically (parent folders are created)."""
-        atomic_save(self.state_dict(), path)
+        """Write :meth:`state_dict` to ``path`` atomically (parent folders are created).
+
+        Under ``torch.distributed`` every rank must call it; rank 0 writes the file.
+        """
+        state = self.state_dict()
+        if dist_utils.is_main_process():
+            atomic_save(state, path)
+        dist_utils.barrier()
+
+    def _save_rotating(self):
+        """A numbered checkpoint in :attr:`checkpoints` (the newest ``keep_checkpoints`` are kept); its path."""
+        state = self.state_dict()
+        path = self.checkpoints.path_for(self.epoch, self.step_in_epoch)
+        if dist_utils.is_main_process():
+            path = self.checkpoints.save(state, self.epoch, self.step_in_epoch)
+        dist_utils.barrier()
+        return path
 
     def load_checkpoint(self, path) -> None:
         """Resume from :meth:`save_checkpoint`'s file: models, optimiser, scheduler, counters, RNG.
 
-        The trainer's own config (passed to the constructor) stays in force.
+        The trainer's own config (passed to the constructor) stays in force. A following
+        ``train(num_epochs, steps_per_epoch)`` continues exactly where the saved run was (the rest
+        of its epoch first, if it was saved mid-epoch); on the CPU the result is bit-identical to an
+        uninterrupted run. Under ``torch.distributed`` every rank loads the same file and takes its
+        own random state; a different world size resumes the weights and optimiser but not the
+        random streams (a warning says so).
+
+        Raises:
+            CheckpointError: missing or unreadable file, not a trainer checkpoint, or weights of
+                another architecture (nothing is changed then).
         """
         ckpt = load_file(path, map_location=self.device)
         required = ("net_model", "last_policy", "optim", "sched")
@@ -600,6 +818,11 @@ class ORWCFMTrainer:
                 f"{str(path)!r} is not a trainer checkpoint: it lacks {missing} "
                 "(for pretrained weights use load_pretrained)"
             )
+        # Check every model before changing any, so a mismatch leaves the trainer as it was.
+        for key, model in (("net_model", self.net_model), ("last_policy", self.last_policy),
+                           ("ref_model", self.ref_model)):
+            if key in ckpt:
+                _check_fits(model, ckpt[key], f"{str(path)!r} [{key}]")
         load_state_strict(self.net_model, ckpt["net_model"], f"{str(path)!r} [net_model]")
         load_state_strict(self.last_policy, ckpt["last_policy"], f"{str(path)!r} [last_policy]")
         if "ref_model" in ckpt:
@@ -608,8 +831,32 @@ class ORWCFMTrainer:
         self.scheduler.load_state_dict(ckpt["sched"])
         self.epoch = int(ckpt.get("epoch", 0))
         self.global_step = int(ckpt.get("global_step", 0))
+        self.step_in_epoch = int(ckpt.get("step_in_epoch", 0))
+        sums = ckpt.get("epoch_sums")
+        self._epoch_sums = _MetricSums.from_state(sums, self.device) if sums else None
         self.history = list(ckpt.get("history", []))
-        if "generator" in ckpt:
-            self.generator.set_state(ckpt["generator"].cpu())
-        if "cpu_generator" in ckpt:
-            self.cpu_generator.set_state(ckpt["cpu_generator"].cpu())
+        self.seed = int(ckpt.get("seed", self.seed))
+        rng_states = ckpt.get("rng")
+        saved_world = int(ckpt.get("world_size", 1))
+        if rng_states is not None and saved_world == self.world_size and len(rng_states) == self.world_size:
+            self._set_rng_state(rng_states[self.rank])
+        elif rng_states is not None:
+            warnings.warn(
+                f"{str(path)!r} was written by a run of {saved_world} processes, this one has {self.world_size}: "
+                "weights, optimiser and counters are restored, the random streams are reseeded (not an exact resume)"
+            )
+            rank_seed = self.seed + 1_000_003 * self.rank + 7919 * self.global_step
+            self.generator.manual_seed(rank_seed)
+            self.cpu_generator.manual_seed(rank_seed + 1)
+        else:  # checkpoints of earlier versions: the trainer's generators only
+            if "generator" in ckpt:
+                self.generator.set_state(ckpt["generator"].cpu())
+            if "cpu_generator" in ckpt:
+                self.cpu_generator.set_state(ckpt["cpu_generator"].cpu())
+
+
+def _check_fits(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise :class:`CheckpointError` (``load_state_strict``'s message) if ``state`` does not fit; load nothing."""
+    own = unwrap_model(model).state_dict()
+    if set(own) != set(state) or any(own[k].shape != state[k].shape for k in own):
+        load_state_strict(model, state, source)  # raises, listing the differences

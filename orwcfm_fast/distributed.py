@@ -1,0 +1,110 @@
+"""Data-parallel runs on ``torch.distributed``: process-group setup from torchrun's environment.
+
+``torchrun --nproc_per_node N [--nnodes M --rdzv-backend c10d --rdzv-endpoint HOST:PORT] ...``
+starts one process per GPU and sets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and
+``MASTER_PORT``. :func:`init_from_env` turns that into an initialised default process group
+(NCCL for CUDA, gloo for CPU); :class:`~orwcfm_fast.ORWCFMTrainer` notices an initialised group
+and runs data-parallel (see its docstring). Nothing here runs at import time.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "launched_by_torchrun",
+    "init_from_env",
+    "is_distributed",
+    "rank",
+    "world_size",
+    "is_main_process",
+    "default_device",
+    "barrier",
+]
+
+
+def launched_by_torchrun() -> bool:
+    """True when the environment of a torchrun (or ``torch.distributed.launch``) worker is set."""
+    return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def is_distributed() -> bool:
+    """True when a default process group with more than one process is initialised."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    """This process's global rank (0 when not distributed)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """The number of processes (1 when not distributed)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (and when not distributed): the process that logs and writes files."""
+    return rank() == 0
+
+
+def default_device(requested: str | torch.device | None = None) -> torch.device:
+    """The device this process should use.
+
+    Args:
+        requested: ``None`` (CUDA when available, else CPU), ``"cuda"`` (this process's GPU) or an
+            explicit device. Under torchrun, ``"cuda"`` and ``None`` mean ``cuda:LOCAL_RANK``.
+    """
+    if requested is not None:
+        device = torch.device(requested)
+        if device.type != "cuda" or device.index is not None:
+            return device
+    elif not torch.cuda.is_available():
+        return torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return torch.device("cuda", local_rank)
+
+
+def init_from_env(device: str | torch.device | None = None, backend: str | None = None) -> torch.device:
+    """Initialise the default process group from torchrun's environment, if launched by it.
+
+    Args:
+        device: see :func:`default_device`.
+        backend: process-group backend; default NCCL for CUDA devices, gloo otherwise.
+
+    Returns:
+        This process's device (with ``torch.cuda.set_device`` called for a CUDA device).
+        Without torchrun's environment nothing is initialised and the device is returned.
+
+    Raises:
+        RuntimeError: torchrun's environment is incomplete or inconsistent (the message names
+            the variable), or the requested CUDA device does not exist.
+    """
+    device = default_device(device)
+    if device.type == "cuda":
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"this process wants {device} (LOCAL_RANK={os.environ.get('LOCAL_RANK')}) but only "
+                f"{torch.cuda.device_count()} CUDA devices are visible: start at most that many processes per node"
+            )
+        torch.cuda.set_device(device)
+    if not launched_by_torchrun() or (dist.is_available() and dist.is_initialized()):
+        return device
+    if not dist.is_available():
+        raise RuntimeError("launched by torchrun but this torch build has no torch.distributed")
+    for name in ("RANK", "WORLD_SIZE"):
+        if not os.environ[name].isdigit():
+            raise RuntimeError(f"environment variable {name}={os.environ[name]!r} is not a non-negative integer")
+    backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    dist.init_process_group(backend=backend, **kwargs)
+    return device
+
+
+def barrier() -> None:
+    """``dist.barrier()`` when distributed; nothing otherwise."""
+    if is_distributed():
+        dist.barrier()
