@@ -3,6 +3,10 @@
 Commands:
 
 - ``demo``: the offline 8x8-digits fine-tuning demo (:func:`orwcfm_fast.tasks.demo.run_demo`).
+- ``train``: checkpointed, resumable ORW-CFM-W2 fine-tuning on a task, also under ``torchrun``
+  (:mod:`orwcfm_fast.train_run`)::
+
+      torchrun --nproc_per_node 2 -m orwcfm_fast.cli train --task gaussians --epochs 10
 """
 
 from __future__ import annotations
@@ -33,6 +37,41 @@ def _non_negative_float(text: str) -> float:
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
     return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Description and epilog kept as written; defaults shown unless ``None``/``False`` (the help says those)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+_TRAIN_EPILOG = """\
+configuration (lowest precedence first): the task's defaults, --config files in order, --set
+assignments in order, then --outdir (savedir), --seed and --batch-size. Keys are the trainer's
+(see orwcfm_fast.config.OPTIONS / the README), e.g. learning_rate, temperature, w2_coefficient,
+ode_solver, ode_steps, reward, text_prompts, checkpoint_every, keep_checkpoints, checkpoint_dir.
+
+files in OUTDIR: <run_name>_metrics.csv (one row per epoch), checkpoints/ (every checkpoint_every
+epochs, and on SIGINT/SIGTERM), train_run.json (this run's settings), final.pt (at the end).
+SIGINT/SIGTERM finish the current step, save a checkpoint and exit with status 128+signal;
+running the same command again resumes (--resume auto).
+
+examples:
+  orwcfm-fast train --task gaussians --epochs 10 --set checkpoint_every=1
+  orwcfm-fast train --task digits --target 3 --outdir runs/digits3 --set temperature=2
+  torchrun --nproc_per_node 8 -m orwcfm_fast.cli train --task cifar10 --pretrained otcfm.pt --ema \\
+      --epochs 100 --steps-per-epoch 100 --set 'text_prompts=["a photo of a cat", "a photo of a dog"]'
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +110,68 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--cache-dir", default="runs/cache", help="cache of the pretrained UNet and classifier")
     demo.add_argument("--seed", type=int, default=0, help="random seed")
     demo.add_argument("--quiet", action="store_true", help="no pretraining bar or per-epoch lines (the trainer's epoch bars remain)")
+
+    _add_train_parser(sub)
     return parser
+
+
+def _add_train_parser(sub) -> None:
+    from orwcfm_fast.train_run import TASKS, parse_assignment
+
+    train = sub.add_parser(
+        "train",
+        help="fine-tune a pretrained flow model with ORW-CFM-W2 (checkpointed, resumable, torchrun-ready)",
+        description=(
+            "Fine-tune a pretrained flow-matching model with ORW-CFM-W2 on a task:\n"
+            "  gaussians  2-D MLP flow (pretrained and cached in --cache-dir, seconds on a CPU);\n"
+            "             reward: closeness to mode --target\n"
+            "  digits     the demo's 8x8-digits UNet (cached); reward: the classifier's p(digit --target)\n"
+            "  cifar10    the paper's torchcfm UNet, weights from --pretrained; reward from the config\n"
+            "             (default 'clip', which needs text_prompts)\n"
+            "Under torchrun every process runs this same command and the trainer trains data-parallel\n"
+            "(DDP; each rank samples with its own seed); rank 0 writes all files."
+        ),
+        epilog=_TRAIN_EPILOG,
+        formatter_class=_HelpFormatter,
+    )
+    train.add_argument("--task", required=True, choices=sorted(TASKS), help="model, default reward and sample shape")
+    train.add_argument("--target", type=_non_negative_int, default=None,
+                       help="rewarded mode (gaussians, 0..7; default 0) or digit (digits, 0..9; default 7); "
+                            "used unless the config sets 'reward'")
+    train.add_argument("--pretrained", metavar="PATH", default=None,
+                       help="pretrained weights (torchcfm checkpoint, ours, or a state dict); required for cifar10; "
+                            "default: the config's ref_path, else gaussians/digits pretrain into --cache-dir")
+    train.add_argument("--ema", action="store_true", help="load the --pretrained checkpoint's 'ema_model' weights")
+    train.add_argument("--config", metavar="FILE.json", action="append", default=None,
+                       help="JSON object of trainer config keys (repeatable; later files override earlier)")
+    train.add_argument("--set", metavar="KEY=VALUE", action="append", type=parse_assignment, default=None,
+                       help="one config key (repeatable, applied after --config; later overrides earlier); VALUE is "
+                            "parsed as JSON (1e-4, true, null, [2], \"text\"), else taken as a plain string")
+    train.add_argument("--epochs", type=_positive_int, default=None,
+                       help="total epochs the run reaches (a resumed run trains only the rest); "
+                            "default 10 for gaussians, 8 for digits, required for cifar10")
+    train.add_argument("--steps-per-epoch", type=_positive_int, default=None,
+                       help="optimiser steps per epoch; default 20 for gaussians, 30 for digits, required for cifar10")
+    train.add_argument("--batch-size", type=_positive_int, default=None,
+                       help="config batch_size: samples per step (per process under torchrun)")
+    train.add_argument("--resume", default="auto", metavar="{auto,never,PATH}",
+                       help="auto: continue from the newest checkpoint in the checkpoint folder (or OUTDIR/final.pt) "
+                            "if there is one; never: start afresh (refused if OUTDIR already holds a run); "
+                            "PATH: that checkpoint")
+    train.add_argument("--outdir", default=None,
+                       help="config savedir: metrics, checkpoints/, final.pt; default runs/train-TASK")
+    train.add_argument("--device", default=None,
+                       help="torch device; default: cuda (cuda:LOCAL_RANK under torchrun) if available, else cpu")
+    train.add_argument("--seed", type=_non_negative_int, default=None,
+                       help="config seed (default 0; under torchrun each rank offsets it)")
+    train.add_argument("--cache-dir", default="runs/cache", help="cache of the pretrained gaussians/digits models")
+    train.add_argument("--pretrain-steps", type=_positive_int, default=None,
+                       help="pretraining steps of the gaussians/digits model when not cached "
+                            "(default 1500 / 800; cached per value)")
+    train.add_argument("--dump-samples", metavar="PATH", default=None,
+                       help="at the end every process writes 16 samples of its final policy and its weights' "
+                            "SHA-256 to PATH.rank<R>.pt")
+    train.add_argument("--quiet", action="store_true", help="no progress lines of this command (the trainer's remain)")
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -111,12 +211,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``) and run the command.
 
     Returns:
-        The process exit code: 0 on success (argparse exits with 2 on bad arguments).
+        The process exit code: 0 on success, 2 for a bad config (argparse itself exits with 2 on
+        bad arguments); ``train`` also returns 1 for an unusable checkpoint and ``128 + signum``
+        when stopped by SIGINT/SIGTERM.
     """
     parser = build_parser()
     args = parser.parse_args(list(argv) if argv is not None else sys.argv[1:])
     if args.command == "demo":
         return _run_demo(args)
+    if args.command == "train":
+        from orwcfm_fast.train_run import run_train
+
+        return run_train(args, prog=f"{parser.prog} train")
     parser.error(f"unknown command {args.command!r}")  # unreachable: argparse checks choices
     return 2
 
