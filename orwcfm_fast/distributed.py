@@ -10,6 +10,8 @@ and runs data-parallel (see its docstring). Nothing here runs at import time.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -23,6 +25,9 @@ __all__ = [
     "is_main_process",
     "default_device",
     "barrier",
+    "broadcast_module",
+    "broadcast_object",
+    "main_process_first",
 ]
 
 
@@ -108,3 +113,31 @@ def barrier() -> None:
     """``dist.barrier()`` when distributed; nothing otherwise."""
     if is_distributed():
         dist.barrier()
+
+
+def broadcast_module(module: torch.nn.Module) -> None:
+    """Overwrite ``module``'s parameters and buffers with rank 0's, in place (nothing when not distributed)."""
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(tensor.data, src=0)
+
+
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's ``value`` (any picklable object) on every rank; ``value`` itself when not distributed."""
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@contextmanager
+def main_process_first() -> Iterator[None]:
+    """Rank 0 runs the block first (it may fill a cache), then the other ranks."""
+    if not is_main_process():
+        barrier()
+    yield
+    if is_main_process():
+        barrier()

@@ -55,6 +55,11 @@ class StopRequests:
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
 
+    @property
+    def may_stop(self) -> bool:
+        """True if a stop was requested or still can be (the handlers are installed)."""
+        return self.signum is not None or bool(self._previous)
+
     def _handler(self, signum, frame):
         self.signum = signum
         self._restore()  # a second signal acts as it would without us

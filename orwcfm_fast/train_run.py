@@ -38,10 +38,9 @@ import json
 import os
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 __all__ = [
     "TASKS",
@@ -287,46 +286,6 @@ def _build_task(task: str, args: argparse.Namespace, device, *, pretrained: str 
 # ----------------------------------------------------------------------------- distributed helpers
 
 
-@contextmanager
-def _main_process_first() -> Iterator[None]:
-    """Rank 0 runs the block first (it may fill the cache), then the other ranks."""
-    from orwcfm_fast import distributed
-
-    if not distributed.is_main_process():
-        distributed.barrier()
-    yield
-    if distributed.is_main_process():
-        distributed.barrier()
-
-
-def _broadcast_module(module) -> None:
-    """Overwrite ``module``'s parameters and buffers with rank 0's (nothing when not distributed)."""
-    import torch
-
-    from orwcfm_fast import distributed
-
-    if module is None or not isinstance(module, torch.nn.Module) or not distributed.is_distributed():
-        return
-    import torch.distributed as dist
-
-    with torch.no_grad():
-        for tensor in module.state_dict().values():
-            dist.broadcast(tensor, src=0)
-
-
-def _from_rank0(value):
-    """Rank 0's ``value`` on every rank (picklable objects)."""
-    from orwcfm_fast import distributed
-
-    if not distributed.is_distributed():
-        return value
-    import torch.distributed as dist
-
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def weights_digest(weights) -> str:
     """SHA-256 of a module's (or a state dict's) tensors: names, dtypes, shapes and bytes, in key order.
 
@@ -404,10 +363,6 @@ def _plan(args: argparse.Namespace) -> _Plan:
     return _Plan(task, config, epochs, steps, None if pretrained is None else str(pretrained), args.resume, args)
 
 
-def _checkpoint_dir(config: Mapping[str, Any]) -> Path:
-    return Path(config.get("checkpoint_dir") or Path(config["savedir"]) / "checkpoints")
-
-
 def _find_resume(plan: _Plan, config: Mapping[str, Any]) -> Path | None:
     """The checkpoint to resume from (rank 0 decides), or None for a fresh run.
 
@@ -416,8 +371,9 @@ def _find_resume(plan: _Plan, config: Mapping[str, Any]) -> Path | None:
     ``never``: a fresh run, refused when the output folder already holds one (their checkpoints would mix).
     """
     from orwcfm_fast.checkpoints import latest_checkpoint
+    from orwcfm_fast.trainer import checkpoint_directory
 
-    ckpt_dir = _checkpoint_dir(config)
+    ckpt_dir = checkpoint_directory(config)
     final = Path(config["savedir"]) / _FINAL
     candidates = [p for p in (latest_checkpoint(ckpt_dir), final if final.is_file() else None) if p is not None]
     if plan.resume == "never":
@@ -501,10 +457,11 @@ def _train(plan: _Plan, args: argparse.Namespace, device, prog: str) -> int:
         return status
 
     start = time.perf_counter()
-    with _main_process_first():  # rank 0 fills the caches; the others then read them
+    with distributed.main_process_first():  # rank 0 fills the caches; the others then read them
         parts = _build_task(plan.task, args, device, pretrained=plan.pretrained, log=log)
-    _broadcast_module(parts.model)  # identical starting weights on every rank, whatever each one computed
-    _broadcast_module(parts.reward)
+    distributed.broadcast_module(parts.model)  # identical starting weights on every rank, whatever each one computed
+    if isinstance(parts.reward, torch.nn.Module):
+        distributed.broadcast_module(parts.reward)
     for note in parts.notes:
         log(f"[train] {note}")
 
@@ -524,7 +481,7 @@ def _train(plan: _Plan, args: argparse.Namespace, device, prog: str) -> int:
             resume = _find_resume(plan, trainer.config) if main_process else None
         except UsageError as err:
             resume = err
-        resume = _from_rank0(resume)
+        resume = distributed.broadcast_object(resume)
         if isinstance(resume, UsageError):
             return fail(str(resume), 2)
         if resume is not None:

@@ -21,6 +21,7 @@ import contextlib
 import copy
 import math
 import warnings
+from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple
 
 import torch
@@ -48,7 +49,7 @@ from orwcfm_fast.run_log import EpochLog
 from orwcfm_fast.sampling import GraphSampler, integrate
 from orwcfm_fast.weighting import effective_sample_size, reward_weights
 
-__all__ = ["ORWCFMTrainer", "LinearWarmup", "TrainingInterrupted", "infer_sample_shape"]
+__all__ = ["ORWCFMTrainer", "LinearWarmup", "TrainingInterrupted", "checkpoint_directory", "infer_sample_shape"]
 
 
 class LinearWarmup:
@@ -151,6 +152,11 @@ class _MetricSums:
         return sums
 
 
+def checkpoint_directory(config: Mapping[str, Any]) -> Path:
+    """Where ``train`` writes its checkpoints: ``checkpoint_dir``, else ``<savedir>/checkpoints``."""
+    return Path(config.get("checkpoint_dir") or Path(config["savedir"]) / "checkpoints")
+
+
 def _model_device(model: torch.nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
@@ -215,8 +221,7 @@ class ORWCFMTrainer:
         model = unwrap_model(model).to(self.device)
         if cfg["unet_speedups"] and describe_unet(model).is_unet:
             optimize_unet(model)  # in place, before the copies: all three models run the same code
-        if self.distributed:
-            self._broadcast_from_rank0(model)  # every rank starts from rank 0's weights
+        dist_utils.broadcast_module(model)  # distributed: every rank starts from rank 0's weights
         self.last_policy = copy.deepcopy(model).eval().requires_grad_(False)
         self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         self.net_model = self._maybe_parallel(model)
@@ -271,23 +276,9 @@ class ORWCFMTrainer:
         return contextlib.nullcontext()
 
     def _base_seed(self, seed: int | None) -> int:
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, ()).item())
-            if self.distributed:  # one run, one base seed: rank 0's
-                import torch.distributed as dist
-
-                box = [seed]
-                dist.broadcast_object_list(box, src=0)
-                seed = box[0]
+        if seed is None:  # one run, one base seed: rank 0's
+            seed = dist_utils.broadcast_object(int(torch.randint(0, 2**62, ()).item()))
         return seed
-
-    @staticmethod
-    def _broadcast_from_rank0(model: torch.nn.Module) -> None:
-        import torch.distributed as dist
-
-        with torch.no_grad():
-            for tensor in list(model.parameters()) + list(model.buffers()):
-                dist.broadcast(tensor.data, src=0)
 
     def _maybe_parallel(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.distributed:
@@ -568,9 +559,8 @@ class ORWCFMTrainer:
     def checkpoints(self) -> CheckpointRotation:
         """The periodic and interruption checkpoints: ``checkpoint_dir`` (default ``<savedir>/checkpoints``)."""
         if self._rotation is None:
-            cfg = self.config
-            directory = cfg["checkpoint_dir"] or f"{cfg['savedir']}/checkpoints"
-            self._rotation = CheckpointRotation(directory, keep_last=cfg["keep_checkpoints"])
+            self._rotation = CheckpointRotation(checkpoint_directory(self.config),
+                                                keep_last=self.config["keep_checkpoints"])
         return self._rotation
 
     def train(self, num_epochs: int, steps_per_epoch: int) -> list[dict[str, float]]:
@@ -668,7 +658,8 @@ class ORWCFMTrainer:
 
         def submit_next() -> Pending:
             nonlocal rng_before_pending
-            rng_before_pending = self._rng_state()  # a stop discards this batch: rewind its draws
+            if stop.may_stop:  # a stop would discard this batch: keep the states to rewind its draws
+                rng_before_pending = self._rng_state()
             return self._worker.submit(self._make_batch, *self._draw_batch_inputs())
 
         try:
@@ -790,11 +781,10 @@ class ORWCFMTrainer:
     def _save_rotating(self):
         """A numbered checkpoint in :attr:`checkpoints` (the newest ``keep_checkpoints`` are kept); its path."""
         state = self.state_dict()
-        path = self.checkpoints.path_for(self.epoch, self.step_in_epoch)
         if dist_utils.is_main_process():
-            path = self.checkpoints.save(state, self.epoch, self.step_in_epoch)
+            self.checkpoints.save(state, self.epoch, self.step_in_epoch)
         dist_utils.barrier()
-        return path
+        return self.checkpoints.path_for(self.epoch, self.step_in_epoch)
 
     def load_checkpoint(self, path) -> None:
         """Resume from :meth:`save_checkpoint`'s file: models, optimiser, scheduler, counters, RNG.
