@@ -30,6 +30,7 @@ __all__ = [
     "expected_loss",
     "expected_loss_grad",
     "expected_path",
+    "dopri5_fixed_tableau",
     "expected_ode_step",
     "assert_rel_close",
     "assert_elementwise_close",
@@ -201,3 +202,21 @@ def assert_low_precision_ok(actual, torch_actual, expected, name: str = "value",
     err = float((actual.detach().double().cpu() - e).abs().max())
     torch_err = float((torch_actual.detach().double().cpu() - e).abs().max())
     assert err <= 2 * torch_err + floor, f"{name}: error {err:.3g} > 2 x torch backend's {torch_err:.3g} (+{floor:g})"
+
+
+def dopri5_fixed_tableau():
+    """Dormand-Prince 5(4)'s 7-stage tableau as a fixed-step method: rows of 5 and 6 stage values
+    (more than one fused pass of the Triton ``ode_step``)."""
+    from orwcfm_fast.sampling import ButcherTableau
+
+    a = (
+        (0,) * 7,
+        (1 / 5, 0, 0, 0, 0, 0, 0),
+        (3 / 40, 9 / 40, 0, 0, 0, 0, 0),
+        (44 / 45, -56 / 15, 32 / 9, 0, 0, 0, 0),
+        (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729, 0, 0, 0),
+        (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656, 0, 0),
+        (35 / 384, 0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0),
+    )
+    b = (35 / 384, 0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0)
+    return ButcherTableau("dopri5_fixed", a, b, tuple(sum(row) for row in a), 5)

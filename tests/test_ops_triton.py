@@ -32,6 +32,7 @@ from op_cases import (  # noqa: E402
     expected_loss,
     expected_loss_grad,
     expected_ode_step,
+    dopri5_fixed_tableau,
     expected_path,
     loss_inputs,
     random_shapes,
@@ -222,7 +223,7 @@ def check_path_low_precision(shape, i: int, dtype: torch.dtype, device: str) -> 
 
 def _ode_inputs(shape, i: int, dtype: torch.dtype, device: str):
     gen = torch.Generator().manual_seed(5000 + i)
-    n_k = i % 5  # 0..4 stage values
+    n_k = i % 10  # 0..9 stage values: one, two and three passes of MAX_STAGES (4)
     x = _randn(shape, gen, dtype, device)
     ks = [_randn(shape, gen, dtype, device) for _ in range(n_k)]
     coeffs = [float(c) for c in torch.rand(n_k, generator=gen, dtype=torch.float64) * 2 - 0.5]
@@ -490,11 +491,74 @@ def test_empty_inputs_match_the_reference():
         assert T.ode_step(v, [u], [1.0], 0.1).shape == v.shape
 
 
+SPLIT_SHAPES = [(1, 16, 64, 64), (3, 20001), (2, 4, 97, 99), (5, 8193 * 2)]
+"""Small batches of long rows: the forward splits each row over several programs."""
+
+
+def test_forward_splits_policy():
+    from orwcfm_fast.ops.triton.loss import MIN_SPLIT_TILES, TARGET_PROGRAMS, forward_splits
+
+    tile = 2048  # MAX_TILE
+    assert forward_splits(128, 3072) == (1, 4096)  # CIFAR rows stay whole (the one-pass path)
+    assert forward_splits(512, 2) == (1, 2)
+    assert forward_splits(1, MIN_SPLIT_TILES * tile) == (1, MIN_SPLIT_TILES * tile)  # not long enough to split
+    assert forward_splits(1, 16 * 64 * 64) == (8, 8192)  # one 64x64x16 latent: 8 programs, not 1
+    assert forward_splits(16, 16 * 64 * 64) == (8, 8192)  # 128 programs instead of 16
+    splits, split_d = forward_splits(4096, 16 * 64 * 64)  # a big batch fills the GPU alone: no split
+    assert (splits, split_d) == (1, 16 * 64 * 64)
+    for b, d in [(1, 10**6), (3, 20001), (7, 123457), (100, 50000), (2000, 9000)]:
+        splits, split_d = forward_splits(b, d)
+        assert split_d % tile == 0 and (splits - 1) * split_d < d <= splits * split_d  # no empty split
+        assert splits == 1 or b * splits <= 2 * TARGET_PROGRAMS
+
+
+@cpu
+@pytest.mark.parametrize("dtype", FP.values(), ids=FP.keys())
+@pytest.mark.parametrize("i", range(len(SPLIT_SHAPES)))
+def test_loss_split_rows(i, dtype):
+    from orwcfm_fast.ops.triton.loss import forward_splits
+
+    shape = SPLIT_SHAPES[i]
+    assert forward_splits(shape[0], math.prod(shape[1:]))[0] > 1
+    check_loss(shape, i, dtype, "cpu")
+
+
+@cpu
+@pytest.mark.parametrize("dtype", LOWP.values(), ids=LOWP.keys())
+def test_loss_split_rows_low_precision(dtype):
+    check_loss_low_precision(SPLIT_SHAPES[0], 0, dtype, "cpu")
+
+
+@cpu
+def test_loss_split_rows_deterministic():
+    v, u, v_ref, w = loss_inputs(SPLIT_SHAPES[1], seed=3, weight_kind="mixed")
+    first = T.orw_cfm_w2_loss(v, u, v_ref, w, 0.5)
+    for a, b in zip(first, T.orw_cfm_w2_loss(v, u, v_ref, w, 0.5)):
+        assert torch.equal(a, b)
+
+
+@cpu
+def test_integrate_with_a_seven_stage_tableau():
+    """dopri5's coefficients as a fixed-step method: rows of 5 and 6 stage values take two passes."""
+    from orwcfm_fast.sampling import integrate
+
+    tableau = dopri5_fixed_tableau()
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(6, 6, generator=gen, dtype=torch.float64) / 3
+
+    def model(t, x):
+        return torch.tanh(x @ weight.to(x.dtype)) * (1 + t[:, None].to(x.dtype))
+
+    for dtype, rtol in ((torch.float64, 1e-13), (torch.float32, 1e-6)):
+        x_0 = torch.randn(37, 6, generator=gen, dtype=torch.float64).to(dtype)
+        got = integrate(model, x_0, solver=tableau, steps=3, backend="triton")
+        want = integrate(model, x_0, solver=tableau, steps=3, backend="torch")
+        torch.testing.assert_close(got, want, rtol=rtol, atol=rtol)
+
+
 @cpu
 def test_input_errors():
     x = torch.randn(2, 3)
-    with pytest.raises(ValueError, match="at most 4 stage values"):
-        T.ode_step(x, [x] * 5, [1.0] * 5, 0.1)
     with pytest.raises(ValueError, match="2 coefficients for 1 stage values"):
         T.ode_step(x, [x], [1.0, 2.0], 0.1)
     with pytest.raises(ValueError, match=r"ks\[0\] is \(3, 2\)"):
@@ -560,6 +624,16 @@ def test_cuda_opcheck(case):
     op, args = _op_cases()[case]
     flat = [a.detach().cuda().requires_grad_(a.requires_grad) for a in _flatten(args)]
     torch.library.opcheck(op, tuple(_unflatten(args, flat)))
+
+
+@cuda
+@pytest.mark.parametrize("i", range(len(SPLIT_SHAPES)))
+def test_cuda_loss_split_rows(i):
+    check_loss(SPLIT_SHAPES[i], i, torch.float32, "cuda")
+    v, u, v_ref, w = loss_inputs(SPLIT_SHAPES[i], seed=i, device="cuda")
+    first = T.orw_cfm_w2_loss(v, u, v_ref, w, 1.0)
+    for a, b in zip(first, T.orw_cfm_w2_loss(v, u, v_ref, w, 1.0)):
+        assert torch.equal(a, b)
 
 
 @cuda

@@ -4,10 +4,11 @@ Each op is a ``torch.library.triton_op`` whose body launches its kernels through
 ``torch.library.wrap_triton``, so ``torch.compile`` traces into it (Inductor can inline the
 kernels), with autograd registered on it:
 
-- ``orwcfm_fast::orw_cfm_w2_loss_triton``: ``(loss, fm, w2)``, one fused pass (``loss.py``);
+- ``orwcfm_fast::orw_cfm_w2_loss_triton``: ``(loss, fm, w2)``, one fused pass; long rows of small
+  batches are split over several programs (``loss.py``);
 - ``orwcfm_fast::orw_cfm_w2_loss_backward_triton``: ``grad_v``, one fused pass (``loss.py``);
 - ``orwcfm_fast::conditional_path_triton``: ``(x_t, u_t)``, one pass (``path.py``);
-- ``orwcfm_fast::ode_step_triton``: ``x + dt * sum_j c_j k_j``, one pass (``ode.py``; not
+- ``orwcfm_fast::ode_step_triton``: ``x + dt * sum_j c_j k_j``, one pass per four ``k_j`` (``ode.py``; not
   ``ode_step.py``, whose import would overwrite this package's ``ode_step`` function).
 
 The wrappers below are what :mod:`orwcfm_fast.ops` calls once it has validated its inputs; they
@@ -140,14 +141,14 @@ def conditional_path(x_0, x_1, t, sigma: float = 0.0, noise=None):
 
 
 def ode_step(x, ks: list[torch.Tensor], coeffs: list[float], dt: float):
-    """``x + dt * sum_j coeffs[j] * ks[j]`` in one pass (0 to 4 stage values), in ``x``'s dtype.
+    """``x + dt * sum_j coeffs[j] * ks[j]`` in ``x``'s dtype: one pass per 4 stage values, rounded once.
 
     Args:
         x: ``[B, ...]`` state. ks: stage values shaped like ``x``. coeffs: one float per
         ``k``. dt: step size. Contiguous or not.
 
     Raises:
-        ValueError: ``len(ks) != len(coeffs)`` or more than 4 stage values.
+        ValueError: ``len(ks) != len(coeffs)``.
     """
     from orwcfm_fast.ops.triton.ode import ode_step_op
 

@@ -31,33 +31,41 @@ from orwcfm_fast.ops.triton._common import (
     should_launch,
 )
 
-__all__ = ["orw_cfm_w2_loss_backward_op", "orw_cfm_w2_loss_op"]
+__all__ = ["MIN_SPLIT_TILES", "TARGET_PROGRAMS", "forward_splits", "orw_cfm_w2_loss_backward_op", "orw_cfm_w2_loss_op"]
 
 
 @triton.jit
 def _orw_cfm_w2_loss_fwd_kernel(
     v_ptr, u_ptr, v_ref_ptr,  # [B, D] contiguous, any float dtype
-    fm_ptr, w2_ptr,  # [B] in the accumulation dtype
+    fm_ptr, w2_ptr,  # [B, NUM_SPLITS] in the accumulation dtype
     B, D,
+    split_d,  # columns per split (a multiple of BLOCK_D)
+    NUM_SPLITS,
     ACC_F64: tl.constexpr,  # accumulate in float64 (float64 inputs) instead of float32
+    MEAN: tl.constexpr,  # divide by D (one split: the outputs are fm and w2 themselves)
     ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """``fm[i] = sum_j (v - u)[i, j]^2 / D`` and ``w2[i]`` likewise for ``v - v_ref``.
+    """Per-(row, split) sums of ``(v - u)^2`` and ``(v - v_ref)^2`` (means when ``MEAN``).
 
-    A program owns ``ROWS`` rows and walks them in ``[ROWS, BLOCK_D]`` blocks, adding squares
-    into per-lane accumulators that are reduced once at the end: deterministic, no atomics, and
-    each lane sums only ``D / BLOCK_D`` terms before the tree reduction.
+    Program ``(p, s)`` owns rows ``p * ROWS ..`` and columns ``s * split_d ..`` of them, and walks
+    them in ``[ROWS, BLOCK_D]`` blocks, adding squares into per-lane accumulators that are reduced
+    once at the end: deterministic, no atomics, and each lane sums only ``split_d / BLOCK_D``
+    terms before the tree reduction. Splitting long rows gives small batches of large samples
+    (B = 1 to 16 latents of 64k elements) enough programs to fill the GPU.
     """
     ACC = tl.float64 if ACC_F64 else tl.float32
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    split = tl.program_id(1)
     row_ok = rows < B
     row_start = rows.to(tl.int64) * D
     cols = tl.arange(0, BLOCK_D)
+    col_begin = split.to(tl.int64) * split_d
+    col_end = tl.minimum(col_begin + split_d, D)
     acc_fm = tl.zeros([ROWS, BLOCK_D], dtype=ACC)
     acc_w2 = tl.zeros([ROWS, BLOCK_D], dtype=ACC)
-    for start in range(0, D, BLOCK_D):
-        c = start + cols
-        mask = row_ok[:, None] & (c < D)[None, :]
+    for start in range(0, split_d, BLOCK_D):
+        c = col_begin + start + cols
+        mask = row_ok[:, None] & (c < col_end)[None, :]
         offs = row_start[:, None] + c[None, :]
         v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(ACC)
         u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(ACC)
@@ -66,10 +74,38 @@ def _orw_cfm_w2_loss_fwd_kernel(
         d_w2 = v - v_ref
         acc_fm += d_fm * d_fm
         acc_w2 += d_w2 * d_w2
-    fm = tl.sum(acc_fm, axis=1) / D
-    w2 = tl.sum(acc_w2, axis=1) / D
-    tl.store(fm_ptr + rows, fm, mask=row_ok)
-    tl.store(w2_ptr + rows, w2, mask=row_ok)
+    fm = tl.sum(acc_fm, axis=1)
+    w2 = tl.sum(acc_w2, axis=1)
+    if MEAN:
+        fm = fm / D
+        w2 = w2 / D
+    out = rows.to(tl.int64) * NUM_SPLITS + split
+    tl.store(fm_ptr + out, fm, mask=row_ok)
+    tl.store(w2_ptr + out, w2, mask=row_ok)
+
+
+TARGET_PROGRAMS = 1024
+"""Programs the forward aims for when it splits rows: several waves on any current GPU (an H100
+has 132 SMs), fixed here so the launch does not depend on querying the device."""
+
+MIN_SPLIT_TILES = 4
+"""A split covers at least this many ``BLOCK_D`` tiles, so short rows are never split."""
+
+
+def forward_splits(b: int, d: int) -> tuple[int, int]:
+    """``(splits, split_d)``: how many column pieces each row of the forward is cut into, and their length.
+
+    Rows of at most ``MIN_SPLIT_TILES * MAX_TILE`` elements stay whole (one program per row tile,
+    as before); longer ones are split until the launch has about :data:`TARGET_PROGRAMS`
+    programs, each piece a whole number of tiles. Depends on ``B`` too, so ``torch.compile``
+    guards on the batch size (the trainer's is fixed).
+    """
+    rows, block_d, _ = row_tile(d)
+    tiles = triton.cdiv(d, block_d)
+    row_tiles = triton.cdiv(b, rows)
+    splits = min(max(1, tiles // MIN_SPLIT_TILES), max(1, triton.cdiv(TARGET_PROGRAMS, row_tiles)))
+    tiles_per_split = triton.cdiv(tiles, splits)
+    return triton.cdiv(tiles, tiles_per_split), tiles_per_split * block_d
 
 
 @triton.jit
@@ -152,14 +188,21 @@ def orw_cfm_w2_loss_op(
         fm = torch.full((b,), float("nan"), dtype=acc, device=v.device)
         w2 = torch.full((b,), float("nan"), dtype=acc, device=v.device)
     else:
-        fm = torch.empty((b,), dtype=acc, device=v.device)
-        w2 = torch.empty((b,), dtype=acc, device=v.device)
+        splits, split_d = forward_splits(b, d) if b > 0 else (1, d)
+        # One split: the kernel writes the means. More: per-split sums, added in a fixed order below.
+        fm = torch.empty((b, splits), dtype=acc, device=v.device)
+        w2 = torch.empty((b, splits), dtype=acc, device=v.device)
         if b > 0 and should_launch(_orw_cfm_w2_loss_fwd_kernel, v):
             rows, block_d, num_warps = row_tile(d)
-            wrap_triton(_orw_cfm_w2_loss_fwd_kernel)[(triton.cdiv(b, rows),)](
-                v, u, v_ref, fm, w2, b, d,
-                ACC_F64=acc == torch.float64, ROWS=rows, BLOCK_D=block_d, num_warps=num_warps,
+            wrap_triton(_orw_cfm_w2_loss_fwd_kernel)[(triton.cdiv(b, rows), splits)](
+                v, u, v_ref, fm, w2, b, d, split_d, splits,
+                ACC_F64=acc == torch.float64, MEAN=splits == 1, ROWS=rows, BLOCK_D=block_d, num_warps=num_warps,
             )
+        if splits == 1:
+            fm, w2 = fm.reshape(b), w2.reshape(b)
+        else:  # float64 sums of the pieces (deterministic: a fixed-shape reduction), then the mean
+            fm = (fm.sum(1, dtype=torch.float64) / d).to(acc)
+            w2 = (w2.sum(1, dtype=torch.float64) / d).to(acc)
     loss = (weights.to(acc) * fm + alpha * w2).mean()
     return loss, fm, w2
 

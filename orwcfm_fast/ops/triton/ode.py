@@ -2,8 +2,10 @@
 
 Op (``torch.library.triton_op``, visible to ``torch.compile``):
 
-- ``orwcfm_fast::ode_step_triton(x, ks, coeffs, dt) -> Tensor`` for 0 to 4 stage values (the
-  RK4 tableau's largest row)
+- ``orwcfm_fast::ode_step_triton(x, ks, coeffs, dt) -> Tensor`` for any number of stage values:
+  one pass per :data:`MAX_STAGES` of them (RK4's update row is one pass; a 7-stage dopri5 row
+  two), the partial sums kept in the accumulation dtype between passes and rounded once, as the
+  CUDA kernel does
 
 with autograd (``grad_x = g``, ``grad_k_j = dt * coeffs[j] * g``). Semantics are those of
 :func:`orwcfm_fast.ops.reference.ode_step_reference`.
@@ -31,7 +33,7 @@ from orwcfm_fast.ops.triton._common import (
 __all__ = ["MAX_STAGES", "ode_step_op"]
 
 MAX_STAGES = 4
-"""Most stage values one fused pass takes (RK4's update row)."""
+"""Most stage values one fused pass takes (RK4's update row); more take further passes."""
 
 
 @triton.jit(do_not_specialize=["c0_bits", "c1_bits", "c2_bits", "c3_bits"])
@@ -68,24 +70,23 @@ def ode_step_op(x: torch.Tensor, ks: list[torch.Tensor], coeffs: list[float], dt
     """One Runge-Kutta combination ``x + dt * sum_j coeffs[j] * ks[j]``, fused.
 
     Args:
-        x: ``[B, ...]`` state. ks: 0 to 4 stage values shaped like ``x`` (same device, any
-        float dtypes). coeffs: one float per stage value. dt: step size. Non-contiguous inputs
-        are copied.
+        x: ``[B, ...]`` state. ks: stage values shaped like ``x`` (same device, any float
+        dtypes), any number of them. coeffs: one float per stage value. dt: step size.
+        Non-contiguous inputs are copied.
 
     Returns:
         A new contiguous tensor shaped like ``x`` in ``x``'s dtype, accumulated in the
-        accumulation dtype of ``x`` (float64 for float64, else float32) and rounded once.
+        accumulation dtype of ``x`` (float64 for float64, else float32) and rounded once. Up to
+        :data:`MAX_STAGES` stage values take one pass; each further group of up to
+        ``MAX_STAGES`` adds one pass that reads and writes the running sum in the accumulation
+        dtype (the output itself for float32/float64, a float32 buffer for bf16/fp16, which the
+        last pass rounds into the output), so the terms are added in the reference's order.
 
     Raises:
-        ValueError: ``len(ks) != len(coeffs)``, more than 4 stage values, or a mismatched ``k``.
+        ValueError: ``len(ks) != len(coeffs)`` or a mismatched ``k``.
     """
     if len(ks) != len(coeffs):
         raise ValueError(f"ode_step: got {len(coeffs)} coefficients for {len(ks)} stage values")
-    if len(ks) > MAX_STAGES:
-        raise ValueError(
-            f"ode_step: the Triton kernel fuses at most {MAX_STAGES} stage values (RK4), got {len(ks)}; "
-            "split the sum into several calls"
-        )
     for j, k in enumerate(ks):
         if k.shape != x.shape or k.device != x.device:
             raise ValueError(
@@ -98,15 +99,31 @@ def ode_step_op(x: torch.Tensor, ks: list[torch.Tensor], coeffs: list[float], dt
     ks = [k.contiguous() for k in ks]
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     n = x.numel()
-    if n > 0 and should_launch(_ode_step_kernel, x):
-        ptrs = ks + [x] * (MAX_STAGES - len(ks))
-        bits = [float_bits(dt * c) for c in coeffs] + [0] * (MAX_STAGES - len(coeffs))
-        block, num_warps = elementwise_block(n)
-        wrap_triton(_ode_step_kernel)[(triton.cdiv(n, block),)](
-            x, ptrs[0], ptrs[1], ptrs[2], ptrs[3], out, n, bits[0], bits[1], bits[2], bits[3],
-            NUM_K=len(ks), ACC_F64=acc == torch.float64, BLOCK=block, num_warps=num_warps,
-        )
+    if n == 0 or not should_launch(_ode_step_kernel, x):
+        return out
+    scales = [dt * c for c in coeffs]
+    groups = [range(first, min(first + MAX_STAGES, len(ks))) for first in range(0, max(len(ks), 1), MAX_STAGES)]
+    # The running sum between passes: the output when it has the accumulation dtype, else a buffer.
+    partial = out if len(groups) == 1 or x.dtype == acc else torch.empty(x.shape, dtype=acc, device=x.device)
+    source = x
+    for g, group in enumerate(groups):
+        target = out if g == len(groups) - 1 else partial
+        _launch(source, [ks[j] for j in group], [scales[j] for j in group], target, acc)
+        source = target  # each element is read and written by the same program: in place is safe
     return out
+
+
+def _launch(source: torch.Tensor, ks: list[torch.Tensor], scales: list[float], out: torch.Tensor,
+            acc: torch.dtype) -> None:
+    """``out = source + sum_j scales[j] * ks[j]`` for up to :data:`MAX_STAGES` stage values (one kernel)."""
+    n = source.numel()
+    ptrs = ks + [source] * (MAX_STAGES - len(ks))
+    bits = [float_bits(s) for s in scales] + [0] * (MAX_STAGES - len(scales))
+    block, num_warps = elementwise_block(n)
+    wrap_triton(_ode_step_kernel)[(triton.cdiv(n, block),)](
+        source, ptrs[0], ptrs[1], ptrs[2], ptrs[3], out, n, bits[0], bits[1], bits[2], bits[3],
+        NUM_K=len(ks), ACC_F64=acc == torch.float64, BLOCK=block, num_warps=num_warps,
+    )
 
 
 def _setup_context(ctx, inputs, output) -> None:
