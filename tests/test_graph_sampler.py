@@ -388,11 +388,20 @@ def test_sim_new_key_per_shape_and_dtype(simulate):
     assert sampler.num_graphs == 1 and sampler.captures == 3
 
 
-def test_sim_lru_eviction(simulate):
-    sampler = simulate(GraphSampler(make_mlp(), steps=2, max_graphs=2))
-    for b in (1, 2, 1, 3):  # 3 evicts 2 (1 was used more recently)
+def test_sim_full_sampler_drops_all_graphs_and_takes_a_fresh_pool(simulate):
+    """One graph is never freed alone (it may share pool memory with the others): a new key past
+    max_graphs drops them all, and the next capture gets a new pool."""
+    model = make_mlp()
+    sampler = simulate(GraphSampler(model, steps=2, max_graphs=2))
+    pool = object()
+    sampler._pools[torch.device("cpu")] = pool
+    for b in (1, 2, 1):
         sampler(torch.randn(b, 2))
-    assert sampler.captures == 3 and [k[0] for k in sampler._graphs] == [(1, 2), (3, 2)]
+    assert sampler.captures == 2 and [k[0] for k in sampler._graphs] == [(2, 2), (1, 2)]
+    x_0 = torch.randn(3, 2)
+    assert torch.equal(sampler(x_0), eager(model, x_0, "euler", 2))
+    assert sampler.captures == 3 and [k[0] for k in sampler._graphs] == [(3, 2)]
+    assert torch.device("cpu") not in sampler._pools  # dropped with the graphs: the next _record makes a new one
     sampler(torch.randn(2, 2))
     assert sampler.captures == 4 and sampler.num_graphs == 2
 
@@ -583,6 +592,17 @@ class FakeCudaRuntime:
         checked("graph_pool_handle", lambda: object())
         checked("synchronize", lambda device=None: None)
         checked("is_current_stream_capturing", lambda: rt.capturing)
+        self.rng_state = torch.tensor([7], dtype=torch.uint8)
+
+        def get_rng_state(device="cuda"):
+            rt.log.append(("get_rng_state",))
+            return rt.rng_state.clone()
+
+        def set_rng_state(new_state, device="cuda"):
+            rt.log.append(("set_rng_state", new_state.clone()))
+
+        checked("get_rng_state", get_rng_state)
+        checked("set_rng_state", set_rng_state)
 
 
 class RecordingMLP(MLP):
@@ -641,6 +661,15 @@ def test_record_failure_on_fake_cuda_restores_stream_and_falls_back(monkeypatch)
     assert rt.current is rt.default and not rt.capturing  # the caller's stream is current again
     assert sampler.captures == 0 and sampler.num_graphs == 0 and not sampler._pools
     assert "previous error" not in sampler.fallback_reason  # the first error is reported, not the follow-up
+    assert "Recovering" not in str(rec[0].message)  # the generator recovery succeeded
+    # The default generator was recovered: one more (tiny) capture on the same side stream, with the
+    # generator's state read before it and written back after it.
+    side = sampler._streams[x_0.device]
+    captures = [i for i, e in enumerate(rt.log) if e[0] == "capture"]
+    assert [rt.log[i] for i in captures] == [("capture", side, "thread_local")] * 2
+    get = rt.log.index(("get_rng_state",))
+    put = next(i for i, e in enumerate(rt.log) if e[0] == "set_rng_state")
+    assert get < captures[1] < put and torch.equal(rt.log[put][1], rt.rng_state)
     assert torch.equal(got, eager(model, x_0, "euler", 4))
     calls = len(model.calls)
     sampler(x_0)
@@ -776,6 +805,13 @@ def test_cuda_host_sync_falls_back_with_one_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error", GraphCaptureWarning)
         torch.testing.assert_close(sampler(x_0), got)
+    # The default generator left capture mode (before torch 2.14 a failed capture kept it there and
+    # every eager random op raised "Offset increment outside graph capture"); its state round-trips.
+    state = torch.cuda.get_rng_state()
+    drawn = torch.randn(4, device="cuda")
+    torch.nn.functional.dropout(torch.ones(64, device="cuda"), 0.5, training=True)
+    torch.cuda.set_rng_state(state)
+    assert torch.equal(torch.randn(4, device="cuda"), drawn)
     # CUDA still works, and a healthy model still captures after the failure
     healthy = GraphSampler(cuda_mlp(), steps=3, backend="torch")
     healthy(x_0)
@@ -790,13 +826,17 @@ def test_cuda_new_shape_new_graph_and_lru():
         x_0 = cuda_noise(b, 2, seed=b)
         torch.testing.assert_close(sampler(x_0), eager(model, x_0, "euler", 4, "torch"), rtol=1e-5, atol=1e-5)
     assert sampler.captures == 2 and sampler.num_graphs == 2
-    sampler(cuda_noise(8, 2))
-    assert sampler.captures == 3 and sampler.num_graphs == 2
+    sampler(cuda_noise(8, 2))  # a third key: both graphs dropped together, one new one
+    assert sampler.captures == 3 and sampler.num_graphs == 1
+    for b in (32, 16):  # recaptured in the fresh pool; eager matmuls after the drop still right
+        x_0 = cuda_noise(b, 2, seed=b)
+        torch.testing.assert_close(sampler(x_0), eager(model, x_0, "euler", 4, "torch"), rtol=1e-5, atol=1e-5)
+    assert sampler.captures == 5 and sampler.num_graphs == 2
     model.double()  # new parameter storage: detected, all graphs dropped
     x_0 = cuda_noise(32, 2, dtype=torch.float64)
     with pytest.warns(GraphCaptureWarning, match="replaced"):
         got = sampler(x_0)
-    assert sampler.captures == 4 and sampler.num_graphs == 1
+    assert sampler.captures == 6 and sampler.num_graphs == 1
     torch.testing.assert_close(got, eager(model, x_0, "euler", 4, "torch"))
     sampler.clear()
     assert sampler.num_graphs == 0
@@ -860,24 +900,62 @@ class CastBackMLP(MLP):
         return super().forward(t, x).to(x.dtype)
 
 
-@cuda_test
-def test_cuda_autocast_graph_tracks_in_place_updates():
+def _check_autocast_tracks_in_place_updates(device: str) -> GraphSampler:
+    """bf16 samples before and after an in-place weight update, each against eager integrate.
+
+    Each expectation is computed in its own autocast block: autocast caches the bf16 copy of
+    every fp32 leaf weight for as long as the (outermost) block is open, and an in-place update
+    (``p.mul_``) does not invalidate that cache, so an eager call after the update *inside the
+    same block* would still use the old weights (about 1.2 off here). The graph itself is
+    captured with the cache off, so it re-casts the weights on every replay.
+    """
     torch.manual_seed(0)
-    model = CastBackMLP().cuda().eval()
+    model = CastBackMLP().to(device).eval()
     sampler = GraphSampler(model, solver="euler", steps=5, backend="torch")
-    x_0 = cuda_noise(64, 2)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    x_0 = torch.randn(64, 2, generator=torch.Generator(device=device).manual_seed(0), device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
         y_1 = sampler(x_0)
         want_1 = eager(model, x_0, "euler", 5, "torch")
-        with torch.no_grad():
-            for p in model.parameters():
-                p.mul_(2.0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(2.0)
+    with torch.autocast(device, dtype=torch.bfloat16):  # a fresh block: no cached casts of the old weights
         y_2 = sampler(x_0)
         want_2 = eager(model, x_0, "euler", 5, "torch")
-    assert sampler.captures == 1
     torch.testing.assert_close(y_1, want_1, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(y_2, want_2, rtol=2e-2, atol=2e-2)
     assert not torch.allclose(y_1, y_2, rtol=2e-2, atol=2e-2)
+    return sampler
+
+
+def test_autocast_tracks_in_place_updates_cpu():
+    sampler = _check_autocast_tracks_in_place_updates("cpu")
+    assert sampler.captures == 0  # eager on the CPU
+
+
+def test_autocast_cache_is_stale_within_one_block():
+    """Why the expectations above need fresh blocks: inside one block, autocast reuses its stale bf16 casts."""
+    torch.manual_seed(0)
+    model = CastBackMLP().eval()
+    x_0 = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        before = eager(model, x_0, "euler", 5, "torch")
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(2.0)
+        stale = eager(model, x_0, "euler", 5, "torch")
+        torch.clear_autocast_cache()
+        fresh = eager(model, x_0, "euler", 5, "torch")
+    assert torch.equal(stale, before)
+    assert not torch.allclose(fresh, before, rtol=2e-2, atol=2e-2)
+
+
+@cuda_test
+def test_cuda_autocast_graph_tracks_in_place_updates():
+    sampler = _check_autocast_tracks_in_place_updates("cuda")
+    assert sampler.captures == 1  # the in-place update kept the graph
+    model = sampler.model
+    x_0 = cuda_noise(64, 2)
     y_fp32 = sampler(x_0)  # outside autocast: another key, another graph
     assert sampler.captures == 2
     torch.testing.assert_close(y_fp32, eager(model, x_0, "euler", 5, "torch"), rtol=1e-5, atol=1e-5)
@@ -900,6 +978,19 @@ def test_cuda_default_backend():
         got = sampler(x_0)
         assert sampler.captures == 1 and sampler.fallback_reason is None
     torch.testing.assert_close(got, eager(model, x_0, "heun", 4), rtol=1e-5, atol=1e-5)
+
+
+@cuda_test
+def test_cuda_seven_stage_tableau_default_backend():
+    """backend=None picks Triton on CUDA, whose ode_step once refused rows of more than 4 stage values."""
+    from op_cases import dopri5_fixed_tableau
+
+    model = cuda_mlp()
+    tableau = dopri5_fixed_tableau()
+    sampler = GraphSampler(model, solver=tableau, steps=4)
+    x_0 = cuda_noise(64, 2)
+    got = sampler(x_0)
+    torch.testing.assert_close(got, eager(model, x_0, tableau, 4, "torch"), rtol=1e-5, atol=1e-5)
 
 
 @cuda_test

@@ -36,8 +36,14 @@ than one each. Sharing is safe because nothing of the pool outlives a call: a st
 cloned (or copied into ``out``) right after its replay, on the replaying stream, before any other
 graph of the sampler replays. Do not replay one sampler from several streams or threads at
 once. Graphs are kept per key ``(x_0 shape, dtype, device, CUDA autocast state)`` (the solver and
-step count are fixed per sampler), at most ``max_graphs`` of them, least recently used first out.
-:meth:`GraphSampler.clear` drops them all (``torch.cuda.empty_cache()`` then returns the memory).
+step count are fixed per sampler), at most ``max_graphs`` of them. Graphs are only ever dropped
+*all together*: when a new key would exceed ``max_graphs``, on :meth:`GraphSampler.clear`, and
+when the model's parameters were replaced. Freeing one graph alone is not safe: all of a
+sampler's graphs share one memory pool and one capture stream, and what one capture left in the
+pool, the cuBLAS workspace of the capture stream among it, can be what a surviving graph reads.
+Dropping waits for the device, takes a fresh pool (``graph_pool_handle()``) for the next capture
+and clears the cuBLAS workspaces, so no later kernel can use memory of a freed pool
+(``torch.cuda.empty_cache()`` then returns the memory).
 
 Weights: a graph reads the model's parameters and buffers at the addresses they had at capture.
 Updating them in place keeps every graph valid and makes replays use the new values:
@@ -60,6 +66,16 @@ captured; running out of memory in the pool) never fail the call: the sampler wa
 :class:`GraphCaptureWarning` naming the error, records it in ``fallback_reason`` and samples
 eagerly from then on (until :meth:`GraphSampler.clear`). Errors of the warm-up, which is plain
 eager ``integrate``, propagate unchanged: they would happen without graphs too.
+
+After a failed capture the sampler also *recovers the default CUDA generator* (every torch
+version, so no version check can be wrong): before torch 2.14 a capture that fails between
+``capture_begin`` and a successful ``capture_end`` leaves the default generator, which
+``capture_begin`` registered with the graph, in capture mode, and every later eager random op on
+that device (``torch.randn(..., device="cuda")``, dropout in the training forward) then raises
+"Offset increment outside graph capture encountered unexpectedly". The recovery captures one
+tiny graph that draws from the default generator on the same device: its successful
+``capture_end`` ends the generator's capture mode. The generator's seed and offset are saved
+before and restored after, so eager random streams continue exactly as without the failed capture.
 """
 
 from __future__ import annotations
@@ -96,9 +112,10 @@ class GraphCaptureWarning(RuntimeWarning):
 class _CaptureFailed(Exception):
     """Capture raised; ``reason`` is the first error (not the follow-up from ending the capture)."""
 
-    def __init__(self, reason: BaseException):
+    def __init__(self, reason: BaseException, recovery: str | None = None):
         super().__init__(str(reason))
         self.reason = reason
+        self.recovery = recovery  # None, or why the default generator could not be recovered
 
 
 @dataclass
@@ -344,7 +361,6 @@ class GraphSampler:
         parameters are detected without it.
         """
         self._drop_graphs()
-        self._pools.clear()
         self.fallback_reason = None
 
     invalidate = clear
@@ -443,10 +459,8 @@ class GraphSampler:
         return self._capture(key, x_0)
 
     def _capture(self, key: tuple, x_0: torch.Tensor) -> _Graph | None:
-        while len(self._graphs) >= self.max_graphs:
-            oldest = next(iter(self._graphs))
-            self._sync(oldest[2])
-            del self._graphs[oldest]
+        if len(self._graphs) >= self.max_graphs:
+            self._drop_graphs()  # all together: one graph cannot be freed alone (module docs, "Memory")
         # Normal tensors even when called under inference_mode: later calls outside it refill them.
         with torch.inference_mode(False):
             static_in = torch.empty(x_0.shape, dtype=x_0.dtype, device=x_0.device)
@@ -454,7 +468,7 @@ class GraphSampler:
             try:
                 graph, static_out = self._record(static_in)
             except _CaptureFailed as failed:
-                self._fall_back(failed.reason, x_0)
+                self._fall_back(failed.reason, x_0, failed.recovery)
                 return None
         if self._watch is None:
             # The baseline all graphs share, taken after the warm-up (which may have
@@ -507,34 +521,78 @@ class GraphSampler:
                                 raise
                 except Exception as err:
                     _end_capture_quietly(graph, stream)
-                    raise _CaptureFailed(body_error if body_error is not None else err) from err
+                    recovery = _recover_default_generator(device, stream)
+                    raise _CaptureFailed(body_error if body_error is not None else err, recovery) from err
             current.wait_stream(stream)
         return graph, static_out
 
-    def _fall_back(self, reason: BaseException, x_0: torch.Tensor) -> None:
+    def _fall_back(self, reason: BaseException, x_0: torch.Tensor, recovery: str | None) -> None:
         self.fallback_reason = f"{type(reason).__name__}: {_first_line(reason)}"
-        self._drop_graphs()
-        self._pools.clear()  # a failed capture may leave its pool half used: start afresh after clear()
+        self._drop_graphs()  # a failed capture may leave its pool half used: the next one starts afresh
+        extra = "" if recovery is None else f" {recovery}"
         warnings.warn(
             f"GraphSampler: CUDA graph capture of the {self.tableau.name!r} sampler ({self.steps} steps, x_0 "
             f"{tuple(x_0.shape)} {x_0.dtype} on {x_0.device}) failed with {self.fallback_reason}. Sampling "
             "eagerly with integrate() from now on (same results, more launch overhead). Common causes: host "
             "syncs in the model (.item(), .cpu(), print(tensor), data-dependent Python control flow), ops or "
-            "backends that cannot be captured (e.g. Triton under TRITON_INTERPRET=1). clear() retries.",
+            f"backends that cannot be captured (e.g. Triton under TRITON_INTERPRET=1). clear() retries.{extra}",
             GraphCaptureWarning,
             stacklevel=5,
         )
 
     def _drop_graphs(self) -> None:
-        for device in {key[2] for key in self._graphs}:
+        """Drop every graph at once, after the device finished with them; the next capture gets a fresh pool."""
+        devices = {key[2] for key in self._graphs} | set(self._pools)
+        for device in devices:
             self._sync(device)
         self._graphs.clear()
+        self._pools.clear()
         self._watch = None
+        if any(device.type == "cuda" for device in devices):
+            _clear_cublas_workspaces()
 
     @staticmethod
     def _sync(device: torch.device) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+
+
+def _clear_cublas_workspaces() -> None:
+    """Free cuBLAS's per-(handle, stream) workspaces (made again at the next matmul), after a sync.
+
+    A workspace first needed during a capture is allocated from that capture's pool; once the
+    pool's graphs are gone, a later matmul on the capture stream must not reuse it.
+    """
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:
+        clear()
+
+
+def _recover_default_generator(device: torch.device, stream) -> str | None:
+    """End a failed capture's hold on the default CUDA generator of ``device`` (see the module docs).
+
+    Captures one tiny graph that draws from the default generator, on ``stream`` (the failed
+    capture's), with the generator's state saved before and restored after. Returns ``None`` on
+    success, else a sentence for the fallback warning.
+    """
+    try:
+        with torch.cuda.device(device):
+            state = torch.cuda.get_rng_state(device)  # a host-side read: allowed in capture mode
+            graph = torch.cuda.CUDAGraph()
+            current = torch.cuda.current_stream(device)
+            stream.wait_stream(current)
+            with torch.cuda.stream(current):  # put the caller's stream back whatever happens
+                with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+                    torch.rand(1, device=device)
+            current.wait_stream(stream)
+            torch.cuda.synchronize(device)
+            del graph
+            torch.cuda.set_rng_state(state, device)
+    except Exception as err:  # noqa: BLE001 - reported in the fallback warning
+        return (f"Recovering the default CUDA generator after the failed capture also failed "
+                f"({type(err).__name__}: {_first_line(err)}): eager random ops on {device} may raise; "
+                "restart the process or use cuda_graphs=False.")
+    return None
 
 
 def _end_capture_quietly(graph, stream) -> None:
