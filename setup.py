@@ -211,6 +211,8 @@ setup(
     extras_require={
         "wandb": ["wandb"],
         "test": ["pytest", "hypothesis", "torchdiffeq"],
+        # text-to-image flows (SD3 / SD3.5 / Flux with LoRA); imported only when a pipeline is used
+        "diffusers": ["diffusers>=0.35", "transformers>=5", "peft>=0.17", "accelerate", "safetensors"],
     },
     entry_points={"console_scripts": ["orwcfm-fast=orwcfm_fast.cli:main"]},
 )

@@ -199,10 +199,11 @@ def integrate(
     t_1: float = 1.0,
     return_trajectory: bool = False,
     backend: str | None = None,
+    time_grid: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """Integrate ``dx/dt = model(t, x)`` from ``t_0`` to ``t_1`` with a fixed-step RK scheme.
 
-    The grid has ``steps`` uniform steps; ``t_1 < t_0`` integrates backwards. Grid
+    The grid has ``steps`` uniform steps (or is ``time_grid``); ``t_1 < t_0`` integrates backwards. Grid
     times are computed in float64 on the host and passed as Python floats, so the
     loop makes no host–device syncs. The function neither changes grad mode (wrap
     it in ``torch.no_grad()`` for sampling) nor the model's train/eval mode, and
@@ -223,6 +224,9 @@ def integrate(
         return_trajectory: Return the states at all grid points instead of only the last.
         backend: ops backend of the stage/update arithmetic (:mod:`orwcfm_fast.ops`;
             ``None``: the best available for ``x_0``'s device).
+        time_grid: the ``steps + 1`` times of a non-uniform grid (e.g. a diffusers scheduler's,
+            :func:`orwcfm_fast.flows.conventions.scheduler_time_grid`), strictly monotone;
+            it replaces ``t_0`` and ``t_1``.
 
     Returns:
         ``x_1`` of shape ``[B, *sample_shape]``, or with ``return_trajectory`` a tensor
@@ -247,9 +251,11 @@ def integrate(
     if not (math.isfinite(t_0) and math.isfinite(t_1)):
         raise ValueError(f"t_0 and t_1 must be finite, got t_0={t_0}, t_1={t_1}")
 
-    # Host-side float64 grid; endpoints are exact.
-    span = t_1 - t_0
-    grid = [t_0 + span * (i / steps) for i in range(steps)] + [t_1]
+    if time_grid is not None:
+        grid = _check_time_grid(time_grid, steps)
+    else:  # host-side float64 grid; endpoints are exact
+        span = t_1 - t_0
+        grid = [t_0 + span * (i / steps) for i in range(steps)] + [t_1]
 
     batch = x_0.shape[0]
     a, b, c = tableau.a, tableau.b, tableau.c
@@ -280,3 +286,15 @@ def integrate(
     if trajectory is not None:
         return torch.stack(trajectory)
     return x
+
+
+def _check_time_grid(time_grid: Sequence[float], steps: int) -> list[float]:
+    grid = [float(t) for t in time_grid]
+    if len(grid) != steps + 1:
+        raise ValueError(f"time_grid has {len(grid)} times, but {steps} steps need {steps + 1}")
+    if not all(math.isfinite(t) for t in grid):
+        raise ValueError(f"time_grid must be finite, got {grid}")
+    diffs = [b - a for a, b in zip(grid, grid[1:])]
+    if not (all(d > 0 for d in diffs) or all(d < 0 for d in diffs)):
+        raise ValueError(f"time_grid must be strictly increasing or decreasing, got {grid}")
+    return grid

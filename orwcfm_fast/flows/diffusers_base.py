@@ -1,0 +1,236 @@
+"""What every diffusers text-to-image flow shares: prompt embeddings, CFG, time grid, decoding.
+
+A :class:`PipelineFlow` adapts one diffusers pipeline (its transformer, VAE, text encoders and
+scheduler; the pipeline's own ``__call__`` is never used) to the library's velocity contract::
+
+    flow.velocity(t, x, cond) -> v      # torchcfm's convention: t = 0 noise, t = 1 data, v = x_1 - x_0
+
+with ``x`` ``[B, *flow.sample_shape]`` latents in the transformer's native layout and ``cond`` the
+tuple of per-sample prompt tensors from :meth:`PipelineFlow.encode`. The family subclasses
+(:mod:`~orwcfm_fast.flows.sd3`, :mod:`~orwcfm_fast.flows.flux`) supply the transformer call,
+the latent layout and the scheduler's time grid; :mod:`~orwcfm_fast.flows.conventions` holds the
+sign and time mapping. The transformer's adapter state (policy / last policy / reference) is
+set by the caller (:class:`~orwcfm_fast.flows.lora.LoraRoles`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from orwcfm_fast.flows.conventions import cfg_combine, shifted_time_grid
+from orwcfm_fast.sampling import integrate
+
+__all__ = ["PipelineFlow", "parse_resolution"]
+
+
+def parse_resolution(resolution, multiple: int) -> tuple[int, int]:
+    """``(height, width)`` from an int or ``[h, w]``, each a positive multiple of ``multiple``.
+
+    Raises:
+        ValueError: naming the config key ``resolution`` and the multiple it must respect.
+    """
+    if isinstance(resolution, int) and not isinstance(resolution, bool):
+        hw = (resolution, resolution)
+    elif isinstance(resolution, Sequence) and not isinstance(resolution, str) and len(resolution) == 2 \
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in resolution):
+        hw = (int(resolution[0]), int(resolution[1]))
+    else:
+        raise ValueError(f"config key 'resolution' must be an int or [height, width], got {resolution!r}")
+    if any(v <= 0 or v % multiple for v in hw):
+        raise ValueError(
+            f"config key 'resolution' is {list(hw)}, but height and width must be positive multiples of "
+            f"{multiple} (the VAE's downsampling times the transformer's patch size)"
+        )
+    return hw
+
+
+class PipelineFlow:
+    """Base of the diffusers flows; see the module docs.
+
+    Args:
+        pipe: the diffusers pipeline (its components are used, never its ``__call__``).
+        resolution: image size (int or ``[h, w]``); ``None``: the transformer's default.
+        guidance_scale: classifier-free guidance while sampling (1 = off).
+        negative_prompt: the unconditional prompt of CFG.
+        time_shift: ``None``: the scheduler's own time grid (the pipeline's); a float: a
+            uniform grid with this static shift.
+        max_sequence_length: T5 tokens per prompt.
+        device: where the transformer and VAE run.
+
+    Subclasses define ``family``, ``timestep_scale``, :attr:`sample_shape`,
+    :meth:`_transformer_call`, :meth:`_encode_prompts`, :meth:`_scheduler_grid`,
+    :meth:`to_vae_latents` and :meth:`_guided`.
+    """
+
+    family = "diffusers"
+    timestep_scale = 1000.0
+
+    def __init__(self, pipe, *, resolution=None, guidance_scale: float = 1.0, negative_prompt: str = "",
+                 time_shift: float | None = None, max_sequence_length: int = 256, device=None):
+        self.pipe = pipe
+        self.transformer = pipe.transformer
+        self.vae = pipe.vae
+        self.scheduler = pipe.scheduler
+        self.device = torch.device(device) if device is not None else self.transformer.device
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        if resolution is None:
+            resolution = self.default_resolution()
+        self.height, self.width = parse_resolution(resolution, self.resolution_multiple())
+        self.guidance_scale = float(guidance_scale)
+        self.negative_prompt = negative_prompt
+        self.time_shift = time_shift
+        self.max_sequence_length = int(max_sequence_length)
+        self._cache: dict[str, tuple[torch.Tensor, ...]] = {}
+        self._negative: tuple[torch.Tensor, ...] | None = None
+
+    # ------------------------------------------------------------------ to define per family
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def default_resolution(self) -> int:
+        raise NotImplementedError
+
+    def resolution_multiple(self) -> int:
+        raise NotImplementedError
+
+    def _transformer_call(self, t: torch.Tensor, x: torch.Tensor, cond: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The transformer's own prediction (diffusers' convention) at library time ``t``."""
+        raise NotImplementedError
+
+    def _encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, ...]:
+        """Per-prompt tensors ``[n, ...]`` of ``prompts`` from the pipeline's text encoders."""
+        raise NotImplementedError
+
+    def _scheduler_grid(self, steps: int) -> list[float]:
+        raise NotImplementedError
+
+    def to_vae_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, C, h, w]`` VAE latents (scaled, as the transformer sees them) of samples ``x``."""
+        raise NotImplementedError
+
+    def _guided(self) -> bool:
+        """Whether :meth:`velocity` runs two-pass classifier-free guidance."""
+        return self.guidance_scale != 1.0
+
+    # ------------------------------------------------------------------ prompts
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, ...]:
+        """Per-sample conditioning of ``prompts`` (one entry each): a tuple of ``[B, ...]`` tensors.
+
+        Embeddings are cached per distinct prompt, so the text encoders run once per prompt
+        (see :meth:`precompute` and :meth:`release_text_encoders`).
+        """
+        missing = sorted({p for p in prompts if p not in self._cache})
+        if missing:
+            encoded = self._encode_prompts(missing)
+            for i, p in enumerate(missing):
+                self._cache[p] = tuple(e[i:i + 1].detach() for e in encoded)
+        rows = [self._cache[p] for p in prompts]
+        return tuple(torch.cat(parts).to(self.device) for parts in zip(*rows))
+
+    def precompute(self, prompts: Sequence[str]) -> None:
+        """Encode ``prompts`` (and the negative prompt, when guiding) now."""
+        self.encode(list(prompts))
+        if self._guided():
+            self._negative_cond(1)
+
+    def release_text_encoders(self) -> None:
+        """Move the text encoders to the CPU (their embeddings are cached); new prompts still encode, there."""
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            enc = getattr(self.pipe, name, None)
+            if enc is not None:
+                enc.to("cpu")
+        self._text_device = torch.device("cpu")
+
+    def _text_encoder_device(self) -> torch.device:
+        return getattr(self, "_text_device", self.device)
+
+    def _negative_cond(self, batch: int) -> tuple[torch.Tensor, ...]:
+        if self._negative is None:
+            self._negative = self.encode([self.negative_prompt])
+        return tuple(e.expand(batch, *e.shape[1:]) for e in self._negative)
+
+    # ------------------------------------------------------------------ velocity and sampling
+
+    def transformer_velocity(self, t: torch.Tensor, x: torch.Tensor, cond: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The transformer's velocity in the library's convention, no guidance (the loss's forwards).
+
+        Args:
+            t: ``[B]`` times (0 = noise). x: ``[B, *sample_shape]``. cond: from :meth:`encode`.
+
+        Returns:
+            ``[B, *sample_shape]`` in the transformer's output dtype.
+        """
+        return -self._transformer_call(t, x, cond)
+
+    def velocity(self, t: torch.Tensor, x: torch.Tensor, cond: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The sampling velocity: :meth:`transformer_velocity`, with CFG when ``guidance_scale != 1``.
+
+        CFG runs the unconditional and conditional halves as one batch of ``2B`` (as the
+        pipelines do) and combines ``v_u + g (v_c - v_u)``.
+        """
+        if not self._guided():
+            return self.transformer_velocity(t, x, cond)
+        b = x.shape[0]
+        neg = self._negative_cond(b)
+        both = tuple(torch.cat([n, c]) for n, c in zip(neg, cond))
+        v = self.transformer_velocity(torch.cat([t, t]), torch.cat([x, x]), both)
+        v_uncond, v_cond = v.chunk(2)
+        return cfg_combine(v_uncond, v_cond, self.guidance_scale)
+
+    def time_grid(self, steps: int) -> list[float]:
+        """The ``steps + 1`` sampling times: the scheduler's (config ``time_shift`` None) or a shifted uniform grid."""
+        if self.time_shift is None:
+            return self._scheduler_grid(steps)
+        return shifted_time_grid(steps, float(self.time_shift))
+
+    def noise(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``[n, *sample_shape]`` float32 standard normal latents on the flow's device."""
+        return torch.randn((n, *self.sample_shape), generator=generator, device=self.device, dtype=torch.float32)
+
+    @torch.no_grad()
+    def sample(self, x_0: torch.Tensor, cond: tuple[torch.Tensor, ...], *, steps: int, solver: str = "euler",
+               backend: str | None = None, velocity=None) -> torch.Tensor:
+        """Integrate from noise ``x_0`` to latents on :meth:`time_grid` (the state stays in ``x_0``'s dtype).
+
+        With ``solver="euler"`` and the scheduler's grid this is the pipeline's own sampling loop.
+        """
+        velocity = velocity or self.velocity
+        return integrate(lambda t, x: velocity(t, x, cond), x_0, solver=solver, steps=steps,
+                         time_grid=self.time_grid(steps), backend=backend)
+
+    # ------------------------------------------------------------------ images
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        """Images ``[B, 3, H, W]`` float32 in [0, 1] of latents ``x``, decoded in chunks of ``batch_size``."""
+        z = self.to_vae_latents(x)
+        cfg = self.vae.config
+        z = z / cfg.scaling_factor + (cfg.shift_factor or 0.0)
+        chunk = batch_size or z.shape[0]
+        dtype = self.vae.dtype
+        images = [self.vae.decode(z[i:i + chunk].to(dtype), return_dict=False)[0] for i in range(0, z.shape[0], chunk)]
+        return (torch.cat(images).float() / 2 + 0.5).clamp(0.0, 1.0)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Latents (the flow's layout) of images ``[B, 3, H, W]`` in [0, 1]: the VAE's posterior mode, scaled."""
+        cfg = self.vae.config
+        z = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist.mode()
+        z = (z.float() - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
+        return self.from_vae_latents(z)
+
+    def from_vae_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`to_vae_latents`."""
+        raise NotImplementedError
+
+    def image_tokens(self) -> int:
+        """Number of latent tokens of one image at the configured resolution (for dynamic shifts)."""
+        patch = self.transformer.config.patch_size
+        return math.prod((s // self.vae_scale_factor) // (patch or 1) for s in (self.height, self.width))

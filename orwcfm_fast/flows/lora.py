@@ -1,0 +1,142 @@
+"""One transformer, three roles: the trained policy, the sampling policy and the frozen reference.
+
+ORW-CFM-W2 needs three velocity fields: ``net_model`` (trained), ``last_policy`` (samples the
+epoch's data, refreshed once an epoch) and ``ref_model`` (the pretrained model the W2 term
+pulls toward). With LoRA they are one transformer in memory:
+
+- policy: the adapter :data:`POLICY`, the only parameters the optimiser sees;
+- last policy: a second adapter :data:`LAST_POLICY`, refreshed by an in-place copy of the
+  policy's LoRA weights (:meth:`LoraRoles.update_last_policy`);
+- reference: the same transformer with adapters disabled, exactly the base weights.
+
+Both adapters start from the same weights with LoRA's ``B = 0``, so at the start all three
+roles give the base model's output exactly and the W2 term is exactly zero; base weights
+never change (peft freezes them). peft keeps the active adapter as state on the modules, and
+``set_adapter``/``disable_adapters`` also flip ``requires_grad``: :meth:`LoraRoles.role` is the
+one helper that switches it, and it always puts the policy back (active, trainable).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+
+__all__ = ["DEFAULT_TARGET_MODULES", "LAST_POLICY", "POLICY", "LoraRoles"]
+
+POLICY = "orwcfm_policy"
+LAST_POLICY = "orwcfm_last_policy"
+
+DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+"""The attention projections the peers adapt (SD3/SD3.5's ``attn2`` and Flux's single blocks
+are matched by the same suffixes)."""
+
+ROLES = ("policy", "last_policy", "reference")
+
+
+class LoraRoles:
+    """The policy / last-policy / reference roles of one peft-adapted diffusers transformer.
+
+    Args:
+        transformer: a diffusers model with peft support (``add_adapter``); adapted in place.
+        rank: LoRA rank ``r``.
+        alpha: LoRA ``lora_alpha`` (default ``rank``: scale 1).
+        target_modules: module name suffixes to adapt.
+        seed: seed of the adapters' ``A`` initialisation (``B`` starts at zero).
+
+    Raises:
+        ValueError: no module of the transformer matches ``target_modules``.
+    """
+
+    def __init__(self, transformer: torch.nn.Module, rank: int, alpha: float | None = None,
+                 target_modules: Sequence[str] = DEFAULT_TARGET_MODULES, seed: int = 0):
+        from peft import LoraConfig
+
+        self.transformer = transformer
+        self.rank = int(rank)
+        self.alpha = float(alpha if alpha is not None else rank)
+        self.target_modules = tuple(target_modules)
+        config = LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=list(self.target_modules),
+                            init_lora_weights=True)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            try:
+                transformer.add_adapter(config, adapter_name=POLICY)
+            except ValueError as err:
+                raise ValueError(f"lora_target_modules {list(self.target_modules)} match no module of "
+                                 f"{type(transformer).__name__}: {err}") from None
+        transformer.add_adapter(config, adapter_name=LAST_POLICY)
+        self._policy, self._last = self._adapter_pairs()
+        if not self._policy:
+            raise ValueError(f"lora_target_modules {list(self.target_modules)} match no module of "
+                             f"{type(transformer).__name__}")
+        self.update_last_policy()
+        transformer.set_adapter(POLICY)
+
+    def _adapter_pairs(self) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+        params = dict(self.transformer.named_parameters())
+        policy, last = [], []
+        for name, p in params.items():
+            if f".{POLICY}." in name:
+                policy.append(p)
+                last.append(params[name.replace(f".{POLICY}.", f".{LAST_POLICY}.")])
+        return policy, last
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The policy adapter's LoRA weights (the optimiser's parameters), in a fixed order."""
+        return list(self._policy)
+
+    def last_policy_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self._last)
+
+    @torch.no_grad()
+    def update_last_policy(self) -> None:
+        """Copy the policy adapter's weights into the last-policy adapter, in place."""
+        torch._foreach_copy_(self._last, self._policy)
+
+    @contextlib.contextmanager
+    def role(self, name: str) -> Iterator[None]:
+        """The transformer as ``"policy"``, ``"last_policy"`` or ``"reference"`` (adapters off) for the block.
+
+        Afterwards the policy adapter is active and trainable again, whatever the block did.
+        """
+        if name not in ROLES:
+            raise ValueError(f"unknown role {name!r}; one of {ROLES}")
+        t = self.transformer
+        try:
+            if name == "reference":
+                t.disable_adapters()
+            elif name == "last_policy":
+                t.set_adapter(LAST_POLICY)
+            yield
+        finally:
+            if name == "reference":
+                t.enable_adapters()
+            t.set_adapter(POLICY)
+
+    def policy_state_dict(self) -> dict[str, torch.Tensor]:
+        """The policy adapter's weights in diffusers' LoRA format (what ``save_lora_weights`` writes)."""
+        from peft.utils import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.transformer, adapter_name=POLICY)
+
+    def state_dict(self) -> dict[str, list[torch.Tensor]]:
+        """Both adapters' weights (checkpoints; the base weights are not included)."""
+        return {"policy": [p.detach().clone() for p in self._policy],
+                "last_policy": [p.detach().clone() for p in self._last]}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Sequence[torch.Tensor]]) -> None:
+        """Restore :meth:`state_dict`'s weights in place; shapes are checked before anything is copied."""
+        for key, params in (("policy", self._policy), ("last_policy", self._last)):
+            saved = state.get(key)
+            if saved is None or len(saved) != len(params):
+                raise ValueError(f"LoRA state {key!r}: expected {len(params)} tensors, got "
+                                 f"{None if saved is None else len(saved)} (another lora_rank or target modules?)")
+            for i, (p, s) in enumerate(zip(params, saved)):
+                if p.shape != s.shape:
+                    raise ValueError(f"LoRA state {key!r}[{i}]: shape {tuple(s.shape)} but the adapter has "
+                                     f"{tuple(p.shape)} (another lora_rank?)")
+        for key, params in (("policy", self._policy), ("last_policy", self._last)):
+            torch._foreach_copy_(params, [s.to(p.device) for p, s in zip(params, state[key])])
