@@ -327,14 +327,15 @@ def test_model_watch_sees_replacements(change):
 class FakeGraph:
     """Stands in for a CUDA graph: replay recomputes integrate on the static input."""
 
-    def __init__(self, sampler, static_in, static_out):
+    def __init__(self, sampler, static_in, static_out, static_cond=()):
         self.sampler, self.static_in, self.static_out = sampler, static_in, static_out
+        self.static_cond = static_cond
         self.replays = 0
 
     def replay(self):
         self.replays += 1
         with graph_mod._eval_mode(self.sampler.model):
-            self.static_out.copy_(self.sampler._integrate(self.static_in))
+            self.static_out.copy_(self.sampler._integrate(self.static_in, self.static_cond))
 
 
 @pytest.fixture
@@ -344,13 +345,13 @@ def simulate(monkeypatch):
     def install(sampler, fail_with: BaseException | None = None):
         sampler.record_calls = 0
 
-        def fake_record(static_in):
+        def fake_record(static_in, static_cond=()):
             sampler.record_calls += 1
             with graph_mod._eval_mode(sampler.model):
-                static_out = sampler._integrate(static_in)  # warm-up errors propagate, as for real
+                static_out = sampler._integrate(static_in, static_cond)  # warm-up errors propagate, as for real
             if fail_with is not None:
                 raise graph_mod._CaptureFailed(fail_with)
-            return FakeGraph(sampler, static_in, static_out), static_out
+            return FakeGraph(sampler, static_in, static_out, static_cond), static_out
 
         monkeypatch.setattr(sampler, "_record", fake_record)
         monkeypatch.setattr(sampler, "_device_supports_graphs", lambda device: True)
@@ -500,6 +501,48 @@ def test_sim_inference_mode_then_normal_calls(simulate):
     want = eager(model, x_0, "heun", 3)
     assert torch.equal(first, want) and torch.equal(second, want) and sampler.captures == 1
     assert torch.equal(third, eager(model, torch.randn(6, 2, generator=torch.Generator().manual_seed(0)), "heun", 3))
+
+
+class CondMLP(MLP):
+    """``model(t, x, c)``: a conditional velocity (c: ``[B, 3]``)."""
+
+    def __init__(self):
+        torch.manual_seed(0)
+        super().__init__(dim=2)
+        self.proj = nn.Linear(3, 2)
+
+    def forward(self, t, x, c):
+        return super().forward(t, x) + self.proj(c)
+
+
+def eager_cond(model, x_0, c, solver, steps, time_grid=None):
+    with torch.no_grad():
+        return integrate(lambda t, x: model(t, x, c), x_0, solver=solver, steps=steps, time_grid=time_grid)
+
+
+@pytest.mark.parametrize("grid", [None, [0.0, 0.2, 0.7, 1.0]])
+def test_sim_conditioning_and_time_grid(simulate, grid):
+    model = CondMLP().eval()
+    sampler = simulate(GraphSampler(model, solver="heun", steps=3, time_grid=grid, sample_shape=(2,)))
+    x_0 = torch.randn(6, 2)
+    c_a, c_b = torch.randn(6, 3), torch.randn(6, 3)
+    y_a, y_b = sampler(x_0, c_a), sampler(x_0, c_b)
+    assert sampler.captures == 1  # same shapes: one graph, the conditioning refilled
+    assert torch.equal(y_a, eager_cond(model, x_0, c_a, "heun", 3, grid))
+    assert torch.equal(y_b, eager_cond(model, x_0, c_b, "heun", 3, grid))
+    assert not torch.equal(y_a, y_b)
+    gen, ref = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    got = sampler.sample(6, c_b, generator=gen)
+    assert torch.equal(got, eager_cond(model, torch.randn(6, 2, generator=ref), c_b, "heun", 3, grid))
+    sampler(x_0, torch.randn(6, 5)[:, :3].contiguous().double().float())  # same key again
+    assert sampler.captures == 1
+    with pytest.raises(ValueError, match=r"cond\[0\] must be a \[B = 6"):
+        sampler(x_0, torch.randn(5, 3))
+
+
+def test_time_grid_must_match_steps():
+    with pytest.raises(ValueError, match="3 steps need 4"):
+        GraphSampler(make_mlp(), steps=3, time_grid=[0.0, 1.0])
 
 
 def test_sim_use_graphs_false(simulate):
@@ -991,6 +1034,19 @@ def test_cuda_seven_stage_tableau_default_backend():
     x_0 = cuda_noise(64, 2)
     got = sampler(x_0)
     torch.testing.assert_close(got, eager(model, x_0, tableau, 4, "torch"), rtol=1e-5, atol=1e-5)
+
+
+@cuda_test
+def test_cuda_conditioning_refilled_per_call():
+    model = CondMLP().cuda().eval()
+    grid = [0.0, 0.1, 0.5, 0.9, 1.0]
+    sampler = GraphSampler(model, solver="midpoint", steps=4, backend="torch", time_grid=grid)
+    x_0 = cuda_noise(32, 2)
+    for seed in (1, 2):
+        c = cuda_noise(32, 3, seed=seed)
+        torch.testing.assert_close(sampler(x_0, c), eager_cond(model, x_0, c, "midpoint", 4, grid),
+                                   rtol=1e-5, atol=1e-5)
+    assert sampler.captures == 1
 
 
 @cuda_test

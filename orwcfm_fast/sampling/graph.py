@@ -123,6 +123,7 @@ class _Graph:
     graph: object  # torch.cuda.CUDAGraph (or a test double with .replay())
     static_in: torch.Tensor
     static_out: torch.Tensor
+    static_cond: tuple[torch.Tensor, ...] = ()  # conditioning inputs, refilled like static_in
 
 
 class _ModelWatch:
@@ -204,7 +205,9 @@ class GraphSampler:
         use_graphs: ``None``: graphs for CUDA inputs, eager otherwise. ``False``: always eager.
             ``True``: like ``None`` but a non-CUDA input raises ``ValueError``.
         sample_shape: shape of one sample, needed only by :meth:`sample`.
-        max_graphs: most graphs kept (one per key); the least recently used one is dropped.
+        max_graphs: most graphs kept (one per key); a new key past it drops them all.
+        time_grid: the ``steps + 1`` times of a non-uniform grid (see :func:`integrate`), baked
+            into the graphs; ``None``: uniform.
 
     Calling it (``sampler(x_0)``) returns what ``integrate(model, x_0, solver=solver, steps=steps,
     backend=backend)`` returns under ``torch.no_grad()`` with the model in eval mode: bit for bit
@@ -234,6 +237,7 @@ class GraphSampler:
         use_graphs: bool | None = None,
         sample_shape: Sequence[int] | None = None,
         max_graphs: int = 8,
+        time_grid: Sequence[float] | None = None,
     ):
         if not callable(model):
             raise TypeError(f"model must be callable as model(t, x), got {type(model).__name__}")
@@ -260,6 +264,9 @@ class GraphSampler:
         if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
             raise ValueError(f"max_graphs must be a positive int, got {max_graphs!r}")
         self.max_graphs = max_graphs
+        self.time_grid = None if time_grid is None else tuple(float(t) for t in time_grid)
+        if self.time_grid is not None and len(self.time_grid) != self.steps + 1:
+            raise ValueError(f"time_grid has {len(self.time_grid)} times, but {self.steps} steps need {self.steps + 1}")
 
         nfe = self.tableau.stages * self.steps
         self._warmup_runs = max(1, math.ceil(_MIN_WARMUP_CALLS / nfe))
@@ -273,12 +280,15 @@ class GraphSampler:
 
     # ------------------------------------------------------------------ public API
 
-    def __call__(self, x_0: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Integrate from ``x_0`` (``[B, *sample_shape]``, floating point) to ``t = 1``.
+    def __call__(self, x_0: torch.Tensor, *cond: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Integrate ``dx/dt = model(t, x, *cond)`` from ``x_0`` (``[B, *sample_shape]``) to ``t = 1``.
 
         Args:
             x_0: initial noise. It is read (copied into the graph's input buffer), never modified,
                 and not referenced after the call.
+            cond: conditioning tensors ``[B, ...]`` (e.g. prompt embeddings) passed to every model
+                call; copied into the graph's buffers like ``x_0`` (part of the graph's key: their
+                shapes and dtypes).
             out: optional tensor of ``x_0``'s shape, dtype and device to write the result into
                 (may be ``x_0`` itself).
 
@@ -293,20 +303,22 @@ class GraphSampler:
                 the model (wrong output shape, unavailable backend, ...).
         """
         _check_x0(x_0)
+        _check_cond(cond, x_0.shape[0], x_0.device)
         if out is not None:
             _check_out(out, x_0)
         if x_0.numel() > 0 and self._wants_graphs(x_0.device):
             with torch.no_grad():
-                entry = self._entry(self._key(x_0.shape, x_0.dtype, x_0.device), x_0)
+                entry = self._entry(self._key(x_0.shape, x_0.dtype, x_0.device, cond), x_0, cond)
                 if entry is not None:
                     entry.static_in.copy_(x_0)
+                    _fill(entry.static_cond, cond)
                     return self._replay(entry, out)
-        return self._eager(x_0, out)
+        return self._eager(x_0, cond, out)
 
     def sample(
         self,
         n: int,
-        *,
+        *cond: torch.Tensor,
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -344,14 +356,16 @@ class GraphSampler:
                                 or out.dtype != dtype or out.device != device):
             got = (tuple(out.shape), out.dtype, out.device) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"out must be a {tuple(shape)} {dtype} tensor on {device}, got {got}")
+        _check_cond(cond, n, device)
         if self._wants_graphs(device):
             with torch.no_grad():
-                entry = self._entry(self._key(shape, dtype, device), None)
+                entry = self._entry(self._key(shape, dtype, device, cond), None)
                 if entry is not None:
                     entry.static_in.normal_(generator=generator)
+                    _fill(entry.static_cond, cond)
                     return self._replay(entry, out)
         x_0 = torch.randn(shape, generator=generator, device=device, dtype=dtype)
-        return self(x_0, out=out)
+        return self(x_0, *cond, out=out)
 
     def clear(self) -> None:
         """Drop every graph and its memory pool, and forget a capture failure (the next CUDA call captures again).
@@ -378,12 +392,14 @@ class GraphSampler:
 
     # ------------------------------------------------------------------ paths
 
-    def _integrate(self, x_0: torch.Tensor) -> torch.Tensor:
-        return integrate(self.model, x_0, solver=self.solver, steps=self.steps, backend=self.backend)
+    def _integrate(self, x_0: torch.Tensor, cond: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+        model = self.model if not cond else (lambda t, x: self.model(t, x, *cond))
+        return integrate(model, x_0, solver=self.solver, steps=self.steps, backend=self.backend,
+                         time_grid=self.time_grid)
 
-    def _eager(self, x_0: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    def _eager(self, x_0: torch.Tensor, cond: tuple[torch.Tensor, ...], out: torch.Tensor | None) -> torch.Tensor:
         with torch.no_grad(), _eval_mode(self.model):
-            x_1 = self._integrate(x_0)
+            x_1 = self._integrate(x_0, cond)
             if out is None:
                 return x_1
             out.copy_(x_1)
@@ -417,9 +433,10 @@ class GraphSampler:
             return False  # inside someone else's capture: run eagerly, it is captured there
         return True
 
-    def _key(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> tuple:
+    def _key(self, shape: torch.Size, dtype: torch.dtype, device: torch.device,
+             cond: tuple[torch.Tensor, ...] = ()) -> tuple:
         autocast = _cuda_autocast_state() if device.type == "cuda" else (False, None)
-        return (tuple(shape), dtype, device, autocast)
+        return (tuple(shape), dtype, device, autocast, tuple((tuple(c.shape), c.dtype) for c in cond))
 
     def _sample_device(self, device, generator) -> torch.device:
         if device is not None:
@@ -437,7 +454,7 @@ class GraphSampler:
 
     # ------------------------------------------------------------------ graph bookkeeping
 
-    def _entry(self, key: tuple, x_0: torch.Tensor | None) -> _Graph | None:
+    def _entry(self, key: tuple, x_0: torch.Tensor | None, cond: tuple[torch.Tensor, ...] = ()) -> _Graph | None:
         """The valid graph for ``key``; captured from ``x_0`` if missing (``x_0=None``: look up only)."""
         if self._graphs and not self._watch.unchanged():
             if not self._warned_replaced:
@@ -456,17 +473,18 @@ class GraphSampler:
             return entry
         if x_0 is None:
             return None
-        return self._capture(key, x_0)
+        return self._capture(key, x_0, cond)
 
-    def _capture(self, key: tuple, x_0: torch.Tensor) -> _Graph | None:
+    def _capture(self, key: tuple, x_0: torch.Tensor, cond: tuple[torch.Tensor, ...] = ()) -> _Graph | None:
         if len(self._graphs) >= self.max_graphs:
             self._drop_graphs()  # all together: one graph cannot be freed alone (module docs, "Memory")
         # Normal tensors even when called under inference_mode: later calls outside it refill them.
         with torch.inference_mode(False):
             static_in = torch.empty(x_0.shape, dtype=x_0.dtype, device=x_0.device)
             static_in.copy_(x_0)
+            static_cond = tuple(c.clone(memory_format=torch.contiguous_format) for c in cond)
             try:
-                graph, static_out = self._record(static_in)
+                graph, static_out = self._record(static_in, static_cond)
             except _CaptureFailed as failed:
                 self._fall_back(failed.reason, x_0, failed.recovery)
                 return None
@@ -474,12 +492,12 @@ class GraphSampler:
             # The baseline all graphs share, taken after the warm-up (which may have
             # materialised lazy parameters); later captures checked it in _entry().
             self._watch = _ModelWatch(self.model)
-        entry = self._graphs[key] = _Graph(graph, static_in, static_out)
+        entry = self._graphs[key] = _Graph(graph, static_in, static_out, static_cond)
         self.captures += 1
         return entry
 
-    def _record(self, static_in: torch.Tensor):
-        """Warm up, then capture ``integrate`` on ``static_in``; returns ``(graph, static_out)``.
+    def _record(self, static_in: torch.Tensor, static_cond: tuple[torch.Tensor, ...] = ()):
+        """Warm up, then capture ``integrate`` on ``static_in`` (and ``static_cond``); returns ``(graph, static_out)``.
 
         Raises:
             _CaptureFailed: capture raised (the caller falls back to eager).
@@ -504,7 +522,7 @@ class GraphSampler:
                 stream.wait_stream(current)
                 with torch.cuda.stream(stream):
                     for _ in range(self._warmup_runs):
-                        self._integrate(static_in)
+                        self._integrate(static_in, static_cond)
                 current.wait_stream(stream)
 
                 graph = torch.cuda.CUDAGraph()
@@ -515,7 +533,7 @@ class GraphSampler:
                     with torch.cuda.stream(current):
                         with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
                             try:
-                                static_out = self._integrate(static_in)
+                                static_out = self._integrate(static_in, static_cond)
                             except Exception as err:
                                 body_error = err
                                 raise
@@ -613,6 +631,18 @@ def _check_x0(x_0) -> None:
         raise ValueError("x_0 must have a batch dimension: expected shape [B, *sample_shape], got a 0-d tensor")
     if not x_0.is_floating_point():
         raise TypeError(f"x_0 must be a floating-point tensor, got dtype {x_0.dtype}")
+
+
+def _check_cond(cond: tuple, batch: int, device: torch.device) -> None:
+    for i, c in enumerate(cond):
+        if not isinstance(c, torch.Tensor) or c.ndim < 1 or c.shape[0] != batch or c.device != device:
+            got = (tuple(c.shape), c.device) if isinstance(c, torch.Tensor) else type(c).__name__
+            raise ValueError(f"cond[{i}] must be a [B = {batch}, ...] tensor on {device}, got {got}")
+
+
+def _fill(static: tuple[torch.Tensor, ...], values: tuple[torch.Tensor, ...]) -> None:
+    for buffer, value in zip(static, values):
+        buffer.copy_(value)
 
 
 def _check_out(out, x_0: torch.Tensor) -> None:
