@@ -25,6 +25,7 @@ __all__ = [
     "WEIGHT_NORMALIZATIONS",
     "OPS_BACKENDS",
     "PRECISIONS",
+    "TIME_SAMPLINGS",
     "validate_config",
     "serializable_config",
 ]
@@ -174,6 +175,53 @@ def _int_range(low, high):
 
 _seed = _optional_int(0)
 
+TIME_SAMPLINGS = ("uniform", "logit_normal", "shifted")
+
+
+def _prompt_source(value):
+    """A list of strings or a path (loaded and checked by :func:`orwcfm_fast.prompts.load_prompts`)."""
+    if value is None:
+        return None
+    if isinstance(value, str) or hasattr(value, "__fspath__"):
+        return str(value)
+    if isinstance(value, (list, tuple)) and value and all(isinstance(p, str) for p in value):
+        return list(value)
+    raise ValueError(f"expected a non-empty list of strings or a .txt/.jsonl path, got {value!r}")
+
+
+def _optional_callable(value):
+    if value is None or callable(value):
+        return value
+    raise ValueError(f"expected a callable list[str] -> tensor (or tuple of tensors), got {value!r}")
+
+
+def _resolution(value):
+    if value is None:
+        return None
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0:
+        return int(value)
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(
+            isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in value):
+        return [int(v) for v in value]
+    raise ValueError(f"expected a positive int or [height, width], got {value!r}")
+
+
+def _module_names(value):
+    if value is None:
+        return None
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value \
+            or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"expected a non-empty list of module name suffixes, got {value!r}")
+    return list(value)
+
+
+def _decay(value):
+    if value is None:
+        return None
+    if not _is_real(value) or not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"expected None or a number in [0, 1), got {value!r}")
+    return float(value)
+
 
 OPTIONS: dict[str, Option] = {
     # --- the published reference's keys, same meanings and defaults ---
@@ -192,7 +240,8 @@ OPTIONS: dict[str, Option] = {
     "ref_path": Option(None, _str(allow_none=True), "pretrained checkpoint path (for your script)"),
     "parallel": Option(False, _bool, "wrap the policy in DataParallel over all visible GPUs"),
     # --- keys this library adds ---
-    "reward": Option("clip", _reward, "registered reward name or callable samples [B, ...] -> [B]"),
+    "reward": Option("clip", _reward,
+                     "registered reward name or callable samples [B, ...] -> [B] (prompts: (images, prompts) -> [B])"),
     "sample_shape": Option(None, _shape, "shape of one sample; inferred from torchcfm UNets"),
     "ode_solver": Option("euler", _choice(ODE_SOLVERS), "fixed-step sampler: euler, midpoint, heun, rk4"),
     "ode_steps": Option(100, _int(1), "solver steps from t=0 to t=1"),
@@ -227,6 +276,28 @@ OPTIONS: dict[str, Option] = {
     "keep_checkpoints": Option(3, _optional_int(1), "train(): keep the newest this many checkpoints (None: all)"),
     "handle_signals": Option(True, _bool,
                              "train(): on SIGINT/SIGTERM finish the step, save a checkpoint, raise TrainingInterrupted"),
+    # --- text-to-image and conditional models ---
+    "prompts": Option(None, _prompt_source, "training prompts: a list, or a .txt (one a line) / .jsonl ('prompt') path"),
+    "eval_prompts": Option(None, _prompt_source, "held-out prompts for evaluation (same forms as 'prompts')"),
+    "prompt_encoder": Option(None, _optional_callable,
+                             "conditional models: list[str] -> tensor or tuple, passed as model(t, x, *cond)"),
+    "images_per_prompt": Option(1, _int(1), "samples per prompt in a batch (batch_size must be a multiple)"),
+    "guidance_scale": Option(1.0, _float(0.0), "classifier-free guidance while sampling (1 = off; Flux: its guidance input)"),
+    "negative_prompt": Option("", _str(), "the unconditional prompt of classifier-free guidance"),
+    "resolution": Option(None, _resolution, "pipelines: image size, int or [h, w] (None: the model's default)"),
+    "time_shift": Option(None, _float(0.0, low_inclusive=False, allow_none=True),
+                         "pipelines: static sampling-time shift (None: the scheduler's, Flux's dynamic shift included)"),
+    "max_sequence_length": Option(256, _int(1), "pipelines: T5 tokens per prompt"),
+    "lora_rank": Option(32, _optional_int(1), "pipelines: LoRA rank (None: full fine-tuning with three models)"),
+    "lora_alpha": Option(None, _float(0.0, low_inclusive=False, allow_none=True), "pipelines: LoRA alpha (None: the rank)"),
+    "lora_target_modules": Option(None, _module_names,
+                                  "pipelines: module name suffixes to adapt (None: the attention projections)"),
+    "loss_timesteps": Option(1, _int(1), "times t drawn per sample per step (amortises the sampling cost)"),
+    "time_sampling": Option("uniform", _choice(TIME_SAMPLINGS),
+                            "loss times: uniform, logit_normal (sigmoid of N(0, 1)), shifted (uniform, time-shifted)"),
+    "ema_decay": Option(None, _decay, "EMA of the trained weights, used by sample() and save_lora (None: off)"),
+    "gradient_checkpointing": Option(False, _bool, "pipelines: recompute the transformer's activations in backward"),
+    "vae_batch_size": Option(None, _optional_int(1), "pipelines: images per VAE decode (None: the whole batch)"),
 }
 
 DEFAULTS: dict[str, Any] = {name: opt.default for name, opt in OPTIONS.items()}

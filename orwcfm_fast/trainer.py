@@ -39,6 +39,10 @@ from orwcfm_fast.checkpoints import (
 )
 from orwcfm_fast.config import ConfigError, serializable_config, validate_config
 from orwcfm_fast.coupling import couple
+from orwcfm_fast.flows import is_pipeline
+from orwcfm_fast.flows.conventions import shift_sigma
+from orwcfm_fast.flows.models import ModuleModels, TrainingModels, check_velocity
+from orwcfm_fast.prompts import PromptError, draw_prompts, load_prompts
 from orwcfm_fast.ops import BackendUnavailableError, conditional_path, orw_cfm_w2_loss, resolve_backend
 from orwcfm_fast.interrupt import StopRequests, TrainingInterrupted
 from orwcfm_fast.models import describe_unet, optimize_unet
@@ -85,6 +89,8 @@ class _Batch(NamedTuple):
     x_0: torch.Tensor  # [B, *sample_shape] noise after the coupling
     x_1: torch.Tensor  # [B, *sample_shape] samples after the coupling
     pair_weights: torch.Tensor  # [B] the weights that travel with (x_0, x_1)
+    cond: tuple = ()  # per-sample conditioning of x_1 (prompt embeddings); () for unconditional models
+    prompts: list | None = None  # the B prompts the samples were made for
 
 
 class _MetricSums:
@@ -178,26 +184,19 @@ class ORWCFMTrainer:
         device: where everything runs; default: the model's device.
     """
 
-    def __init__(self, model: torch.nn.Module, config: Mapping[str, Any] | None = None, device=None):
+    def __init__(self, model, config: Mapping[str, Any] | None = None, device=None):
         self.config = validate_config(config)
         cfg = self.config
-        self.device = torch.device(device) if device is not None else _model_device(model)
+        pipeline = is_pipeline(model)
+        if device is not None:
+            self.device = torch.device(device)
+        else:
+            self.device = _model_device(model.transformer if pipeline else model)
         self.alpha = cfg["w2_coefficient"]
         self.beta = cfg["temperature"]
         self.grad_clip = cfg["grad_clip"]
         self.batch_size = cfg["batch_size"]
-
-        inferred = infer_sample_shape(model)
-        if cfg["sample_shape"] is None and inferred is None:
-            raise ConfigError(
-                f"config key 'sample_shape' is required for {type(unwrap_model(model)).__name__} "
-                "(it is inferred only for torchcfm UNets): give the shape of one sample, e.g. (2,) or (3, 32, 32)"
-            )
-        if cfg["sample_shape"] is not None and inferred is not None and tuple(cfg["sample_shape"]) != inferred:
-            raise ConfigError(
-                f"config key 'sample_shape' is {cfg['sample_shape']} but the UNet is built for {inferred}"
-            )
-        self.sample_shape = tuple(cfg["sample_shape"] or inferred)
+        self.prompts, self.eval_prompts = self._load_prompts(pipeline)
 
         # Data-parallel when a process group is initialised (torchrun): each rank samples its own
         # batch_size with its own seed (rank 0's is the single-process seed), gradients are averaged.
@@ -218,13 +217,11 @@ class ORWCFMTrainer:
             raise ConfigError(f"config key 'cuda_graphs' is True but the trainer runs on {self.device}; "
                               "CUDA graphs need a CUDA device (None: use them where available)")
 
-        model = unwrap_model(model).to(self.device)
-        if cfg["unet_speedups"] and describe_unet(model).is_unet:
-            optimize_unet(model)  # in place, before the copies: all three models run the same code
-        dist_utils.broadcast_module(model)  # distributed: every rank starts from rank 0's weights
-        self.last_policy = copy.deepcopy(model).eval().requires_grad_(False)
-        self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.net_model = self._maybe_parallel(model)
+        # The model family behind one contract: three roles, prompts -> cond, samples -> reward inputs.
+        self.models: TrainingModels = self._build_models(model, pipeline)
+        self.sample_shape = self.models.sample_shape
+        self.net_model, self.last_policy, self.ref_model = (
+            self.models.net_model, self.models.last_policy, self.models.ref_model)
         self._check_model_output()
 
         self._policy_forward, self._ref_forward, self._last_policy_forward = self._forwards()
@@ -233,15 +230,20 @@ class ORWCFMTrainer:
         self._sampler = GraphSampler(
             self._last_policy_forward, solver=cfg["ode_solver"], steps=cfg["ode_steps"], backend=cfg["ops_backend"],
             use_graphs=False if cfg["cuda_graphs"] is False else None, sample_shape=self.sample_shape,
+            time_grid=self.models.time_grid(cfg["ode_steps"]),
         )
         # Fused Adam on CUDA (one kernel for all parameters); the same update rule as Adam.
         fused = {"fused": True} if self.device.type == "cuda" else {}
-        self.optimizer = torch.optim.Adam(self.net_model.parameters(), lr=cfg["learning_rate"], **fused)
+        self.optimizer = torch.optim.Adam(self.models.trainable_parameters(), lr=cfg["learning_rate"], **fused)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, LinearWarmup(cfg["warmup_steps"]))
         try:
             self.reward_fn = make_reward(cfg["reward"], cfg, self.device)
         except ValueError as err:
             raise ConfigError(str(err)) from err
+        # An EMA of the trained weights (config ema_decay): fp32 copies, updated after each step.
+        self._ema: list[torch.Tensor] | None = None
+        if cfg["ema_decay"] is not None:
+            self._ema = [p.detach().float().clone() for p in self.models.trainable_parameters()]
 
         self.epoch = 0
         self.global_step = 0
@@ -251,8 +253,76 @@ class ORWCFMTrainer:
         self._log: EpochLog | None = None
         self._rotation: CheckpointRotation | None = None
         self._skipped_steps: torch.Tensor | None = None  # CUDA: non-finite-gradient steps skipped on device
+        self._sampled: tuple[tuple, list | None] = ((), None)  # sample_batch's (cond, prompts), for compute_loss
         # train() makes the next batch in the background while this one trains (overlap_sampling).
         self._worker = BackgroundWorker(self.device)
+
+    def _load_prompts(self, pipeline: bool) -> tuple[list[str] | None, list[str] | None]:
+        """Config ``prompts`` / ``eval_prompts`` loaded and checked against the model and batch size."""
+        cfg = self.config
+        try:
+            prompts = load_prompts(cfg["prompts"], "prompts") if cfg["prompts"] is not None else None
+            eval_prompts = load_prompts(cfg["eval_prompts"], "eval_prompts") if cfg["eval_prompts"] is not None else None
+        except PromptError as err:
+            raise ConfigError(str(err)) from None
+        conditional = pipeline or cfg["prompt_encoder"] is not None
+        if conditional:
+            if prompts is None:
+                what = "a text-to-image pipeline" if pipeline else "a model with a 'prompt_encoder'"
+                raise ConfigError(f"config key 'prompts' is required for {what}: a list, or a .txt/.jsonl file")
+            if cfg["batch_size"] % cfg["images_per_prompt"]:
+                raise ConfigError(
+                    f"config key 'batch_size' ({cfg['batch_size']}) must be a multiple of 'images_per_prompt' "
+                    f"({cfg['images_per_prompt']}): each rank's batch holds whole prompt groups"
+                )
+            if cfg["coupling"] != "independent":
+                raise ConfigError(
+                    f"config key 'coupling' is {cfg['coupling']!r}, but samples made for prompts pair with their "
+                    "own noise only: use 'independent' (OT across prompts would mix conditions)"
+                )
+        elif prompts is not None:
+            raise ConfigError("config key 'prompts' is set but the model takes no prompts: pass a diffusers "
+                              "pipeline, or a conditional model with config 'prompt_encoder'")
+        return prompts, eval_prompts
+
+    def _build_models(self, model, pipeline: bool) -> TrainingModels:
+        cfg = self.config
+        if pipeline:
+            from orwcfm_fast.flows.pipeline_models import PipelineModels
+
+            if cfg["lora_rank"] is not None and cfg["overlap_sampling"]:
+                raise ConfigError(
+                    "config key 'overlap_sampling' is True, but with LoRA the sampling policy and the trained "
+                    "policy are adapters of one transformer, switched as module state: they cannot run at once "
+                    "(set it to None/False, or lora_rank None for full fine-tuning)"
+                )
+            try:
+                models = PipelineModels(model, cfg, self.device, prompts=self.prompts + (self.eval_prompts or []),
+                                        seed=self.seed)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+            if cfg["sample_shape"] is not None and tuple(cfg["sample_shape"]) != models.sample_shape:
+                raise ConfigError(f"config key 'sample_shape' is {cfg['sample_shape']} but the pipeline's latents "
+                                  f"are {models.sample_shape} at this resolution")
+            return models
+        inferred = infer_sample_shape(model)
+        if cfg["sample_shape"] is None and inferred is None:
+            raise ConfigError(
+                f"config key 'sample_shape' is required for {type(unwrap_model(model)).__name__} "
+                "(it is inferred only for torchcfm UNets): give the shape of one sample, e.g. (2,) or (3, 32, 32)"
+            )
+        if cfg["sample_shape"] is not None and inferred is not None and tuple(cfg["sample_shape"]) != inferred:
+            raise ConfigError(
+                f"config key 'sample_shape' is {cfg['sample_shape']} but the UNet is built for {inferred}"
+            )
+
+        def prepare(module: torch.nn.Module) -> None:
+            if cfg["unet_speedups"] and describe_unet(module).is_unet:
+                optimize_unet(module)  # in place, before the copies: all three models run the same code
+            dist_utils.broadcast_module(module)  # distributed: every rank starts from rank 0's weights
+
+        return ModuleModels(model, tuple(cfg["sample_shape"] or inferred), self.device, wrap=self._maybe_parallel,
+                            prepare=prepare, prompt_encoder=cfg["prompt_encoder"])
 
     # ------------------------------------------------------------------ setup helpers
 
@@ -263,11 +333,7 @@ class ORWCFMTrainer:
         mode: no Inductor CUDA graphs, so they compose with the sampler's own graphs); the
         modules themselves stay plain (attributes, ``state_dict`` keys and checkpoints unchanged).
         """
-        models = (self.net_model, self.ref_model, self.last_policy)
-        if not self.config["compile"]:
-            return models
-        backend = self.config["compile_backend"]
-        return tuple(torch.compile(m, backend=backend) for m in models)
+        return self.models.forwards(self.config["compile_backend"] if self.config["compile"] else None)
 
     def _autocast(self):
         """bf16 autocast for ``precision: "bf16"`` (weights, ODE state and loss stay fp32)."""
@@ -296,23 +362,15 @@ class ORWCFMTrainer:
         warnings.warn("config 'parallel' is True but fewer than two CUDA devices are in use: running on one device")
         return model
 
-    @torch.no_grad()
     def _check_model_output(self) -> None:
-        x = torch.zeros((2, *self.sample_shape), device=self.device)
-        t = torch.full((2,), 0.5, device=self.device)
+        cond = self.models.encode([self.prompts[0]] * 2, 2) if self.prompts is not None else ()
         try:
-            out = self.ref_model(t, x)
-        except Exception as err:
-            raise ConfigError(
-                f"model(t, x) failed for x of shape {tuple(x.shape)} (config 'sample_shape' = {self.sample_shape}): "
-                f"{type(err).__name__}: {err}"
-            ) from err
-        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
-            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ConfigError(
-                f"model(t, x) returned {got} for x of shape {tuple(x.shape)}: the velocity must have the "
-                f"sample's shape (check config 'sample_shape' = {self.sample_shape})"
-            )
+            check_velocity(self._ref_model_call, self.sample_shape, self.device, cond)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err.__cause__
+
+    def _ref_model_call(self, t, x, *cond):
+        return self.ref_model(t, x, *cond)
 
     # ------------------------------------------------------------------ sampling
 
@@ -320,11 +378,12 @@ class ORWCFMTrainer:
         return torch.randn((n, *self.sample_shape), generator=self.generator, device=self.device)
 
     @torch.no_grad()
-    def _integrate(self, model, n: int) -> torch.Tensor:
+    def _integrate(self, model, n: int, cond: tuple = ()) -> torch.Tensor:
         cfg = self.config
+        velocity = model if not cond else (lambda t, x: model(t, x, *cond))
         with self._autocast():
-            return integrate(model, self._noise(n), solver=cfg["ode_solver"], steps=cfg["ode_steps"],
-                             backend=cfg["ops_backend"])
+            return integrate(velocity, self._noise(n), solver=cfg["ode_solver"], steps=cfg["ode_steps"],
+                             backend=cfg["ops_backend"], time_grid=self.models.time_grid(cfg["ode_steps"]))
 
     def _overlap(self) -> bool:
         """Whether ``train`` makes the next batch in the background (config ``overlap_sampling``)."""
@@ -337,41 +396,59 @@ class ORWCFMTrainer:
         return all(getattr(cls, name) is getattr(ORWCFMTrainer, name)
                    for name in ("training_step", "sample_batch", "compute_loss"))
 
-    def _draw_batch_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _draw_prompts(self) -> list[str] | None:
+        """The batch's prompts (``images_per_prompt`` in a row each) from ``cpu_generator``; None without prompts."""
+        if self.prompts is None:
+            return None
+        return draw_prompts(self.prompts, self.batch_size, self.config["images_per_prompt"], self.cpu_generator)
+
+    def _draw_batch_inputs(self) -> tuple[torch.Tensor, torch.Tensor, list[str] | None]:
         """The random inputs of one batch, in the order the sequential step draws them.
 
         Returns:
-            ``(noise, x_0)``: the sampler's initial noise and the loss's noise ``x_0``, both
-            ``[batch_size, *sample_shape]`` float32, from ``self.generator``.
+            ``(noise, x_0, prompts)``: the sampler's initial noise and the loss's noise ``x_0``,
+            both ``[batch_size, *sample_shape]`` float32, from ``self.generator``; the batch's
+            prompts (``None`` for unconditional models), drawn first, from ``cpu_generator``.
         """
+        prompts = self._draw_prompts()
         noise = self._noise(self.batch_size)
         x_0 = torch.randn(noise.shape, generator=self.generator, device=self.device, dtype=noise.dtype)
-        return noise, x_0
+        return noise, x_0, prompts
 
     @torch.no_grad()
-    def _make_batch(self, noise: torch.Tensor, x_0: torch.Tensor) -> _Batch:
+    def _make_batch(self, noise: torch.Tensor, x_0: torch.Tensor, prompts: list[str] | None = None) -> _Batch:
         """Sample from ``noise``, reward, weight and couple with ``x_0``: all a step needs before its update.
 
         The same computations, in the same order, as ``sample_batch`` + ``_weights`` + the start of
         ``compute_loss``; runs in the background worker when ``train`` overlaps batches. Raises on
         non-finite rewards or weights before anything is updated.
         """
+        cond = self.models.encode(prompts, self.batch_size) if prompts is not None else ()
         with phase("sample", self.device):
             with self._autocast():
-                samples = self._sampler(noise)
+                samples = self._sampler(noise, *cond)
         with phase("reward", self.device):
-            rewards = check_rewards(self.reward_fn(samples), self.batch_size, device=self.device)
+            rewards = self._score(samples, prompts)
             weights = self._weights(rewards)
         with phase("coupling", self.device):
             x_0, x_1, pair_weights = couple(self.config["coupling"], x_0, samples, weights,
                                             generator=self.cpu_generator)
-        return _Batch(samples, rewards, weights, x_0, x_1, pair_weights)
+        return _Batch(samples, rewards, weights, x_0, x_1, pair_weights, cond, prompts)
+
+    def _score(self, samples: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
+        """Checked ``[B]`` rewards of ``samples``: decoded for pipelines, with the prompts when the reward takes them."""
+        inputs = self.models.reward_inputs(samples)
+        if prompts is not None and getattr(self.reward_fn, "takes_prompts", False):
+            out = self.reward_fn(inputs, prompts)
+        else:
+            out = self.reward_fn(inputs)
+        return check_rewards(out, samples.shape[0], device=self.device)
 
     @torch.no_grad()
-    def _policy_samples(self) -> torch.Tensor:
+    def _policy_samples(self, cond: tuple = ()) -> torch.Tensor:
         """``batch_size`` samples from ``last_policy``: one CUDA-graph replay on CUDA, eager elsewhere."""
         with self._autocast():
-            return self._sampler.sample(self.batch_size, generator=self.generator, device=self.device)
+            return self._sampler.sample(self.batch_size, *cond, generator=self.generator, device=self.device)
 
     @torch.no_grad()
     def sample_batch(self, ep: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -381,63 +458,153 @@ class ORWCFMTrainer:
             ep: the epoch (kept for the reference's signature; sampling does not depend on it).
 
         Returns:
-            ``(samples [batch_size, *sample_shape], rewards [batch_size] float32)``.
+            ``(samples [batch_size, *sample_shape], rewards [batch_size] float32)``. With prompts,
+            the batch's prompts and conditioning are kept for the next :meth:`compute_loss`
+            (and the prompts are in :attr:`last_prompts`).
         """
+        prompts = self._draw_prompts()
+        cond = self.models.encode(prompts, self.batch_size) if prompts is not None else ()
         with phase("sample", self.device):
-            samples = self._policy_samples()
+            samples = self._policy_samples(cond)
         with phase("reward", self.device):
-            rewards = check_rewards(self.reward_fn(samples), self.batch_size, device=self.device)
+            rewards = self._score(samples, prompts)
+        self._sampled = (cond, prompts)
         return samples, rewards
 
+    @property
+    def last_prompts(self) -> list[str] | None:
+        """The prompts of the last :meth:`sample_batch` (``None`` for unconditional models)."""
+        return self._sampled[1]
+
     @torch.no_grad()
-    def sample(self, n: int, batch_size: int | None = None) -> torch.Tensor:
-        """``n`` samples from the current policy ``net_model`` (dropout off), in chunks of ``batch_size``.
+    def sample(self, n: int, batch_size: int | None = None, prompts: list[str] | None = None) -> torch.Tensor:
+        """``n`` samples from the current policy ``net_model`` (dropout off; the EMA weights with
+        ``ema_decay``), in chunks of ``batch_size``.
+
+        Args:
+            n: number of samples.
+            batch_size: samples per solve (default: the trainer's).
+            prompts: for conditional models, ``n`` prompts (default: the training prompts, cycled).
 
         Returns:
-            ``[n, *sample_shape]`` tensor on the trainer's device.
+            ``[n, *sample_shape]`` tensor on the trainer's device (latents for pipelines).
         """
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"sample(n): n must be a positive integer, got {n!r}")
+        if self.prompts is None and prompts is not None:
+            raise ValueError("sample(prompts=...): this model takes no prompts")
+        if self.prompts is not None:
+            prompts = list(prompts) if prompts is not None else [self.prompts[i % len(self.prompts)] for i in range(n)]
+            if len(prompts) != n:
+                raise ValueError(f"sample(n={n}, prompts=...): got {len(prompts)} prompts, need one per sample")
         chunk = batch_size or self.batch_size
-        model = unwrap_model(self.net_model)  # not DDP's forward: one rank may sample alone
-        was_training = model.training
-        model.eval()
+        module = self.models.policy_module()  # not DDP's forward: one rank may sample alone
+        velocity = self.models.policy_sampling_velocity()
+        was_training = module.training
+        module.eval()
         try:
-            parts = [self._integrate(model, min(chunk, n - i)) for i in range(0, n, chunk)]
+            with self._ema_weights():
+                parts = []
+                for i in range(0, n, chunk):
+                    m = min(chunk, n - i)
+                    cond = self.models.encode(prompts[i:i + m], m) if prompts is not None else ()
+                    parts.append(self._integrate(velocity, m, cond))
         finally:
-            model.train(was_training)
+            module.train(was_training)
         return torch.cat(parts)
+
+    @contextlib.contextmanager
+    def _ema_weights(self):
+        """The trained parameters hold the EMA's values for the block (no-op without ``ema_decay``)."""
+        if self._ema is None:
+            yield
+            return
+        params = self.models.trainable_parameters()
+        saved = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            torch._foreach_copy_(params, self._ema)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(params, saved)
+
+    def save_lora(self, path) -> None:
+        """Write the trained LoRA adapter (the EMA's weights with ``ema_decay``) in diffusers' format.
+
+        ``pipe.load_lora_weights(path)`` loads it into a fresh pipeline of the same base model.
+        Under ``torch.distributed`` rank 0 writes.
+        """
+        save = getattr(self.models, "save_lora", None)
+        if save is None:
+            raise ValueError("save_lora is for diffusers pipelines trained with LoRA; save net_model's state_dict instead")
+        if dist_utils.is_main_process():
+            save(path, weights=self._ema)
+        dist_utils.barrier()
 
     # ------------------------------------------------------------------ loss and step
 
-    def compute_loss(self, x1: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def compute_loss(self, x1: torch.Tensor, weights: torch.Tensor,
+                     cond: tuple | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The ORW-CFM-W2 loss on samples ``x1`` with per-sample ``weights``.
 
         Args:
             x1: ``[B, *sample_shape]`` samples (constants).
             weights: ``[B]`` weights of those samples.
+            cond: the samples' conditioning (default: that of the last :meth:`sample_batch`;
+                ``()`` for unconditional models).
 
         Returns:
             ``(loss, metrics)``: the differentiable 0-dim loss; metrics are detached 0-dim tensors
             ``fm_loss`` (``mean_i w_i fm_i``), ``w2_loss`` (``mean_i w2_i``), ``total_loss``
             (``fm_loss + alpha * w2_loss``).
         """
+        cond = self._sampled[0] if cond is None else tuple(cond)
         x0 = torch.randn(x1.shape, generator=self.generator, device=x1.device, dtype=x1.dtype)
         x0, x1, weights = couple(self.config["coupling"], x0, x1, weights, generator=self.cpu_generator)
-        return self._coupled_loss(x0, x1, weights)
+        return self._coupled_loss(x0, x1, weights, cond)
 
-    def _coupled_loss(self, x0: torch.Tensor, x1: torch.Tensor,
-                      weights: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``compute_loss`` after the coupling: draws ``t`` (and the path noise), runs both forwards."""
-        t = torch.rand(x1.shape[0], generator=self.generator, device=x1.device, dtype=x1.dtype)
+    def _loss_times(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        """``[n]`` loss times from config ``time_sampling`` (``uniform`` is the reference's ``t ~ U(0, 1)``)."""
+        kind = self.config["time_sampling"]
+        if kind == "logit_normal":
+            return torch.sigmoid(torch.randn(n, generator=self.generator, device=like.device, dtype=like.dtype))
+        t = torch.rand(n, generator=self.generator, device=like.device, dtype=like.dtype)
+        if kind == "shifted":  # uniform sigma, shifted as the sampler's times are
+            shift = self._training_shift()
+            sigma = 1 - t
+            t = 1 - shift * sigma / (1 + (shift - 1) * sigma)
+        return t
+
+    def _training_shift(self) -> float:
+        get = getattr(self.models, "training_shift", None)
+        if get is not None:
+            return get()
+        return float(self.config["time_shift"] or 1.0)
+
+    def _coupled_loss(self, x0: torch.Tensor, x1: torch.Tensor, weights: torch.Tensor,
+                      cond: tuple = ()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``compute_loss`` after the coupling: draws ``t`` (and the path noise), runs both forwards.
+
+        With ``loss_timesteps`` k > 1 each sample is used at k times (its rows repeated, fresh
+        ``x_0`` for the repeats), so one sampling pays for k loss terms.
+        """
+        k = self.config["loss_timesteps"]
+        if k > 1:
+            extra = torch.randn((x1.shape[0] * (k - 1), *x1.shape[1:]), generator=self.generator,
+                                device=x1.device, dtype=x1.dtype)
+            x0 = torch.cat([x0, extra])
+            x1, weights = x1.repeat((k,) + (1,) * (x1.ndim - 1)), weights.repeat(k)
+            cond = tuple(c.repeat((k,) + (1,) * (c.ndim - 1)) for c in cond)
+        t = self._loss_times(x1.shape[0], x1)
         sigma = self.config["sigma"]
         noise = torch.randn(x1.shape, generator=self.generator, device=x1.device, dtype=x1.dtype) if sigma > 0 else None
         backend = self.config["ops_backend"]
         x_t, u_t = conditional_path(x0, x1, t, sigma, noise, backend=backend)
         with self._autocast():
-            v = self._policy_forward(t, x_t)
+            v = self._policy_forward(t, x_t, *cond)
             with torch.no_grad():
-                v_ref = self._ref_forward(t, x_t)
+                v_ref = self._ref_forward(t, x_t, *cond)
         # bf16 forwards: the loss is taken in fp32 against the fp32 target u_t.
         v, v_ref = v.to(u_t.dtype), v_ref.to(u_t.dtype)
         loss, fm, w2 = orw_cfm_w2_loss(v, u_t, v_ref, weights, self.alpha, backend=backend)
@@ -471,7 +638,7 @@ class ORWCFMTrainer:
         """
         samples, rewards = self.sample_batch(ep)
         weights = self._weights(rewards)
-        self.net_model.train(self.config["policy_dropout"])
+        self.models.train_mode(self.config["policy_dropout"])
         with phase("loss", self.device):
             loss, metrics = self.compute_loss(samples, weights)
         metrics, lr, _ = self._optimize(loss, metrics, rewards, weights, check_now=True)
@@ -490,9 +657,9 @@ class ORWCFMTrainer:
         Returns:
             ``(metrics, lr, meanwhile_result)``: metrics are 0-dim device tensors.
         """
-        self.net_model.train(self.config["policy_dropout"])
+        self.models.train_mode(self.config["policy_dropout"])
         with phase("loss", self.device):
-            loss, metrics = self._coupled_loss(batch.x_0, batch.x_1, batch.pair_weights)
+            loss, metrics = self._coupled_loss(batch.x_0, batch.x_1, batch.pair_weights, batch.cond)
         return self._optimize(loss, metrics, batch.rewards, batch.weights, meanwhile,
                               check_now=not self._defers_gradient_check())
 
@@ -512,7 +679,8 @@ class ORWCFMTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
         with phase("optimizer", self.device):
-            params = [p for p in self.net_model.parameters() if p.grad is not None]
+            self.models.reduce_gradients()
+            params = [p for p in self.models.trainable_parameters() if p.grad is not None]
             max_norm = self.grad_clip if self.grad_clip is not None else math.inf
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
             if check_now:
@@ -531,6 +699,10 @@ class ORWCFMTrainer:
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.found_inf = None
+            if self._ema is not None:
+                with torch.no_grad():
+                    current = [p.detach().float() for p in self.models.trainable_parameters()]
+                    torch._foreach_lerp_(self._ema, current, 1.0 - self.config["ema_decay"])
         self.global_step += 1
         metrics.update(
             reward=rewards.mean(),
@@ -541,8 +713,8 @@ class ORWCFMTrainer:
         return metrics, lr, side
 
     def update_last_policy(self) -> None:
-        """Copy ``net_model``'s weights into ``last_policy`` in place (no new module)."""
-        self.last_policy.load_state_dict(unwrap_model(self.net_model).state_dict())
+        """Copy ``net_model``'s weights into ``last_policy`` in place (no new module; for LoRA: adapter to adapter)."""
+        self.models.update_last_policy()
 
     # ------------------------------------------------------------------ the loop
 
@@ -717,6 +889,9 @@ class ORWCFMTrainer:
                 published trainer does (off by default: pretraining's Adam moments and a
                 schedule at step 400k are not a fine-tuning start).
         """
+        if not isinstance(self.models, ModuleModels):
+            raise ValueError("load_pretrained loads velocity-model checkpoints; a pipeline is loaded with "
+                             "its from_pretrained before the trainer is built")
         state, ckpt = read_model_state(path, ema=ema, map_location=self.device)
         for model in (self.net_model, self.last_policy, self.ref_model):
             load_state_strict(model, state, f"{str(path)!r}")
@@ -738,7 +913,8 @@ class ORWCFMTrainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything :meth:`load_checkpoint` needs; the reference's keys are kept.
 
-        Models, optimiser, scheduler, config, epoch and step counters (also within an epoch, with
+        Models (for LoRA pipelines: the adapters, and a fingerprint of the base weights instead of
+        them), the EMA, optimiser, scheduler, config, epoch and step counters (also within an epoch, with
         that epoch's metric sums), history, and every random state (the trainer's generators,
         torch CPU and CUDA, numpy, Python: one set per rank). Under ``torch.distributed`` this is a
         collective: every rank must call it.
@@ -751,9 +927,8 @@ class ORWCFMTrainer:
             dist.all_gather_object(rng_states, self._rng_state())
         partial = self._epoch_sums is not None and self.step_in_epoch > 0
         return {
-            "net_model": unwrap_model(self.net_model).state_dict(),
-            "last_policy": self.last_policy.state_dict(),
-            "ref_model": self.ref_model.state_dict(),
+            **self.models.state(),  # net_model / last_policy / ref_model (LoRA: both adapters + base fingerprint)
+            "ema": [e.clone() for e in self._ema] if self._ema is not None else None,
             "optim": self.optimizer.state_dict(),
             "sched": self.scheduler.state_dict(),
             "config": serializable_config(self.config),
@@ -801,22 +976,24 @@ class ORWCFMTrainer:
                 another architecture (nothing is changed then).
         """
         ckpt = load_file(path, map_location=self.device)
-        required = ("net_model", "last_policy", "optim", "sched")
-        missing = [k for k in required if not (isinstance(ckpt, Mapping) and k in ckpt)]
+        source = f"{str(path)!r}"
+        missing = [k for k in ("optim", "sched") if not (isinstance(ckpt, Mapping) and k in ckpt)]
         if missing:
             raise CheckpointError(
-                f"{str(path)!r} is not a trainer checkpoint: it lacks {missing} "
-                "(for pretrained weights use load_pretrained)"
+                f"{source} is not a trainer checkpoint: it lacks {missing} (for pretrained weights use load_pretrained)"
             )
-        # Check every model before changing any, so a mismatch leaves the trainer as it was.
-        for key, model in (("net_model", self.net_model), ("last_policy", self.last_policy),
-                           ("ref_model", self.ref_model)):
-            if key in ckpt:
-                _check_fits(model, ckpt[key], f"{str(path)!r} [{key}]")
-        load_state_strict(self.net_model, ckpt["net_model"], f"{str(path)!r} [net_model]")
-        load_state_strict(self.last_policy, ckpt["last_policy"], f"{str(path)!r} [last_policy]")
-        if "ref_model" in ckpt:
-            load_state_strict(self.ref_model, ckpt["ref_model"], f"{str(path)!r} [ref_model]")
+        # Check every model (and the EMA) before changing any, so a mismatch leaves the trainer as it was.
+        self.models.check_state(ckpt, source)
+        ema = ckpt.get("ema")
+        if self._ema is not None and ema is not None and (
+                len(ema) != len(self._ema) or any(a.shape != b.shape for a, b in zip(ema, self._ema))):
+            raise CheckpointError(f"{source}: its EMA does not fit this trainer's parameters")
+        self.models.load_state(ckpt, source)
+        if self._ema is not None:
+            if ema is not None:
+                torch._foreach_copy_(self._ema, [e.to(self.device) for e in ema])
+            else:  # a checkpoint of a run without EMA: start it from the loaded weights
+                self._ema = [p.detach().float().clone() for p in self.models.trainable_parameters()]
         self.optimizer.load_state_dict(ckpt["optim"])
         self.scheduler.load_state_dict(ckpt["sched"])
         self.epoch = int(ckpt.get("epoch", 0))
@@ -844,9 +1021,3 @@ class ORWCFMTrainer:
             if "cpu_generator" in ckpt:
                 self.cpu_generator.set_state(ckpt["cpu_generator"].cpu())
 
-
-def _check_fits(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Raise :class:`CheckpointError` (``load_state_strict``'s message) if ``state`` does not fit; load nothing."""
-    own = unwrap_model(model).state_dict()
-    if set(own) != set(state) or any(own[k].shape != state[k].shape for k in own):
-        load_state_strict(model, state, source)  # raises, listing the differences

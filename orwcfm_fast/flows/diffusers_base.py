@@ -98,8 +98,9 @@ class PipelineFlow:
     def resolution_multiple(self) -> int:
         raise NotImplementedError
 
-    def _transformer_call(self, t: torch.Tensor, x: torch.Tensor, cond: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """The transformer's own prediction (diffusers' convention) at library time ``t``."""
+    def _transformer_call(self, t: torch.Tensor, x: torch.Tensor, cond: tuple[torch.Tensor, ...],
+                          transformer: torch.nn.Module) -> torch.Tensor:
+        """``transformer``'s own prediction (diffusers' convention) at library time ``t``."""
         raise NotImplementedError
 
     def _encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, ...]:
@@ -158,29 +159,33 @@ class PipelineFlow:
 
     # ------------------------------------------------------------------ velocity and sampling
 
-    def transformer_velocity(self, t: torch.Tensor, x: torch.Tensor, cond: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def transformer_velocity(self, t: torch.Tensor, x: torch.Tensor, cond: tuple[torch.Tensor, ...],
+                             transformer: torch.nn.Module | None = None) -> torch.Tensor:
         """The transformer's velocity in the library's convention, no guidance (the loss's forwards).
 
         Args:
             t: ``[B]`` times (0 = noise). x: ``[B, *sample_shape]``. cond: from :meth:`encode`.
+            transformer: another transformer of the same architecture (full fine-tuning's copies);
+                default: the pipeline's.
 
         Returns:
             ``[B, *sample_shape]`` in the transformer's output dtype.
         """
-        return -self._transformer_call(t, x, cond)
+        return -self._transformer_call(t, x, cond, self.transformer if transformer is None else transformer)
 
-    def velocity(self, t: torch.Tensor, x: torch.Tensor, cond: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def velocity(self, t: torch.Tensor, x: torch.Tensor, cond: tuple[torch.Tensor, ...],
+                 transformer: torch.nn.Module | None = None) -> torch.Tensor:
         """The sampling velocity: :meth:`transformer_velocity`, with CFG when ``guidance_scale != 1``.
 
         CFG runs the unconditional and conditional halves as one batch of ``2B`` (as the
         pipelines do) and combines ``v_u + g (v_c - v_u)``.
         """
         if not self._guided():
-            return self.transformer_velocity(t, x, cond)
+            return self.transformer_velocity(t, x, cond, transformer)
         b = x.shape[0]
         neg = self._negative_cond(b)
         both = tuple(torch.cat([n, c]) for n, c in zip(neg, cond))
-        v = self.transformer_velocity(torch.cat([t, t]), torch.cat([x, x]), both)
+        v = self.transformer_velocity(torch.cat([t, t]), torch.cat([x, x]), both, transformer)
         v_uncond, v_cond = v.chunk(2)
         return cfg_combine(v_uncond, v_cond, self.guidance_scale)
 

@@ -47,14 +47,14 @@ class FluxFlow(PipelineFlow):
     def _guided(self) -> bool:
         return False  # guidance is an input of the distilled transformer, not a second pass
 
-    def _transformer_call(self, t, x, cond):
+    def _transformer_call(self, t, x, cond, transformer):
         prompt_embeds, pooled = cond
-        dtype = self.transformer.dtype
+        dtype = transformer.dtype
         guidance = None
-        if self.transformer.config.guidance_embeds:
+        if transformer.config.guidance_embeds:
             guidance = torch.full((x.shape[0],), self.guidance_scale, device=x.device, dtype=torch.float32)
         txt_ids = torch.zeros(prompt_embeds.shape[1], 3, device=x.device, dtype=dtype)
-        return self.transformer(
+        return transformer(
             hidden_states=x.to(dtype), timestep=model_timestep(t, self.timestep_scale).to(dtype), guidance=guidance,
             pooled_projections=pooled.to(dtype), encoder_hidden_states=prompt_embeds.to(dtype), txt_ids=txt_ids,
             img_ids=self._img_ids.to(device=x.device, dtype=dtype), return_dict=False,

@@ -4,7 +4,8 @@ ORW-CFM-W2 needs three velocity fields: ``net_model`` (trained), ``last_policy``
 epoch's data, refreshed once an epoch) and ``ref_model`` (the pretrained model the W2 term
 pulls toward). With LoRA they are one transformer in memory:
 
-- policy: the adapter :data:`POLICY`, the only parameters the optimiser sees;
+- policy: the adapter :data:`POLICY`, the only parameters the optimiser sees (kept in float32
+  whatever the base's dtype);
 - last policy: a second adapter :data:`LAST_POLICY`, refreshed by an in-place copy of the
   policy's LoRA weights (:meth:`LoraRoles.update_last_policy`);
 - reference: the same transformer with adapters disabled, exactly the base weights.
@@ -19,6 +20,7 @@ one helper that switches it, and it always puts the policy back (active, trainab
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -66,11 +68,15 @@ class LoraRoles:
             except ValueError as err:
                 raise ValueError(f"lora_target_modules {list(self.target_modules)} match no module of "
                                  f"{type(transformer).__name__}: {err}") from None
-        transformer.add_adapter(config, adapter_name=LAST_POLICY)
+        with warnings.catch_warnings():  # peft warns that a second adapter is added: that is the design
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            transformer.add_adapter(config, adapter_name=LAST_POLICY)
         self._policy, self._last = self._adapter_pairs()
         if not self._policy:
             raise ValueError(f"lora_target_modules {list(self.target_modules)} match no module of "
                              f"{type(transformer).__name__}")
+        for p in self._policy + self._last:  # fp32 adapters on a bf16/fp16 base (peft casts the inputs)
+            p.data = p.data.float()
         self.update_last_policy()
         transformer.set_adapter(POLICY)
 

@@ -33,10 +33,10 @@ class SD3Flow(PipelineFlow):
     def resolution_multiple(self) -> int:
         return self.vae_scale_factor * self.transformer.config.patch_size
 
-    def _transformer_call(self, t, x, cond):
+    def _transformer_call(self, t, x, cond, transformer):
         prompt_embeds, pooled = cond
-        dtype = self.transformer.dtype
-        return self.transformer(
+        dtype = transformer.dtype
+        return transformer(
             hidden_states=x.to(dtype), timestep=model_timestep(t, self.timestep_scale).to(dtype),
             encoder_hidden_states=prompt_embeds.to(dtype), pooled_projections=pooled.to(dtype), return_dict=False,
         )[0]

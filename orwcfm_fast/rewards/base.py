@@ -2,17 +2,20 @@
 
 A *reward* maps a batch of samples ``[B, *sample_shape]`` (images ``[B, C, H, W]`` in
 ``[-1, 1]``, or arbitrary tensors such as 2-D points ``[B, 2]``) to a ``[B]`` float32
-tensor on the samples' device. The trainer calls rewards under ``torch.no_grad``.
+tensor on the samples' device. The trainer calls rewards under ``torch.no_grad``. For samples
+made for prompts (text-to-image pipelines) a reward may take the prompts too,
+``reward(images, prompts) -> [B]`` with images ``[B, 3, H, W]`` in ``[0, 1]``.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-__all__ = ["Reward", "CallableReward", "WeightedSum", "check_rewards"]
+__all__ = ["Reward", "CallableReward", "WeightedSum", "accepts_prompts", "check_rewards"]
 
 # How many offending indices an error message lists before eliding the rest.
 _MAX_LISTED = 8
@@ -22,8 +25,13 @@ class Reward(nn.Module):
     """Abstract base class of rewards.
 
     Subclasses implement :meth:`forward`. Being an :class:`torch.nn.Module`, a reward
-    can hold networks and buffers that ``.to(device)`` moves.
+    can hold networks and buffers that ``.to(device)`` moves. A reward whose
+    :attr:`takes_prompts` is True is called ``reward(images, prompts)`` by the trainer when
+    the samples were made for prompts.
     """
+
+    #: whether ``forward`` takes the batch's prompts as a second argument
+    takes_prompts: bool = False
 
     def forward(self, samples: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         """Scores a batch.
@@ -67,20 +75,42 @@ class CallableReward(Reward):
             raise TypeError(f"CallableReward needs a callable samples -> [B] rewards, got {type(fn).__name__}")
         self.fn = fn  # registered as a submodule when it is an nn.Module
         self.name = name if name is not None else getattr(fn, "__name__", type(fn).__name__)
+        self.takes_prompts = accepts_prompts(fn)
 
-    def forward(self, samples: torch.Tensor) -> torch.Tensor:
+    def forward(self, samples: torch.Tensor, prompts: Optional[Sequence[str]] = None) -> torch.Tensor:
         """Calls the wrapped function.
 
         Args:
-            samples: ``[B, *sample_shape]``.
+            samples: ``[B, *sample_shape]`` (images ``[B, 3, H, W]`` in [0, 1] for pipelines).
+            prompts: the ``B`` prompts the samples were made for; passed on only when the
+                callable takes a second argument (:func:`accepts_prompts`).
 
         Returns:
             The callable's output as a float32 tensor on ``samples.device`` (normally ``[B]``).
         """
+        if prompts is not None and self.takes_prompts:
+            return _to_float_tensor(self.fn(samples, list(prompts)), samples.device)
         return _to_float_tensor(self.fn(samples), samples.device)
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}"
+
+
+def accepts_prompts(fn: Callable) -> bool:
+    """Whether ``fn`` can be called ``fn(samples, prompts)`` (two positional parameters, or ``*args``).
+
+    A :class:`Reward` answers with its :attr:`~Reward.takes_prompts`; a one-argument callable
+    ``fn(samples)`` (every reward of the pixel tasks) is called without the prompts.
+    """
+    if isinstance(fn, Reward):
+        return bool(fn.takes_prompts)
+    target = fn.forward if isinstance(fn, nn.Module) else fn
+    try:
+        params = list(inspect.signature(target).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return any(p.kind == p.VAR_POSITIONAL for p in params) or len(positional) >= 2
 
 
 def _as_reward(reward: Any) -> Reward:

@@ -1,0 +1,192 @@
+"""The trainer's side of a model family: its three roles and what surrounds them.
+
+ORW-CFM-W2 trains ``net_model`` (the policy), samples from ``last_policy`` (refreshed once an
+epoch) and regularises toward ``ref_model`` (frozen). :class:`TrainingModels` is the contract
+the trainer wires, whatever the family:
+
+- ``net_model``, ``last_policy``, ``ref_model``: the reference trainer's attributes;
+- :meth:`forwards`: ``(policy, reference, sampler)`` callables ``(t, x, *cond) -> v`` in the
+  library's convention (the sampler includes classifier-free guidance where configured);
+- :meth:`trainable_parameters`, :meth:`update_last_policy`;
+- :meth:`encode` (prompts -> per-sample ``cond`` tuple; ``()`` for unconditional models) and
+  :meth:`reward_inputs` (samples -> what the reward scores: the samples themselves, or decoded
+  images);
+- :meth:`time_grid` (``None``: the uniform grid), :meth:`state` / :meth:`load_state` (the
+  checkpoint's model part).
+
+:class:`ModuleModels` is the family of plain velocity modules ``model(t, x)`` and conditional
+ones ``model(t, x, *cond)``: three modules, the policy trained in place, two frozen copies.
+:class:`~orwcfm_fast.flows.pipeline_models.PipelineModels` is the diffusers family.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from orwcfm_fast.checkpoints import CheckpointError, load_state_strict, unwrap_model
+
+__all__ = ["ModuleModels", "TrainingModels", "check_velocity"]
+
+
+class TrainingModels:
+    """The contract between the trainer and a model family (see the module docs)."""
+
+    net_model: torch.nn.Module
+    last_policy: torch.nn.Module
+    ref_model: torch.nn.Module
+    sample_shape: tuple[int, ...]
+    #: whether samples are made for prompts (``encode`` gives them their ``cond``)
+    conditional: bool = False
+    #: config keys this family ignores
+    ignored_keys: tuple[str, ...] = ()
+
+    def forwards(self, compile_backend: str | None) -> tuple[Callable, Callable, Callable]:
+        raise NotImplementedError
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        raise NotImplementedError
+
+    def update_last_policy(self) -> None:
+        raise NotImplementedError
+
+    def encode(self, prompts: Sequence[str] | None, batch: int) -> tuple[torch.Tensor, ...]:
+        return ()
+
+    def reward_inputs(self, samples: torch.Tensor) -> torch.Tensor:
+        return samples
+
+    def time_grid(self, steps: int) -> list[float] | None:
+        return None
+
+    def reduce_gradients(self) -> None:
+        """Average the trainable gradients over ranks when the family does not (DDP does it for modules)."""
+
+    def policy_sampling_velocity(self) -> Callable:
+        """What :meth:`ORWCFMTrainer.sample` integrates: the current policy (with guidance, where configured)."""
+        return self.policy_module()
+
+    def train_mode(self, dropout: bool) -> None:
+        """Put the trained model in training mode (dropout on only with ``dropout``)."""
+        self.net_model.train(dropout)
+
+    def policy_module(self) -> torch.nn.Module:
+        """The trained network without data-parallel wrappers (sampling outside DDP, EMA)."""
+        return unwrap_model(self.net_model)
+
+    def state(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def check_state(self, ckpt: Mapping[str, Any], source: str) -> None:
+        """Raise :class:`CheckpointError` if ``ckpt``'s model part does not fit; change nothing."""
+        raise NotImplementedError
+
+    def load_state(self, ckpt: Mapping[str, Any], source: str) -> None:
+        raise NotImplementedError
+
+
+def check_velocity(fn: Callable, sample_shape: tuple[int, ...], device: torch.device,
+                   cond: tuple[torch.Tensor, ...] = ()) -> None:
+    """Call ``fn(t, x, *cond)`` on a 2-sample batch; raise ``ValueError`` unless it returns ``x``'s shape."""
+    x = torch.zeros((2, *sample_shape), device=device)
+    t = torch.full((2,), 0.5, device=device)
+    try:
+        with torch.no_grad():
+            out = fn(t, x, *cond)
+    except Exception as err:
+        raise ValueError(
+            f"model(t, x) failed for x of shape {tuple(x.shape)} (config 'sample_shape' = {sample_shape}): "
+            f"{type(err).__name__}: {err}"
+        ) from err
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(
+            f"model(t, x) returned {got} for x of shape {tuple(x.shape)}: the velocity must have the "
+            f"sample's shape (check config 'sample_shape' = {sample_shape})"
+        )
+
+
+class ModuleModels(TrainingModels):
+    """Plain ``model(t, x)`` (or conditional ``model(t, x, *cond)``) velocity modules, fully fine-tuned.
+
+    Args:
+        model: the velocity module; becomes ``net_model`` (trained in place, possibly wrapped by
+            ``wrap``); ``last_policy`` and ``ref_model`` are eval-mode, frozen deep copies.
+        sample_shape: shape of one sample.
+        device: where the models live.
+        wrap: ``module -> module`` applied to the policy (DDP / DataParallel), or ``None``.
+        prepare: ``module -> None`` run on the model before the copies (weight-preserving speed-ups,
+            rank-0 broadcast), or ``None``.
+        prompt_encoder: ``list[str] -> tensor or tuple of tensors`` for conditional models.
+    """
+
+    def __init__(self, model: torch.nn.Module, sample_shape: tuple[int, ...], device: torch.device, *,
+                 wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+                 prepare: Callable[[torch.nn.Module], None] | None = None,
+                 prompt_encoder: Callable[[list[str]], Any] | None = None):
+        model = unwrap_model(model).to(device)
+        if prepare is not None:
+            prepare(model)
+        self.sample_shape = tuple(sample_shape)
+        self.device = device
+        self.prompt_encoder = prompt_encoder
+        self.conditional = prompt_encoder is not None
+        self.last_policy = copy.deepcopy(model).eval().requires_grad_(False)
+        self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.net_model = wrap(model) if wrap is not None else model
+
+    def forwards(self, compile_backend):
+        models = (self.net_model, self.ref_model, self.last_policy)
+        if compile_backend is None:
+            return models
+        return tuple(torch.compile(m, backend=compile_backend) for m in models)
+
+    def trainable_parameters(self):
+        return list(self.net_model.parameters())
+
+    def update_last_policy(self):
+        """Copy ``net_model``'s weights into ``last_policy`` in place (no new module)."""
+        self.last_policy.load_state_dict(unwrap_model(self.net_model).state_dict())
+
+    def encode(self, prompts, batch):
+        if prompts is None:
+            return ()
+        cond = self.prompt_encoder(list(prompts))
+        cond = cond if isinstance(cond, tuple) else (cond,)
+        for i, c in enumerate(cond):
+            if not isinstance(c, torch.Tensor) or c.shape[:1] != (batch,):
+                got = tuple(c.shape) if isinstance(c, torch.Tensor) else type(c).__name__
+                raise ValueError(f"prompt_encoder returned {got} as its output {i} for {batch} prompts: "
+                                 f"expected a tensor (or a tuple of tensors) of batch size {batch}")
+        return tuple(c.to(self.device) for c in cond)
+
+    def state(self):
+        return {"net_model": unwrap_model(self.net_model).state_dict(),
+                "last_policy": self.last_policy.state_dict(),
+                "ref_model": self.ref_model.state_dict()}
+
+    def check_state(self, ckpt, source):
+        missing = [k for k in ("net_model", "last_policy") if k not in ckpt]
+        if missing:
+            raise CheckpointError(f"{source} is not a trainer checkpoint: it lacks {missing} "
+                                  "(for pretrained weights use load_pretrained)")
+        for key, model in (("net_model", self.net_model), ("last_policy", self.last_policy),
+                           ("ref_model", self.ref_model)):
+            if key in ckpt:
+                _check_fits(model, ckpt[key], f"{source} [{key}]")
+
+    def load_state(self, ckpt, source):
+        load_state_strict(self.net_model, ckpt["net_model"], f"{source} [net_model]")
+        load_state_strict(self.last_policy, ckpt["last_policy"], f"{source} [last_policy]")
+        if "ref_model" in ckpt:
+            load_state_strict(self.ref_model, ckpt["ref_model"], f"{source} [ref_model]")
+
+
+def _check_fits(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise :class:`CheckpointError` (``load_state_strict``'s message) if ``state`` does not fit; load nothing."""
+    own = unwrap_model(model).state_dict()
+    if set(own) != set(state) or any(own[k].shape != state[k].shape for k in own):
+        load_state_strict(model, state, source)  # raises, listing the differences

@@ -1,0 +1,257 @@
+"""The diffusers text-to-image family for the trainer: a pipeline, its flow and its three roles.
+
+With LoRA (config ``lora_rank``, default 32) there is one transformer in memory
+(:class:`~orwcfm_fast.flows.lora.LoraRoles`): ``net_model`` is the pipeline's transformer with the
+trained adapter active, ``last_policy`` the second adapter, ``ref_model`` the transformer with
+adapters disabled. With ``lora_rank: None`` (full fine-tuning) the transformer is trained in
+place and two frozen copies are made, as for plain models.
+
+Checkpoints hold the trained weights only (both adapters, or the three transformers for full
+fine-tuning) plus a fingerprint of the base weights, which a resume checks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from orwcfm_fast.checkpoints import CheckpointError, load_state_strict
+from orwcfm_fast.flows import flow_for_pipeline
+from orwcfm_fast.flows.lora import DEFAULT_TARGET_MODULES, LoraRoles
+from orwcfm_fast.flows.models import TrainingModels
+
+__all__ = ["PipelineModels", "RoleVelocity", "base_fingerprint"]
+
+
+class RoleVelocity(torch.nn.Module):
+    """``forward(t, x, *cond) -> v``: one role of a pipeline's transformer as a velocity module.
+
+    Args:
+        flow: the pipeline's flow (:class:`~orwcfm_fast.flows.diffusers_base.PipelineFlow`).
+        transformer: the transformer to call (registered, so ``.eval()`` and graph capture see it).
+        roles: the LoRA roles, or ``None`` (full fine-tuning: ``transformer`` is the role).
+        role: ``"policy"``, ``"last_policy"`` or ``"reference"``.
+        guided: apply the flow's classifier-free guidance (the sampling velocity).
+    """
+
+    def __init__(self, flow, transformer: torch.nn.Module, roles: LoraRoles | None, role: str, guided: bool):
+        super().__init__()
+        self.transformer = transformer
+        self._flow, self._roles, self.role, self.guided = flow, roles, role, guided
+
+    def forward(self, t: torch.Tensor, x: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
+        switch = self._roles.role(self.role) if self._roles is not None else contextlib.nullcontext()
+        with switch:
+            if self.guided:
+                return self._flow.velocity(t, x, cond, self.transformer)
+            return self._flow.transformer_velocity(t, x, cond, self.transformer)
+
+    def extra_repr(self) -> str:
+        return f"role={self.role!r}, guided={self.guided}"
+
+
+def base_fingerprint(transformer: torch.nn.Module) -> str:
+    """A SHA-256 of the architecture and of a strided sample of every base (non-LoRA) weight.
+
+    Identifies the pretrained weights a LoRA checkpoint belongs to without saving them.
+    """
+    digest = hashlib.sha256()
+    config = getattr(transformer, "config", None)
+    digest.update(type(transformer).__name__.encode())
+    if config is not None:
+        digest.update(json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")},
+                                 sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, p in transformer.named_parameters():
+            if "lora_" in name:
+                continue
+            flat = p.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 256)].double()
+            digest.update(f"{name.replace('.base_layer', '')}:{tuple(p.shape)}:".encode())
+            digest.update(sample.cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class PipelineModels(TrainingModels):
+    """A ``StableDiffusion3Pipeline`` / ``FluxPipeline`` as the trainer's three models.
+
+    Args:
+        pipe: the pipeline; its transformer and VAE are moved to ``device``.
+        config: the trainer's validated config (``resolution``, ``guidance_scale``,
+            ``negative_prompt``, ``time_shift``, ``max_sequence_length``, ``lora_*``,
+            ``gradient_checkpointing``, ``vae_batch_size``).
+        device: where the transformer, VAE and (while encoding) the text encoders run.
+        prompts: every prompt the run will use (training, evaluation): encoded once now, after
+            which the text encoders are moved to the CPU.
+        seed: seed of the LoRA initialisation.
+    """
+
+    conditional = True
+
+    def __init__(self, pipe, config: Mapping, device: torch.device, prompts: Sequence[str], seed: int = 0):
+        self.pipe = pipe
+        self.device = device
+        self.config = config
+        pipe.to(device)
+        self.flow = flow_for_pipeline(
+            pipe, resolution=config["resolution"], guidance_scale=config["guidance_scale"],
+            negative_prompt=config["negative_prompt"], time_shift=config["time_shift"],
+            max_sequence_length=config["max_sequence_length"], device=device,
+        )
+        self.sample_shape = tuple(self.flow.sample_shape)
+        transformer = pipe.transformer
+        transformer.requires_grad_(False)
+        if config["gradient_checkpointing"]:
+            transformer.enable_gradient_checkpointing()
+        rank = config["lora_rank"]
+        if rank is not None:
+            targets = config["lora_target_modules"] or DEFAULT_TARGET_MODULES
+            self.roles: LoraRoles | None = LoraRoles(transformer, rank, config["lora_alpha"], targets, seed=seed)
+            self._fingerprint = base_fingerprint(transformer)
+            self.net_model = transformer
+            transformers = (transformer, transformer, transformer)
+        else:
+            self.roles = None
+            self._fingerprint = None
+            transformer.requires_grad_(True)
+            last = copy.deepcopy(transformer).eval().requires_grad_(False)
+            ref = copy.deepcopy(transformer).eval().requires_grad_(False)
+            self.net_model = transformer
+            transformers = (transformer, last, ref)
+        self._policy = RoleVelocity(self.flow, transformers[0], self.roles, "policy", guided=False)
+        self.last_policy = RoleVelocity(self.flow, transformers[1], self.roles, "last_policy", guided=False)
+        self.ref_model = RoleVelocity(self.flow, transformers[2], self.roles, "reference", guided=False)
+        self._sampler = RoleVelocity(self.flow, transformers[1], self.roles, "last_policy", guided=True)
+        self._policy_sampler = RoleVelocity(self.flow, transformers[0], self.roles, "policy", guided=True)
+        self.flow.precompute(prompts)
+        self.flow.release_text_encoders()
+
+    # ------------------------------------------------------------------ the contract
+
+    def forwards(self, compile_backend):
+        if compile_backend is not None:
+            self.pipe.transformer.compile(backend=compile_backend)
+        return self._policy, self.ref_model, self._sampler
+
+    def policy_sampling_velocity(self) -> RoleVelocity:
+        """The current policy with guidance: what :meth:`ORWCFMTrainer.sample` integrates."""
+        return self._policy_sampler
+
+    def trainable_parameters(self):
+        if self.roles is not None:
+            return self.roles.trainable_parameters()
+        return list(self.net_model.parameters())
+
+    def update_last_policy(self):
+        if self.roles is not None:
+            self.roles.update_last_policy()
+        else:
+            self.last_policy.transformer.load_state_dict(self.net_model.state_dict())
+
+    def train_mode(self, dropout):
+        self.net_model.train(dropout)
+
+    def policy_module(self):
+        return self.net_model
+
+    def reduce_gradients(self):
+        """Average the trained gradients over ranks (torch.distributed): one all-reduce of them all, flattened."""
+        from orwcfm_fast import distributed as dist_utils
+
+        if not dist_utils.is_distributed():
+            return
+        import torch.distributed as dist
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
+        if not grads:
+            return
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        flat /= dist_utils.world_size()
+        for g, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            g.copy_(reduced)
+
+    def encode(self, prompts, batch):
+        if prompts is None:
+            raise ValueError("a text-to-image pipeline needs prompts: set config 'prompts'")
+        return self.flow.encode(prompts)
+
+    def reward_inputs(self, samples):
+        return self.flow.decode(samples, self.config["vae_batch_size"])
+
+    def time_grid(self, steps):
+        return self.flow.time_grid(steps)
+
+    def training_shift(self) -> float:
+        """The shift of ``time_sampling: "shifted"``: config ``time_shift``, else the scheduler's ``shift``."""
+        if self.config["time_shift"] is not None:
+            return float(self.config["time_shift"])
+        return float(self.pipe.scheduler.config.get("shift", 1.0))
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state(self):
+        if self.roles is not None:
+            return {"lora": self.roles.state_dict(), "base_fingerprint": self._fingerprint,
+                    "lora_rank": self.roles.rank}
+        return {"net_model": self.net_model.state_dict(), "last_policy": self.last_policy.transformer.state_dict(),
+                "ref_model": self.ref_model.transformer.state_dict()}
+
+    def check_state(self, ckpt, source):
+        if self.roles is None:
+            missing = [k for k in ("net_model", "last_policy") if k not in ckpt]
+            if missing:
+                raise CheckpointError(f"{source} is not a full fine-tuning checkpoint of this pipeline: it lacks {missing}")
+            return
+        if "lora" not in ckpt:
+            raise CheckpointError(f"{source} has no LoRA weights ('lora'): not a LoRA checkpoint of this trainer")
+        if ckpt.get("base_fingerprint") != self._fingerprint:
+            raise CheckpointError(
+                f"{source} was trained from other base weights than this pipeline's transformer (fingerprint "
+                f"{str(ckpt.get('base_fingerprint'))[:12]} vs {self._fingerprint[:12]}): load the same pretrained model"
+            )
+        saved = ckpt["lora"]
+        for key, own in (("policy", self.roles.trainable_parameters()), ("last_policy", self.roles.last_policy_parameters())):
+            tensors = saved.get(key, [])
+            if len(tensors) != len(own) or any(a.shape != b.shape for a, b in zip(tensors, own)):
+                raise CheckpointError(f"{source}: its LoRA adapters do not fit this trainer's (lora_rank "
+                                      f"{ckpt.get('lora_rank')} vs {self.roles.rank}, or other target modules)")
+
+    def load_state(self, ckpt, source):
+        if self.roles is not None:
+            self.roles.load_state_dict(ckpt["lora"])
+            return
+        load_state_strict(self.net_model, ckpt["net_model"], f"{source} [net_model]")
+        load_state_strict(self.last_policy.transformer, ckpt["last_policy"], f"{source} [last_policy]")
+        if "ref_model" in ckpt:
+            load_state_strict(self.ref_model.transformer, ckpt["ref_model"], f"{source} [ref_model]")
+
+    # ------------------------------------------------------------------ export
+
+    def save_lora(self, path, weights: Sequence[torch.Tensor] | None = None) -> None:
+        """Write the policy adapter (or ``weights`` in its parameter order, e.g. an EMA) in diffusers' LoRA format.
+
+        ``pipe.load_lora_weights(path)`` loads it into a fresh pipeline.
+        """
+        if self.roles is None:
+            raise ValueError("save_lora needs LoRA training (config 'lora_rank'); with full fine-tuning save "
+                             "trainer.net_model with save_pretrained")
+        params = self.roles.trainable_parameters()
+        saved = None
+        if weights is not None:
+            saved = [p.detach().clone() for p in params]
+            with torch.no_grad():
+                torch._foreach_copy_(params, list(weights))
+        try:
+            state = {k: v.detach().to("cpu").contiguous() for k, v in self.roles.policy_state_dict().items()}
+        finally:
+            if saved is not None:
+                with torch.no_grad():
+                    torch._foreach_copy_(params, saved)
+        type(self.pipe).save_lora_weights(str(path), transformer_lora_layers=state)
