@@ -1,14 +1,25 @@
 # The README's two commands. Each sets up .venv (idempotently) and then runs.
 #   make demo   - the offline digits demo, results in runs/demo/
 #   make test   - the test suite
+# And on a GPU machine (README "GPU validation"; benchmarks/gpu_check.py):
+#   make gpu-check            - install .whl/, build in place, CUDA tests, memcheck, benchmarks; with the
+#                               machine's python (GPU_PYTHON), not .venv; writes benchmarks/results/<device>.json
+#                               and benchmarks/RESULTS.md (or into GPU_CHECK_OUT)
+#   make gpu-check DRY_RUN=1  - the same on the CPU, tiny sizes, with .venv; outputs to GPU_CHECK_OUT or a temp dir
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 # torch and torchvision are pinned together (open_clip needs torchvision); override for another build.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.installed
+# make gpu-check: the python that has the GPU machine's torch; GPU_CHECK_OUT: a folder for the JSON and
+# RESULTS.md instead of benchmarks/ (e.g. $OUT on a lent machine); GPU_CHECK_ARGS: more flags (--skip, ...).
+GPU_PYTHON    ?= python3
+GPU_CHECK_OUT ?=
+GPU_CHECK_ARGS ?=
+DRY_RUN       ?=
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv clean gpu-check
 
 venv: $(STAMP)
 
@@ -20,7 +31,7 @@ $(STAMP): setup.py pyproject.toml Makefile $(EXT_SOURCES)
 	$(PY) -m pip install -q "setuptools>=64" wheel
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q ninja
-	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,diffusers]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -28,6 +39,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+ifeq ($(DRY_RUN),1)
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py --dry-run $(if $(GPU_CHECK_OUT),--out-dir $(GPU_CHECK_OUT)) $(GPU_CHECK_ARGS)
+else
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py $(if $(GPU_CHECK_OUT),--out-dir $(GPU_CHECK_OUT)) $(GPU_CHECK_ARGS)
+endif
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs
