@@ -55,7 +55,8 @@ class FluxFlow(PipelineFlow):
             guidance = torch.full((x.shape[0],), self.guidance_scale, device=x.device, dtype=torch.float32)
         txt_ids = torch.zeros(prompt_embeds.shape[1], 3, device=x.device, dtype=dtype)
         return transformer(
-            hidden_states=x.to(dtype), timestep=model_timestep(t, self.timestep_scale).to(dtype), guidance=guidance,
+            # float32 timestep (the pipeline casts it to the latents' dtype; bf16 would round it)
+            hidden_states=x.to(dtype), timestep=model_timestep(t, self.timestep_scale).float(), guidance=guidance,
             pooled_projections=pooled.to(dtype), encoder_hidden_states=prompt_embeds.to(dtype), txt_ids=txt_ids,
             img_ids=self._img_ids.to(device=x.device, dtype=dtype), return_dict=False,
         )[0]

@@ -79,6 +79,12 @@ class LoraRoles:
             p.data = p.data.float()
         self.update_last_policy()
         transformer.set_adapter(POLICY)
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        # The adapted layers, found once: switching roles touches only them (peft's per-layer
+        # set_adapter / enable_adapters, which is what the model-level calls do after a walk of
+        # every module of the transformer).
+        self._layers = [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
 
     def _adapter_pairs(self) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
         params = dict(self.transformer.named_parameters())
@@ -109,17 +115,21 @@ class LoraRoles:
         """
         if name not in ROLES:
             raise ValueError(f"unknown role {name!r}; one of {ROLES}")
-        t = self.transformer
+        if name == "policy":  # the resting state: nothing to switch
+            yield
+            return
         try:
-            if name == "reference":
-                t.disable_adapters()
-            elif name == "last_policy":
-                t.set_adapter(LAST_POLICY)
+            for layer in self._layers:
+                if name == "reference":
+                    layer.enable_adapters(False)
+                else:
+                    layer.set_adapter(LAST_POLICY)
             yield
         finally:
-            if name == "reference":
-                t.enable_adapters()
-            t.set_adapter(POLICY)
+            for layer in self._layers:
+                if name == "reference":
+                    layer.enable_adapters(True)  # re-activates (and makes trainable) the active adapter
+                layer.set_adapter(POLICY)
 
     def policy_state_dict(self) -> dict[str, torch.Tensor]:
         """The policy adapter's weights in diffusers' LoRA format (what ``save_lora_weights`` writes)."""

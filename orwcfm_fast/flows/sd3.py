@@ -37,7 +37,8 @@ class SD3Flow(PipelineFlow):
         prompt_embeds, pooled = cond
         dtype = transformer.dtype
         return transformer(
-            hidden_states=x.to(dtype), timestep=model_timestep(t, self.timestep_scale).to(dtype),
+            # the timestep stays float32, as the pipeline passes it (bf16 would round 1000 sigma to steps of 4)
+            hidden_states=x.to(dtype), timestep=model_timestep(t, self.timestep_scale).float(),
             encoder_hidden_states=prompt_embeds.to(dtype), pooled_projections=pooled.to(dtype), return_dict=False,
         )[0]
 
