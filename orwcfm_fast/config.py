@@ -268,7 +268,7 @@ OPTIONS: dict[str, Option] = {
     "cuda_graphs": Option(None, _optional_bool, "replay sampling from one CUDA graph; None = on CUDA devices"),
     "overlap_sampling": Option(None, _optional_bool,
                                "train(): make the next batch in a background thread/stream during this "
-                               "step's update; None = on CUDA devices"),
+                               "step's update; None = on CUDA devices (not for LoRA pipelines)"),
     "log_every": Option(10, _int(1), "train(): steps between progress-bar updates (each reads metrics from the device)"),
     "checkpoint_every": Option(None, _optional_int(1),
                                "train(): save a checkpoint every this many epochs (None: only on SIGINT/SIGTERM)"),

@@ -290,17 +290,17 @@ class ORWCFMTrainer:
         if pipeline:
             from orwcfm_fast.flows.pipeline_models import PipelineModels
 
-            if cfg["lora_rank"] is not None and cfg["overlap_sampling"]:
-                raise ConfigError(
-                    "config key 'overlap_sampling' is True, but with LoRA the sampling policy and the trained "
-                    "policy are adapters of one transformer, switched as module state: they cannot run at once "
-                    "(set it to None/False, or lora_rank None for full fine-tuning)"
-                )
             try:
                 models = PipelineModels(model, cfg, self.device, prompts=self.prompts + (self.eval_prompts or []),
                                         seed=self.seed)
             except ValueError as err:
                 raise ConfigError(str(err)) from None
+            if cfg["overlap_sampling"] and not models.can_overlap:
+                raise ConfigError(
+                    "config key 'overlap_sampling' is True, but with LoRA the sampling policy and the trained "
+                    "policy are adapters of one transformer, switched as module state: they cannot run at once "
+                    "(set it to None/False, or lora_rank None for full fine-tuning)"
+                )
             if cfg["sample_shape"] is not None and tuple(cfg["sample_shape"]) != models.sample_shape:
                 raise ConfigError(f"config key 'sample_shape' is {cfg['sample_shape']} but the pipeline's latents "
                                   f"are {models.sample_shape} at this resolution")
@@ -388,7 +388,9 @@ class ORWCFMTrainer:
     def _overlap(self) -> bool:
         """Whether ``train`` makes the next batch in the background (config ``overlap_sampling``)."""
         flag = self.config["overlap_sampling"]
-        return self.device.type == "cuda" if flag is None else flag
+        if flag is None:  # on CUDA, where the family allows it (not LoRA: two adapters of one transformer)
+            return self.device.type == "cuda" and self.models.can_overlap
+        return flag
 
     def _uses_own_steps(self) -> bool:
         """False when a subclass overrides a step method: ``train`` then calls ``training_step`` as is."""
@@ -437,7 +439,7 @@ class ORWCFMTrainer:
 
     def _score(self, samples: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
         """Checked ``[B]`` rewards of ``samples``: decoded for pipelines, with the prompts when the reward takes them."""
-        inputs = self.models.reward_inputs(samples)
+        inputs = self.models.reward_inputs(samples, registered=isinstance(self.config["reward"], str))
         if prompts is not None and getattr(self.reward_fn, "takes_prompts", False):
             out = self.reward_fn(inputs, prompts)
         else:

@@ -216,6 +216,22 @@ def test_one_argument_rewards_get_images_only(saved, tmp_path):
     assert seen[-1] == (4, 3, TINY_SIZE, TINY_SIZE)
 
 
+def test_registered_rewards_get_their_minus_one_to_one_images(saved, tmp_path):
+    """Registered rewards follow the pixel tasks' [-1, 1] convention; callables of pipelines get [0, 1]."""
+    from orwcfm_fast.rewards import register_reward
+
+    seen = []
+
+    def factory(config, device):
+        return lambda x: seen.append((x.min().item(), x.max().item())) or x.mean((1, 2, 3))
+
+    register_reward("test_range_probe", factory, overwrite=True)
+    trainer = ORWCFMTrainer(load(saved), config(tmp_path, reward="test_range_probe"), "cpu")
+    trainer.training_step()
+    lo, hi = seen[-1]
+    assert -1.0 <= lo < 0.0 and hi <= 1.0  # decoded [0, 1] images mapped to [-1, 1]
+
+
 def test_full_fine_tuning_keeps_three_transformers(saved, tmp_path):
     pipe = load(saved)
     trainer = ORWCFMTrainer(pipe, config(tmp_path, lora_rank=None), "cpu")

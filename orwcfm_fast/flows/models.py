@@ -56,7 +56,13 @@ class TrainingModels:
     def encode(self, prompts: Sequence[str] | None, batch: int) -> tuple[torch.Tensor, ...]:
         return ()
 
-    def reward_inputs(self, samples: torch.Tensor) -> torch.Tensor:
+    #: whether ``train`` may make the next batch (with the sampling policy) while the policy's
+    #: backward runs: not when the two are adapters of one module, switched as module state
+    can_overlap: bool = True
+
+    def reward_inputs(self, samples: torch.Tensor, *, registered: bool = False) -> torch.Tensor:
+        """What the reward scores. ``registered``: for a registered reward name, whose inputs follow
+        the pixel tasks' convention (images in [-1, 1]); callables of pipelines get [0, 1] images."""
         return samples
 
     def time_grid(self, steps: int) -> list[float] | None:

@@ -128,6 +128,7 @@ class PipelineModels(TrainingModels):
         self.ref_model = RoleVelocity(self.flow, transformers[2], self.roles, "reference", guided=False)
         self._sampler = RoleVelocity(self.flow, transformers[1], self.roles, "last_policy", guided=True)
         self._policy_sampler = RoleVelocity(self.flow, transformers[0], self.roles, "policy", guided=True)
+        self.can_overlap = self.roles is None
         self.flow.precompute(prompts)
         self.flow.release_text_encoders()
 
@@ -182,8 +183,9 @@ class PipelineModels(TrainingModels):
             raise ValueError("a text-to-image pipeline needs prompts: set config 'prompts'")
         return self.flow.encode(prompts)
 
-    def reward_inputs(self, samples):
-        return self.flow.decode(samples, self.config["vae_batch_size"])
+    def reward_inputs(self, samples, *, registered=False):
+        images = self.flow.decode(samples, self.config["vae_batch_size"])  # [0, 1]
+        return images * 2 - 1 if registered else images  # registered rewards take [-1, 1] images
 
     def time_grid(self, steps):
         return self.flow.time_grid(steps)
