@@ -57,12 +57,15 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 _TRAIN_EPILOG = """\
 configuration (lowest precedence first): the task's defaults, --config files in order, --set
-assignments in order, then --outdir (savedir), --seed and --batch-size. Keys are the trainer's
-(see orwcfm_fast.config.OPTIONS / the README), e.g. learning_rate, temperature, w2_coefficient,
-ode_solver, ode_steps, reward, text_prompts, checkpoint_every, keep_checkpoints, checkpoint_dir.
+assignments in order, then --outdir (savedir), --seed, --batch-size, --reward and --prompts.
+Keys are the trainer's (see orwcfm_fast.config.OPTIONS / the README), e.g. learning_rate,
+temperature, w2_coefficient, ode_solver, ode_steps, reward, text_prompts, checkpoint_every,
+keep_checkpoints, checkpoint_dir; text-to-image: resolution, guidance_scale, lora_rank,
+images_per_prompt, max_sequence_length.
 
 files in OUTDIR: <run_name>_metrics.csv (one row per epoch), checkpoints/ (every checkpoint_every
-epochs, and on SIGINT/SIGTERM), train_run.json (this run's settings), final.pt (at the end).
+epochs, and on SIGINT/SIGTERM), train_run.json (this run's settings), final.pt (at the end),
+lora/ (text-to-image with LoRA, at the end: pipe.load_lora_weights(OUTDIR/lora)).
 SIGINT/SIGTERM finish the current step, save a checkpoint and exit with status 128+signal;
 running the same command again resumes (--resume auto).
 
@@ -71,6 +74,9 @@ examples:
   orwcfm-fast train --task digits --target 3 --outdir runs/digits3 --set temperature=2
   torchrun --nproc_per_node 8 -m orwcfm_fast.cli train --task cifar10 --pretrained otcfm.pt --ema \\
       --epochs 100 --steps-per-epoch 100 --set 'text_prompts=["a photo of a cat", "a photo of a dog"]'
+  orwcfm-fast train --task text-to-image --pretrained /models/sd3.5-medium --prompts prompts.txt \\
+      --epochs 100 --steps-per-epoch 10 --set resolution=512 --set guidance_scale=4.5 --set ode_steps=10 \\
+      --set batch_size=16 --set images_per_prompt=4 --outdir runs/sd35-jpeg
 """
 
 
@@ -128,8 +134,13 @@ def _add_train_parser(sub) -> None:
             "  digits     the demo's 8x8-digits UNet (cached); reward: the classifier's p(digit --target)\n"
             "  cifar10    the paper's torchcfm UNet, weights from --pretrained; reward from the config\n"
             "             (default 'clip', which needs text_prompts)\n"
+            "  text-to-image\n"
+            "             a diffusers StableDiffusion3Pipeline or FluxPipeline folder (--pretrained DIR,\n"
+            "             written by save_pretrained), prompts from --prompts FILE, LoRA (config lora_rank,\n"
+            "             default 32) written to OUTDIR/lora; reward --reward (default\n"
+            "             'jpeg_compressibility': no download), on the decoded images\n"
             "Under torchrun every process runs this same command and the trainer trains data-parallel\n"
-            "(DDP; each rank samples with its own seed); rank 0 writes all files."
+            "(each rank samples with its own seed and prompts; gradients averaged); rank 0 writes all files."
         ),
         epilog=_TRAIN_EPILOG,
         formatter_class=_HelpFormatter,
@@ -140,7 +151,18 @@ def _add_train_parser(sub) -> None:
                             "used unless the config sets 'reward'")
     train.add_argument("--pretrained", metavar="PATH", default=None,
                        help="pretrained weights (torchcfm checkpoint, ours, or a state dict); required for cifar10; "
+                            "for text-to-image (required) the diffusers pipeline folder (save_pretrained; "
+                            "model_index.json names StableDiffusion3Pipeline or FluxPipeline); "
                             "default: the config's ref_path, else gaussians/digits pretrain into --cache-dir")
+    train.add_argument("--prompts", metavar="FILE", default=None,
+                       help="text-to-image: config prompts, a .txt file (one prompt a line; # comments) or .jsonl "
+                            "(a \"prompt\" field a line); required unless the config sets 'prompts'")
+    train.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
+                       help="text-to-image: the pipeline's weights dtype (LoRA adapters stay fp32); "
+                            "default bf16 on CUDA, fp32 on the CPU")
+    train.add_argument("--reward", metavar="NAME", default=None,
+                       help="config reward: a registered reward (clip, jpeg_compressibility, jpeg_incompressibility); "
+                            "default: the task's (text-to-image: jpeg_compressibility, which needs no download)")
     train.add_argument("--ema", action="store_true", help="load the --pretrained checkpoint's 'ema_model' weights")
     train.add_argument("--config", metavar="FILE.json", action="append", default=None,
                        help="JSON object of trainer config keys (repeatable; later files override earlier)")
@@ -149,9 +171,10 @@ def _add_train_parser(sub) -> None:
                             "parsed as JSON (1e-4, true, null, [2], \"text\"), else taken as a plain string")
     train.add_argument("--epochs", type=_positive_int, default=None,
                        help="total epochs the run reaches (a resumed run trains only the rest); "
-                            "default 10 for gaussians, 8 for digits, required for cifar10")
+                            "default 10 for gaussians, 8 for digits, required for cifar10 and text-to-image")
     train.add_argument("--steps-per-epoch", type=_positive_int, default=None,
-                       help="optimiser steps per epoch; default 20 for gaussians, 30 for digits, required for cifar10")
+                       help="optimiser steps per epoch; default 20 for gaussians, 30 for digits, required for cifar10 "
+                            "and text-to-image")
     train.add_argument("--batch-size", type=_positive_int, default=None,
                        help="config batch_size: samples per step (per process under torchrun)")
     train.add_argument("--resume", default="auto", metavar="{auto,never,PATH}",
@@ -169,8 +192,9 @@ def _add_train_parser(sub) -> None:
                        help="pretraining steps of the gaussians/digits model when not cached "
                             "(default 1500 / 800; cached per value)")
     train.add_argument("--dump-samples", metavar="PATH", default=None,
-                       help="at the end every process writes 16 samples of its final policy and its weights' "
-                            "SHA-256 to PATH.rank<R>.pt")
+                       help="at the end every process writes 16 samples of its final policy (text-to-image: "
+                            "latents), its trained weights' SHA-256 (text-to-image: the LoRA adapter's) and, with "
+                            "prompts, its next batch's prompts to PATH.rank<R>.pt")
     train.add_argument("--quiet", action="store_true", help="no progress lines of this command (the trainer's remain)")
 
 

@@ -1,7 +1,7 @@
 """The ``train`` command: fine-tune a pretrained flow model with ORW-CFM-W2 from the command line.
 
 ``orwcfm-fast train --task TASK ...`` (or ``python -m orwcfm_fast.cli train ...``) runs
-:class:`~orwcfm_fast.ORWCFMTrainer` on one of three tasks, with periodic checkpoints, automatic
+:class:`~orwcfm_fast.ORWCFMTrainer` on one of four tasks, with periodic checkpoints, automatic
 resumption and clean stops on SIGINT/SIGTERM; under ``torchrun`` every process runs the same
 command and the trainer trains data-parallel::
 
@@ -20,6 +20,14 @@ Tasks (model, default reward, sample shape):
 - ``cifar10``: torchcfm's ``UNetModelWrapper`` with the paper's CIFAR-10 configuration
   (:data:`PAPER_UNET`); ``--pretrained`` is required; the reward is the config's (default
   ``"clip"``, which needs ``text_prompts``); ``(3, 32, 32)``.
+- ``text-to-image``: a diffusers ``StableDiffusion3Pipeline`` (SD3, SD3.5) or ``FluxPipeline``
+  saved with ``save_pretrained`` in the folder ``--pretrained`` (the class is read from its
+  ``model_index.json``; weights in ``--dtype``, default bf16 on CUDA and fp32 on the CPU), config
+  ``prompts`` from ``--prompts FILE`` (.txt or .jsonl); LoRA by default (config ``lora_rank``,
+  32), written in diffusers' format to ``<outdir>/lora`` at the end of every run. The reward is
+  the config's registered name (``--reward``; default ``"jpeg_compressibility"``, the paper's
+  compression task, no download); the decoded images in [0, 1] are mapped to the [-1, 1] the
+  registered rewards take. diffusers is imported only by this task.
 
 Configuration, lowest precedence first: the task's defaults (:data:`TASKS`), the ``--config``
 JSON files in order, the ``--set key=value`` assignments in order, then the dedicated flags
@@ -27,13 +35,17 @@ JSON files in order, the ``--set key=value`` assignments in order, then the dedi
 :func:`orwcfm_fast.config.validate_config` before anything is built.
 
 Files under ``--outdir``: the trainer's metrics CSV, ``checkpoints/`` (``checkpoint_every``,
-and on a signal), ``train_run.json`` (this run's settings) and, at the end, ``final.pt``.
+and on a signal), ``train_run.json`` (this run's settings) and, at the end, ``final.pt`` (and
+``lora/`` for text-to-image with LoRA).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import difflib
 import hashlib
+import importlib.util
 import json
 import os
 import sys
@@ -45,12 +57,15 @@ from typing import Any, Mapping, Sequence
 __all__ = [
     "TASKS",
     "PAPER_UNET",
+    "PIPELINE_CLASSES",
     "GAUSSIANS_PRETRAIN_DEFAULTS",
     "UsageError",
     "parse_assignment",
     "read_config_file",
     "resolve_config",
     "load_or_pretrain_gaussians_flow",
+    "pipeline_class_name",
+    "load_pipeline",
     "weights_digest",
     "run_train",
 ]
@@ -85,10 +100,21 @@ TASKS: dict[str, dict[str, Any]] = {
         "config": {"sample_shape": [3, 32, 32], "seed": 0, "savedir": "runs/train-cifar10"},
         "target": None, "targets": None, "epochs": None, "steps_per_epoch": None,
     },
+    # A diffusers pipeline from --pretrained DIR; the trainer's text-to-image defaults otherwise
+    # (LoRA rank 32, the model's resolution). The reward needs no download.
+    "text-to-image": {
+        "config": {"reward": "jpeg_compressibility", "seed": 0, "savedir": "runs/train-text-to-image"},
+        "target": None, "targets": None, "epochs": None, "steps_per_epoch": None,
+    },
 }
+
+#: The text-to-image task's pipelines: ``model_index.json``'s ``_class_name`` -> the diffusers class.
+PIPELINE_CLASSES = ("StableDiffusion3Pipeline", "FluxPipeline")
+_T2I = "text-to-image"
 
 _RUN_RECORD = "train_run.json"
 _FINAL = "final.pt"
+_LORA = "lora"
 
 
 class UsageError(Exception):
@@ -149,11 +175,14 @@ def resolve_config(
     outdir: str | os.PathLike | None = None,
     seed: int | None = None,
     batch_size: int | None = None,
+    reward: str | None = None,
+    prompts: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """The trainer config of a ``train`` run, validated (the task's reward is added later).
 
     Precedence, lowest first: ``TASKS[task]["config"]``, ``config_files`` in order,
-    ``assignments`` in order, then ``outdir`` (``savedir``), ``seed`` and ``batch_size`` when given.
+    ``assignments`` in order, then ``outdir`` (``savedir``), ``seed``, ``batch_size``, ``reward``
+    and ``prompts`` when given.
 
     Returns:
         The merged user keys (not filled with every default).
@@ -170,7 +199,8 @@ def resolve_config(
     for key, value in assignments:
         config[key] = value
     for key, value in (("savedir", None if outdir is None else str(outdir)), ("seed", seed),
-                       ("batch_size", batch_size)):
+                       ("batch_size", batch_size), ("reward", reward),
+                       ("prompts", None if prompts is None else str(prompts))):
         if value is not None:
             config[key] = value
     try:
@@ -231,15 +261,68 @@ def _seeded(build, seed: int = 0):
         return build()
 
 
+def pipeline_class_name(path: str | os.PathLike) -> str:
+    """The pipeline class of a folder written by diffusers' ``save_pretrained`` (its ``model_index.json``).
+
+    Raises:
+        UsageError: ``path`` is not a folder, has no readable ``model_index.json``, or holds a
+            pipeline other than :data:`PIPELINE_CLASSES`.
+    """
+    path = Path(path)
+    where = f"--pretrained {str(path)!r}"
+    if not path.is_dir():
+        raise UsageError(f"{where}: no such folder (--task {_T2I} takes a diffusers pipeline folder written by "
+                         "save_pretrained, e.g. a downloaded stabilityai/stable-diffusion-3.5-medium)")
+    index = path / "model_index.json"
+    try:
+        data = json.loads(index.read_text())
+    except OSError:
+        raise UsageError(f"{where} has no model_index.json: not a diffusers pipeline folder "
+                         "(write one with pipe.save_pretrained(DIR))") from None
+    except ValueError as err:
+        raise UsageError(f"{where}: model_index.json is not valid JSON: {err}") from None
+    name = data.get("_class_name") if isinstance(data, dict) else None
+    if name not in PIPELINE_CLASSES:
+        raise UsageError(f"{where} holds a {name!r} pipeline; --task {_T2I} supports {', '.join(PIPELINE_CLASSES)}")
+    return name
+
+
+def load_pipeline(path: str | os.PathLike, dtype: str = "fp32"):
+    """The ``StableDiffusion3Pipeline`` / ``FluxPipeline`` saved in ``path``, on the CPU, weights in ``dtype``.
+
+    Args:
+        path: the folder ``save_pretrained`` wrote.
+        dtype: ``"fp32"`` or ``"bf16"``.
+
+    Raises:
+        UsageError: see :func:`pipeline_class_name`, or diffusers could not load the folder.
+    """
+    import torch
+
+    name = pipeline_class_name(path)
+    from orwcfm_fast.flows import require_diffusers
+
+    require_diffusers()
+    import diffusers
+
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    try:
+        return getattr(diffusers, name).from_pretrained(str(path), dtype=torch_dtype)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--pretrained {str(path)!r}: diffusers cannot load this {name}: {err}") from None
+
+
 @dataclass
 class _TaskParts:
     model: Any
     reward: Any = None  # None: the config's reward
     description: str = ""
     notes: list[str] = field(default_factory=list)
+    loads_pretrained: bool = False  # the task loaded --pretrained itself (no trainer.load_pretrained)
 
 
-def _build_task(task: str, args: argparse.Namespace, device, *, pretrained: str | None, log) -> _TaskParts:
+def _build_task(task: str, args: argparse.Namespace, device, *, pretrained: str | None, log,
+                config: Mapping[str, Any]) -> _TaskParts:
     """The task's model (pretrained here unless ``pretrained`` is given) and default reward."""
     target = args.target if args.target is not None else TASKS[task]["target"]
     if task == "gaussians":
@@ -280,6 +363,13 @@ def _build_task(task: str, args: argparse.Namespace, device, *, pretrained: str 
 
         model = _seeded(lambda: UNetModelWrapper(**PAPER_UNET)).to(device)
         return _TaskParts(model, None, "cifar10")
+    if task == _T2I:
+        dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+        log(f"[train] loading {pipeline_class_name(pretrained)} ({dtype}) from {pretrained}")
+        pipe = load_pipeline(pretrained, dtype)
+        # A registered reward gets the decoded images in its [-1, 1] convention (the trainer maps them).
+        return _TaskParts(pipe, None, f"text-to-image ({type(pipe).__name__}, {dtype})",
+                          [f"reward {config['reward']}"], loads_pretrained=True)
     raise UsageError(f"unknown task {task!r}; expected one of {sorted(TASKS)}")
 
 
@@ -302,6 +392,25 @@ def weights_digest(weights) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def _trained_weights(trainer):
+    """What the replicas must agree on: ``net_model``, or a pipeline's trained parameters (its LoRA adapter)."""
+    from orwcfm_fast.flows.models import ModuleModels
+
+    if isinstance(trainer.models, ModuleModels):
+        return trainer.net_model
+    return {f"trainable.{i}": p for i, p in enumerate(trainer.models.trainable_parameters())}
+
+
+def _next_prompts(trainer) -> list[str]:
+    """The prompts of this rank's next batch, drawn from a copy of its prompt generator (its state is untouched)."""
+    import torch
+
+    from orwcfm_fast.prompts import draw_prompts
+
+    generator = torch.Generator().set_state(trainer.cpu_generator.get_state())
+    return draw_prompts(trainer.prompts, trainer.batch_size, trainer.config["images_per_prompt"], generator)
 
 
 # ----------------------------------------------------------------------------- the command
@@ -329,10 +438,16 @@ def _plan(args: argparse.Namespace) -> _Plan:
         if args.target not in spec["targets"]:
             low, high = spec["targets"].start, spec["targets"].stop - 1
             raise UsageError(f"--target for --task {task} must be in {low}..{high}, got {args.target}")
-    if args.pretrain_steps is not None and task == "cifar10":
-        raise UsageError("--pretrain-steps does not apply to --task cifar10 (give --pretrained)")
+    if args.pretrain_steps is not None and task in ("cifar10", _T2I):
+        raise UsageError(f"--pretrain-steps does not apply to --task {task} (give --pretrained)")
+    t2i = task == _T2I
+    for flag, value in (("--prompts", args.prompts), ("--dtype", args.dtype)):
+        if value is not None and not t2i:
+            raise UsageError(f"{flag} applies to --task {_T2I} only")
+    if t2i and args.ema:
+        raise UsageError(f"--ema does not apply to --task {_T2I} (a pipeline folder holds one set of weights)")
     config = resolve_config(task, args.config or (), args.set or (), outdir=args.outdir, seed=args.seed,
-                            batch_size=args.batch_size)
+                            batch_size=args.batch_size, reward=args.reward, prompts=args.prompts)
     pretrained = args.pretrained or config.get("ref_path")
     if task == "cifar10" and pretrained is None:
         raise UsageError(
@@ -340,12 +455,26 @@ def _plan(args: argparse.Namespace) -> _Plan:
             "otcfm_cifar10_weights_step_400000.pt from torchcfm's examples/images/cifar10 training; add --ema "
             "for its EMA weights). Nothing is downloaded."
         )
-    if pretrained is not None and not Path(pretrained).is_file():
+    if t2i:
+        if pretrained is None:
+            raise UsageError(
+                f"--task {_T2I} needs --pretrained DIR: a diffusers StableDiffusion3Pipeline or FluxPipeline "
+                "folder written by save_pretrained (e.g. a downloaded stabilityai/stable-diffusion-3.5-medium). "
+                "Nothing is downloaded."
+            )
+        pipeline_class_name(pretrained)  # a folder holding a supported pipeline
+        missing = [name for name in ("diffusers", "transformers", "peft") if importlib.util.find_spec(name) is None]
+        if missing:
+            raise UsageError(f"--task {_T2I} needs {', '.join(missing)}: install the extra with "
+                             "`pip install 'orwcfm_fast[diffusers]'`")
+        _check_prompts(config)
+    elif pretrained is not None and not Path(pretrained).is_file():
         raise UsageError(f"--pretrained {str(pretrained)!r}: no such file")
     if args.ema and pretrained is None:
         raise UsageError("--ema needs --pretrained (it picks the checkpoint's 'ema_model' weights)")
     if pretrained is not None:
         config["ref_path"] = str(pretrained)
+    _check_reward_name(config.get("reward"))
     # The one reward whose setting is commonly missing: say so before minutes of model building.
     reward = config.get("reward", "clip" if task == "cifar10" else None)
     if isinstance(reward, str) and reward.strip().lower() == "clip" and not config.get("text_prompts"):
@@ -361,6 +490,34 @@ def _plan(args: argparse.Namespace) -> _Plan:
     if missing:
         raise UsageError(f"--task {task} needs {' and '.join(missing)}")
     return _Plan(task, config, epochs, steps, None if pretrained is None else str(pretrained), args.resume, args)
+
+
+def _check_prompts(config: Mapping[str, Any]) -> None:
+    """Text-to-image: config ``prompts`` (``--prompts FILE``) is given and readable, before any model is loaded."""
+    from orwcfm_fast.prompts import PromptError, load_prompts
+
+    if config.get("prompts") is None:
+        raise UsageError(f"--task {_T2I} needs --prompts FILE: training prompts, a .txt file (one a line) or a "
+                         ".jsonl file (a \"prompt\" field a line); or config key 'prompts'")
+    try:
+        load_prompts(config["prompts"], "prompts")
+    except PromptError as err:
+        raise UsageError(str(err).replace("config key 'prompts'", "--prompts / config key 'prompts'", 1)) from None
+
+
+def _check_reward_name(reward: Any) -> None:
+    """A reward given by name is a registered one (else the error lists them), before any model is built."""
+    if not isinstance(reward, str):
+        return
+    from orwcfm_fast.rewards import available_rewards
+
+    known = available_rewards()
+    key = reward.strip().lower().replace("-", "_")
+    if key not in known:
+        close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
+        raise UsageError(f"unknown reward {reward!r} (--reward / config key 'reward'){hint} Known rewards: "
+                         f"{', '.join(known)}")
 
 
 def _find_resume(plan: _Plan, config: Mapping[str, Any]) -> Path | None:
@@ -457,9 +614,19 @@ def _train(plan: _Plan, args: argparse.Namespace, device, prog: str) -> int:
         return status
 
     start = time.perf_counter()
-    with distributed.main_process_first():  # rank 0 fills the caches; the others then read them
-        parts = _build_task(plan.task, args, device, pretrained=plan.pretrained, log=log)
-    distributed.broadcast_module(parts.model)  # identical starting weights on every rank, whatever each one computed
+    # Rank 0 fills the caches, the others then read them; a pipeline folder is read by all ranks at once.
+    ordered = contextlib.nullcontext() if plan.task == _T2I else distributed.main_process_first()
+    with ordered:
+        try:
+            parts = _build_task(plan.task, args, device, pretrained=plan.pretrained, log=log, config=plan.config)
+        except UsageError as err:  # caught inside: every rank still passes the barrier, then reports
+            parts = err
+    if isinstance(parts, UsageError):
+        return fail(str(parts), 2)
+    # Identical starting weights on every rank, whatever each one computed. (A pipeline: every rank
+    # loaded the same files, and the LoRA adapters are initialised from the config's seed.)
+    if isinstance(parts.model, torch.nn.Module):
+        distributed.broadcast_module(parts.model)
     if isinstance(parts.reward, torch.nn.Module):
         distributed.broadcast_module(parts.reward)
     for note in parts.notes:
@@ -474,7 +641,7 @@ def _train(plan: _Plan, args: argparse.Namespace, device, prog: str) -> int:
         return fail(str(err), 2)
 
     try:
-        if plan.pretrained is not None:
+        if plan.pretrained is not None and not parts.loads_pretrained:
             trainer.load_pretrained(plan.pretrained, ema=args.ema)
             log(f"[train] loaded pretrained weights{' (EMA)' if args.ema else ''} from {plan.pretrained}")
         try:
@@ -516,7 +683,11 @@ def _train(plan: _Plan, args: argparse.Namespace, device, prog: str) -> int:
 
     final = outdir / _FINAL
     trainer.save_checkpoint(final)  # a collective under torch.distributed: rank 0 writes
-    digest = weights_digest(trainer.net_model)
+    lora = None
+    if getattr(trainer.models, "roles", None) is not None:  # a pipeline trained with LoRA
+        lora = outdir / _LORA
+        trainer.save_lora(lora)  # diffusers' format; rank 0 writes
+    digest = weights_digest(_trained_weights(trainer))
     digests = [digest]
     if distributed.is_distributed():
         digests = [None] * world
@@ -525,8 +696,11 @@ def _train(plan: _Plan, args: argparse.Namespace, device, prog: str) -> int:
         samples = trainer.sample(16).detach().cpu()
         dump = Path(f"{args.dump_samples}.rank{distributed.rank()}.pt")
         dump.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"rank": distributed.rank(), "world_size": world, "epoch": trainer.epoch,
-                    "samples": samples, "weights_sha256": digest}, dump)
+        record = {"rank": distributed.rank(), "world_size": world, "epoch": trainer.epoch,
+                  "samples": samples, "weights_sha256": digest}
+        if trainer.prompts is not None:
+            record["next_prompts"] = _next_prompts(trainer)
+        torch.save(record, dump)
     elapsed = time.perf_counter() - start
 
     if main_process:
@@ -542,7 +716,8 @@ def _train(plan: _Plan, args: argparse.Namespace, device, prog: str) -> int:
         ranks = f", {world} ranks" if world > 1 else ""
         print(f"ORW-CFM-W2 train {parts.description} on {device}{ranks}: epoch {start_epoch} -> {trainer.epoch} "
               f"of {plan.epochs} ({max(remaining, 0)} trained x {plan.steps_per_epoch} steps) in {elapsed:.0f} s; "
-              f"{reward}final checkpoint {final}, metrics {csv_path}", flush=True)
+              f"{reward}final checkpoint {final}, {f'LoRA {lora}, ' if lora is not None else ''}metrics {csv_path}",
+              flush=True)
         if world > 1:
             if len(set(digests)) == 1:
                 print(f"  replicas: weights identical across {world} ranks (sha256 {digest[:16]})", flush=True)
