@@ -49,3 +49,38 @@ def test_op_benchmarks_run(tmp_path, bench_path, script, monkeypatch):
     assert {r["provider"] for r in saved["rows"]} <= {"torch", "cpp"}
     assert result["op"] == saved["op"]
     sys.modules.pop(script, None)
+
+
+@pytest.mark.slow
+def test_t2i_throughput_quick_writes_both_modes_and_phases(tmp_path, bench_path, monkeypatch):
+    pytest.importorskip("diffusers", reason="the text-to-image benchmark needs the 'diffusers' extra")
+    pytest.importorskip("peft", reason="the text-to-image benchmark needs the 'diffusers' extra")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import torch
+    import t2i_throughput
+
+    threads = torch.get_num_threads()
+    out = tmp_path / "t2i.json"
+    result = t2i_throughput.main(["--device", "cpu", "--quick", "--ode-steps", "2", "--steps", "1", "--warmup", "0",
+                                  "--json", str(out)])
+    assert torch.get_num_threads() == threads  # the benchmark's one thread is not left behind
+    saved = json.loads(out.read_text())
+    for key in ("device", "date", "commit", "torch", "config", "memory_measured", "speedup", "images_per_s_ratio",
+                "model_memory_ratio", "identical_math"):
+        assert key in saved, key
+    assert set(saved["modes"]) == {"baseline", "orwcfm_fast"}
+    batch = saved["config"]["batch_size"]
+    for row in saved["modes"].values():
+        assert set(row["phases_s"]) == {"sample", "decode", "reward", "update"}
+        assert row["s_per_step"] >= sum(row["phases_s"].values()) * 0.99
+        assert row["images_per_s"] == pytest.approx(batch / row["s_per_step"])
+        assert row["model_memory_GiB"] > 0 and row["process_peak_rss_GiB"] > 0
+        # Euler 2 with CFG (2B rows per call), then the policy and reference forwards (B rows each).
+        assert row["transformer_forwards_per_step"]["rows_per_call"] == [2 * batch] * 2 + [batch, batch]
+    base, fast = saved["modes"]["baseline"], saved["modes"]["orwcfm_fast"]
+    assert saved["images_per_s_ratio"] == pytest.approx(fast["images_per_s"] / base["images_per_s"])
+    assert saved["model_memory_ratio"] < 1  # one transformer, no reference copy
+    assert saved["identical_math"]["same_transformer_forwards"] is True
+    assert saved["identical_math"]["sampler_vs_pipeline_max_abs_diff"] < 1e-4  # fp32: the pipeline's own latents
+    assert result["modes"]["baseline"]["mode"] == "baseline"
+    sys.modules.pop("t2i_throughput", None)
