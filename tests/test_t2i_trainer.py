@@ -259,6 +259,26 @@ def test_bf16_pipeline_trains_fp32_adapters(saved, tmp_path):
     assert not torch.equal(lora(trainer), start)
 
 
+def test_full_fine_tuning_overlaps_batches_with_the_same_results(saved, tmp_path):
+    """Three transformers (lora_rank None): the next batch is made in the background, bit-identically."""
+    runs = []
+    for overlap in (False, True):
+        trainer = ORWCFMTrainer(load(saved), config(tmp_path / str(overlap), lora_rank=None, overlap_sampling=overlap,
+                                                    guidance_scale=1.0), "cpu")
+        trainer.train(1, 3)
+        runs.append((torch.cat([p.detach().flatten() for p in trainer.net_model.parameters()]), trainer.history))
+    assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]
+
+
+def test_compiled_transformer_trains(saved, tmp_path):
+    """config compile: the pipeline's transformer is compiled in place (backend 'eager' keeps the CPU test short)."""
+    torch._dynamo.reset()
+    trainer = ORWCFMTrainer(load(saved), config(tmp_path, compile=True, compile_backend="eager"), "cpu")
+    out = trainer.training_step()
+    assert out["w2_loss"] == 0.0 and trainer.net_model._compiled_call_impl is not None
+    torch._dynamo.reset()
+
+
 def test_sample_uses_prompts_and_the_policy(saved, tmp_path):
     trainer = ORWCFMTrainer(load(saved), config(tmp_path), "cpu")
     x = trainer.sample(3, prompts=["a dog", "a tree", "a dog"])
