@@ -19,7 +19,7 @@ GPU_CHECK_OUT ?=
 GPU_CHECK_ARGS ?=
 DRY_RUN       ?=
 
-.PHONY: demo test venv clean gpu-check
+.PHONY: demo demo-prompted test venv clean gpu-check
 
 venv: $(STAMP)
 
@@ -36,6 +36,10 @@ $(STAMP): setup.py pyproject.toml Makefile $(EXT_SOURCES)
 
 demo: $(STAMP)
 	$(PY) -m orwcfm_fast.cli demo
+
+# The text-to-image demo: a small SD3 pipeline on prompted digits, LoRA fine-tuning (runs/prompted-digits/).
+demo-prompted: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m orwcfm_fast.cli demo-prompted
 
 test: $(STAMP)
 	$(PY) -m pytest -q

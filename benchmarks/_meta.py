@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime
+import json
+import math
 import subprocess
 from pathlib import Path
 
@@ -25,3 +27,12 @@ def provenance(device: str) -> dict:
     """``{'device', 'date', 'commit', 'torch'}`` for a results file."""
     return {"device": device, "date": datetime.date.today().isoformat(), "commit": git_commit(),
             "torch": torch.__version__}
+
+
+def write_results(result: dict, path: Path, rows: dict) -> None:
+    """Write ``result`` as JSON to ``path`` (folders made) and raise if a mode of ``rows`` timed non-finite."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(f"wrote {path}")
+    if not all(math.isfinite(r["s_per_step"]) for r in rows.values()):
+        raise RuntimeError("a mode produced a non-finite time")

@@ -85,8 +85,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
-import math
 import os
 import random
 import resource
@@ -101,7 +99,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is built from configs; never download
 
-from _meta import provenance  # noqa: E402
+from _meta import provenance, write_results  # noqa: E402
 from throughput import _sync, _Timer  # noqa: E402
 
 from orwcfm_fast import ORWCFMTrainer  # noqa: E402
@@ -583,11 +581,7 @@ def _run(args, parser, device: torch.device, arch: str) -> dict:
         print(f"identical math: {identical}")
     suffix = "_quick" if arch == "tiny" else ("" if args.num_layers == 24 else f"_{args.num_layers}layers")
     path = args.json or ROOT / "benchmarks" / "results" / f"t2i_throughput_{device.type}{suffix}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(f"wrote {path}")
-    if not all(math.isfinite(r["s_per_step"]) for r in rows.values()):
-        raise RuntimeError("a mode produced a non-finite time")
+    write_results(result, path, rows)
     return result
 
 

@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import math
 import resource
 import sys
 import time
@@ -47,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _meta import provenance  # noqa: E402
+from _meta import provenance, write_results  # noqa: E402
 
 from orwcfm_fast import ORWCFMTrainer  # noqa: E402
 from orwcfm_fast.profiling import phase  # noqa: E402
@@ -349,11 +347,7 @@ def main(argv=None) -> dict:
         print(f"speedup over the reference-style baseline: {result['speedup']:.2f}x at identical math (fast_fp32), "
               f"{result['best_speedup']:.2f}x with {best['mode']}")
     path = args.json or ROOT / "benchmarks" / "results" / f"throughput_{device.type}{'_quick' if args.quick else ''}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(f"wrote {path}")
-    if not all(math.isfinite(r["s_per_step"]) for r in rows.values()):
-        raise RuntimeError("a mode produced a non-finite time")
+    write_results(result, path, rows)
     return result
 
 

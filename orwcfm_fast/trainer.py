@@ -18,7 +18,6 @@ Each piece is a method or a module function so the fast paths can replace it.
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import warnings
 from pathlib import Path
@@ -573,9 +572,7 @@ class ORWCFMTrainer:
             return torch.sigmoid(torch.randn(n, generator=self.generator, device=like.device, dtype=like.dtype))
         t = torch.rand(n, generator=self.generator, device=like.device, dtype=like.dtype)
         if kind == "shifted":  # uniform sigma, shifted as the sampler's times are
-            shift = self._training_shift()
-            sigma = 1 - t
-            t = 1 - shift * sigma / (1 + (shift - 1) * sigma)
+            t = 1 - shift_sigma(1 - t, self._training_shift())
         return t
 
     def _training_shift(self) -> float:

@@ -279,6 +279,55 @@ def test_compiled_transformer_trains(saved, tmp_path):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("kind", ["uniform", "logit_normal", "shifted"])
+def test_loss_time_sampling(saved, tmp_path, kind):
+    trainer = ORWCFMTrainer(load(saved), config(tmp_path, time_sampling=kind), "cpu")
+    like = torch.zeros(1)
+    state = trainer.generator.get_state()
+    got = trainer._loss_times(1000, like)
+    trainer.generator.set_state(state)
+    if kind == "logit_normal":
+        want = torch.sigmoid(torch.randn(1000, generator=trainer.generator))
+    else:
+        u = torch.rand(1000, generator=trainer.generator)
+        s = 3.0  # the tiny pipeline's scheduler shift (SD3's)
+        want = u if kind == "uniform" else 1 - s * (1 - u) / (1 + (s - 1) * (1 - u))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    assert got.min() > 0 and got.max() < 1
+
+
+def test_gradient_checkpointing_gives_the_same_step(saved, tmp_path):
+    runs = []
+    for flag in (False, True):
+        trainer = ORWCFMTrainer(load(saved), config(tmp_path, gradient_checkpointing=flag), "cpu")
+        assert pipe_checkpointing(trainer) is flag
+        out = trainer.training_step()
+        runs.append((out["total_loss"], lora(trainer)))
+    assert runs[0][0] == runs[1][0]
+    torch.testing.assert_close(runs[0][1], runs[1][1], rtol=1e-6, atol=1e-7)
+
+
+def pipe_checkpointing(trainer) -> bool:
+    return bool(getattr(trainer.net_model, "gradient_checkpointing", False))
+
+
+def test_missing_extra_is_named(monkeypatch):
+    import builtins
+
+    from orwcfm_fast.flows import MissingExtraError, require_diffusers
+
+    real_import = builtins.__import__
+
+    def no_peft(name, *args, **kwargs):
+        if name == "peft":
+            raise ImportError("No module named 'peft'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_peft)
+    with pytest.raises(MissingExtraError, match=r"needs peft.*orwcfm_fast\[diffusers\]"):
+        require_diffusers()
+
+
 def test_sample_uses_prompts_and_the_policy(saved, tmp_path):
     trainer = ORWCFMTrainer(load(saved), config(tmp_path), "cpu")
     x = trainer.sample(3, prompts=["a dog", "a tree", "a dog"])

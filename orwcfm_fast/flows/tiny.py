@@ -26,7 +26,7 @@ _CLIP_MAX = 77
 _T5_MAX = 512
 
 
-def _clip_tokenizer():
+def _clip_tokenizer(max_length: int = _CLIP_MAX):
     from tokenizers import pre_tokenizers
     from transformers import CLIPTokenizer
 
@@ -35,7 +35,7 @@ def _clip_tokenizer():
     for ch in alphabet:
         vocab.setdefault(ch, len(vocab))
         vocab.setdefault(ch + "</w>", len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=_CLIP_MAX)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
 
 
 def _t5_tokenizer():
@@ -52,7 +52,7 @@ def _clip_encoder(tokenizer, hidden: int, projection: int, *, with_projection: b
 
     config = CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=_CLIP_MAX, projection_dim=projection,
+        num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length, projection_dim=projection,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
