@@ -364,12 +364,9 @@ class ORWCFMTrainer:
     def _check_model_output(self) -> None:
         cond = self.models.encode([self.prompts[0]] * 2, 2) if self.prompts is not None else ()
         try:
-            check_velocity(self._ref_model_call, self.sample_shape, self.device, cond)
+            check_velocity(self.ref_model, self.sample_shape, self.device, cond)
         except ValueError as err:
             raise ConfigError(str(err)) from err.__cause__
-
-    def _ref_model_call(self, t, x, *cond):
-        return self.ref_model(t, x, *cond)
 
     # ------------------------------------------------------------------ sampling
 
