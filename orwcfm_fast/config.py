@@ -32,7 +32,7 @@ __all__ = [
 
 ODE_SOLVERS = ("euler", "midpoint", "heun", "rk4")
 COUPLINGS = ("independent", "exact_ot", "weighted_ot")
-WEIGHT_NORMALIZATIONS = ("none", "batch")
+WEIGHT_NORMALIZATIONS = ("none", "batch", "group")
 PRECISIONS = ("fp32", "bf16")
 OPS_BACKENDS = ("torch", "cpp", "triton")  # orwcfm_fast.ops.backends.BACKENDS (not imported: no torch here)
 
@@ -248,7 +248,8 @@ OPTIONS: dict[str, Option] = {
     "coupling": Option("independent", _choice(COUPLINGS, allow_callable=True),
                        "pairing of noise x_0 with samples x_1: independent, exact_ot, weighted_ot"),
     "weight_normalization": Option("none", _choice(WEIGHT_NORMALIZATIONS),
-                                   "none: raw exp(beta r); batch: B * softmax(beta r), overflow-safe"),
+                                   "none: raw exp(beta r); batch: B * softmax(beta r), overflow-safe; group: "
+                                   "k * softmax(beta z) per prompt group, z the group-standardised reward"),
     "sigma": Option(0.0, _float(0.0), "std of the Gaussian around the conditional path (torchcfm's sigma)"),
     "policy_dropout": Option(False, _bool, "keep the policy's dropout active in its training forward"),
     "clip_model": Option("ViT-B-32", _str(), "open_clip architecture for the CLIP reward"),

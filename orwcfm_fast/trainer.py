@@ -612,7 +612,8 @@ class ORWCFMTrainer:
         return loss, metrics
 
     def _weights(self, rewards: torch.Tensor) -> torch.Tensor:
-        weights = reward_weights(rewards, self.beta, self.config["weight_normalization"])
+        group = self.config["images_per_prompt"] if self.prompts is not None else None  # None: the batch
+        weights = reward_weights(rewards, self.beta, self.config["weight_normalization"], group)
         if not bool(torch.isfinite(weights).all()):
             bad = torch.nonzero(~torch.isfinite(weights)).flatten()[:5].tolist()
             raise FloatingPointError(

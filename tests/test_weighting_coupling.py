@@ -97,3 +97,60 @@ def test_couple_dispatch_and_errors():
         couple("ot", x0, x1, w)
     with pytest.raises(ValueError, match="shapes"):
         couple(lambda a, b, c, generator=None: (a[:2], b, c), x0, x1, w)
+
+
+# ----------------------------------------------------------------------------- group normalisation
+
+
+def test_group_weights_standardise_within_each_group():
+    from orwcfm_fast.weighting import reward_weights
+
+    r = torch.tensor([0.0, 1.0, 2.0, 3.0, 100.0, 101.0, 102.0, 103.0], dtype=torch.float64)
+    w = reward_weights(r, 2.0, "group", group_size=4)
+    # each group's weights sum to its size, and the two groups (same shape, shifted) get the same weights
+    torch.testing.assert_close(w.view(2, 4).sum(1), torch.full((2,), 4.0, dtype=torch.float64))
+    torch.testing.assert_close(w[:4], w[4:])
+    # an independent float64 computation of k * softmax(beta * z)
+    g = r[:4]
+    z = (g - g.mean()) / (g.std(unbiased=False) + 1e-6)
+    want = 4 * torch.exp(2.0 * z) / torch.exp(2.0 * z).sum()
+    torch.testing.assert_close(w[:4], want, rtol=1e-12, atol=1e-12)
+    # scale-free up to the 1e-6 in the denominator (relative effect ~ beta * |z| * 1e-6 / std = a few 1e-6 here);
+    # equal rewards give ones
+    torch.testing.assert_close(reward_weights(r * 1000, 2.0, "group", group_size=4), w, rtol=2e-5, atol=1e-9)
+    assert torch.equal(reward_weights(torch.full((6,), 3.0), 5.0, "group", group_size=3), torch.ones(6))
+    # no overflow where raw weights overflow, and one group = the whole batch without a size
+    big = torch.tensor([1e30, -1e30, 0.0, 5.0])
+    assert torch.isfinite(reward_weights(big, 50.0, "group")).all()
+    torch.testing.assert_close(reward_weights(r, 1.0, "group"), reward_weights(r, 1.0, "group", group_size=8))
+    with pytest.raises(ValueError, match="groups of 3"):
+        reward_weights(torch.zeros(8), 1.0, "group", group_size=3)
+
+
+def test_trainer_uses_prompt_groups(tmp_path):
+    """A conditional model's batch of 2 prompts x 4 images: each prompt's weights sum to 4."""
+    from orwcfm_fast import ORWCFMTrainer
+
+    class Cond(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(2 + 1 + 2, 2)
+
+        def forward(self, t, x, e):
+            return self.lin(torch.cat([x, t[:, None], e], 1))
+
+    seen = {}
+
+    def reward(x, prompts):
+        seen["prompts"] = list(prompts)
+        return x[:, 0] * (10.0 if prompts[0] == "a" else 1.0)
+
+    trainer = ORWCFMTrainer(Cond(), {
+        "prompts": ["a", "b"], "prompt_encoder": lambda ps: torch.stack([torch.eye(2)[["a", "b"].index(p)] for p in ps]),
+        "reward": reward, "sample_shape": (2,), "batch_size": 8, "images_per_prompt": 4, "ode_steps": 2,
+        "weight_normalization": "group", "temperature": 3.0, "seed": 0, "savedir": str(tmp_path),
+        "handle_signals": False})
+    samples, rewards = trainer.sample_batch()
+    weights = trainer._weights(rewards)
+    torch.testing.assert_close(weights.view(2, 4).sum(1), torch.full((2,), 4.0))
+    assert seen["prompts"][:4] == [seen["prompts"][0]] * 4
