@@ -17,4 +17,21 @@ generates when it compiles CUDA code.)
 
 import os
 
+import pytest
+
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="module")
+def one_cpu_thread():
+    """torch on one thread for a module's tests (``pytestmark = pytest.mark.usefixtures("one_cpu_thread")``).
+
+    Small CPU tensors run fastest on one thread, and on a busy 2-core machine several threads
+    contend (a tiny forward can go from milliseconds to seconds).
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -44,12 +44,7 @@ def pipeline_dir(tmp_path_factory):
     mp.undo()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def _argv(root: Path, outdir: Path, *extra: str) -> list[str]:

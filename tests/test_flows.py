@@ -27,12 +27,7 @@ PROMPTS = ["a dog", "a red cat", "a dog"]
 SEQ = 16  # max_sequence_length: T5 tokens
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.fixture(scope="module")

@@ -24,12 +24,7 @@ from orwcfm_fast.flows.tiny import TINY_SIZE, tiny_flux_pipeline, tiny_sd3_pipel
 PROMPTS = ["a dog", "a red cat", "a tree", "a blue car"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.fixture(scope="module")
