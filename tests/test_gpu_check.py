@@ -10,6 +10,7 @@ right.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -86,12 +87,18 @@ def test_without_a_gpu_it_stops_at_once_with_a_clear_message(tmp_path):
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_make_target_runs_the_script_with_the_right_python():
-    dry = subprocess.run(["make", "-n", "gpu-check", "DRY_RUN=1", "GPU_CHECK_OUT=/tmp/somewhere"], cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout
-    assert ".venv/bin/python benchmarks/gpu_check.py --dry-run --out-dir /tmp/somewhere" in dry
-    real = subprocess.run(["make", "-n", "gpu-check", "GPU_PYTHON=/opt/x/python3"], cwd=ROOT, capture_output=True,
-                          text=True, check=True).stdout
-    assert real.strip().splitlines()[-1].strip() == "/opt/x/python3 benchmarks/gpu_check.py"
+    # Under `make test` this make is a sub-make: MAKEFLAGS/MAKELEVEL come from the parent, which adds
+    # "Entering/Leaving directory" lines; run it as a top-level make and read the recipe lines only.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
+
+    def recipe(*args):
+        out = subprocess.run(["make", "--no-print-directory", "-n", "gpu-check", *args], cwd=ROOT, env=env,
+                             capture_output=True, text=True, check=True).stdout
+        return [line.strip() for line in out.splitlines() if "gpu_check.py" in line]
+
+    dry = recipe("DRY_RUN=1", "GPU_CHECK_OUT=/tmp/somewhere")
+    assert any(".venv/bin/python benchmarks/gpu_check.py --dry-run --out-dir /tmp/somewhere" in line for line in dry)
+    assert recipe("GPU_PYTHON=/opt/x/python3") == ["/opt/x/python3 benchmarks/gpu_check.py"]
 
 
 # ----------------------------------------------------------------------------- GPU-only paths, on canned inputs
