@@ -753,12 +753,12 @@ def test_path_rejects_mismatched_shapes(shape, data, backend):
 @settings(SETTINGS, max_examples=40)
 @given(
     shape=st.lists(st.integers(0, 5), min_size=0, max_size=3).map(tuple).filter(lambda s: len(s) != 1),
-    norm=st.text(min_size=0, max_size=8).filter(lambda s: s not in ("none", "batch")),
+    norm=st.text(min_size=0, max_size=8).filter(lambda s: s not in ("none", "batch", "group")),
 )
 def test_reward_weights_rejects_bad_input(shape, norm):
     """Rewards not shaped ``[B]`` raise ``ValueError`` with the shape; an unknown normalization
     raises ``ValueError`` listing the valid ones."""
     with pytest.raises(ValueError, match=r"^rewards must have shape \[B\], got"):
         reward_weights(torch.zeros(shape), 1.0, "batch")
-    with pytest.raises(ValueError, match=r"^weight_normalization must be one of \['none', 'batch'\]"):
+    with pytest.raises(ValueError, match=r"^weight_normalization must be one of \['none', 'batch', 'group'\]"):
         reward_weights(torch.zeros(3), 1.0, norm)
