@@ -139,7 +139,37 @@ def _prompts(value):
 def _reward(value):
     if isinstance(value, str) or callable(value):
         return value
-    raise ValueError(f"expected a registered reward name or a callable samples -> [B] tensor, got {value!r}")
+    if isinstance(value, Mapping) and value:
+        for name, weight in value.items():
+            if not isinstance(name, str) or not name.strip():
+                raise ValueError(f"a reward dict maps registered names (or http:// URLs) to weights, got the key {name!r}")
+            if not _is_real(weight) or not math.isfinite(float(weight)):
+                raise ValueError(f"the weight of reward {name!r} must be a finite number, got {weight!r}")
+        return {name: float(weight) for name, weight in value.items()}
+    raise ValueError(
+        "expected a registered reward name, an http://127.0.0.1:PORT reward server, a dict {name: weight} "
+        f"(a weighted sum, each term logged) or a callable samples -> [B] tensor, got {value!r}")
+
+
+def _reward_paths(value):
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"expected a dict {{reward name: local path}}, got {value!r}")
+    out = {}
+    for name, path in value.items():
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"expected reward names as keys, got {name!r}")
+        if isinstance(path, Mapping):
+            if not path or not all(isinstance(k, str) and (isinstance(v, str) or hasattr(v, "__fspath__"))
+                                   for k, v in path.items()):
+                raise ValueError(f"reward_paths[{name!r}]: expected a path or a dict {{part: path}}, got {path!r}")
+            out[name] = {k: str(v) for k, v in path.items()}
+        elif isinstance(path, str) or hasattr(path, "__fspath__"):
+            out[name] = str(path)
+        else:
+            raise ValueError(f"reward_paths[{name!r}]: expected a local path, got {path!r}")
+    return out
 
 
 def _shape(value):
@@ -299,6 +329,21 @@ OPTIONS: dict[str, Option] = {
     "ema_decay": Option(None, _decay, "EMA of the trained weights, used by sample() and save_lora (None: off)"),
     "gradient_checkpointing": Option(False, _bool, "pipelines: recompute the transformer's activations in backward"),
     "vae_batch_size": Option(None, _optional_int(1), "pipelines: images per VAE decode (None: the whole batch)"),
+    "reward_paths": Option(None, _reward_paths,
+                           "local weights of the preference rewards: {name: path} (clip_score, pickscore, hpsv2, "
+                           "aesthetic; see the README)"),
+    "reward_batch_size": Option(None, _optional_int(1),
+                                "images per forward of the preference rewards / per reward-server request (None: all)"),
+    "reward_dtype": Option("auto", _choice(("auto", "fp32", "bf16")),
+                           "preference rewards' weights: auto = bf16 on CUDA, fp32 elsewhere"),
+    "reward_timeout": Option(120.0, _float(0.0, low_inclusive=False), "seconds a reward-server request may take"),
+    "reward_retries": Option(3, _int(0), "retries of a failed reward-server request (then a clear error)"),
+    "use_tensorboard": Option(False, _bool, "log epoch scalars and sample grids to TensorBoard (<savedir>/tensorboard)"),
+    "log_samples": Option(8, _int(0), "samples in the grid logged each epoch to TensorBoard / wandb (0: none)"),
+    "diversity_embedding": Option("auto", _choice(("auto", "pixels", "clip", "dino")),
+                                  "evaluate(): embedding of within-prompt diversity (auto: clip with "
+                                  "reward_paths['clip_score'], else pixels)"),
+    "eval_samples_per_prompt": Option(16, _int(2), "evaluate(): samples per prompt"),
 }
 
 DEFAULTS: dict[str, Any] = {name: opt.default for name, opt in OPTIONS.items()}

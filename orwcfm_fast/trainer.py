@@ -47,7 +47,7 @@ from orwcfm_fast.interrupt import StopRequests, TrainingInterrupted
 from orwcfm_fast.models import describe_unet, optimize_unet
 from orwcfm_fast.prefetch import BackgroundWorker, Pending
 from orwcfm_fast.profiling import phase
-from orwcfm_fast.rewards import check_rewards, make_reward
+from orwcfm_fast.rewards import make_reward, score_terms
 from orwcfm_fast.run_log import EpochLog
 from orwcfm_fast.sampling import GraphSampler, integrate
 from orwcfm_fast.weighting import effective_sample_size, reward_weights
@@ -90,6 +90,7 @@ class _Batch(NamedTuple):
     pair_weights: torch.Tensor  # [B] the weights that travel with (x_0, x_1)
     cond: tuple = ()  # per-sample conditioning of x_1 (prompt embeddings); () for unconditional models
     prompts: list | None = None  # the B prompts the samples were made for
+    reward_terms: dict | None = None  # {name: [B]} each term's rewards, for a reward dict {name: weight}
 
 
 class _MetricSums:
@@ -252,6 +253,7 @@ class ORWCFMTrainer:
         self._log: EpochLog | None = None
         self._rotation: CheckpointRotation | None = None
         self._skipped_steps: torch.Tensor | None = None  # CUDA: non-finite-gradient steps skipped on device
+        self._reward_terms: dict = {}  # sample_batch's per-term rewards (reward dicts), for training_step
         self._sampled: tuple[tuple, list | None] = ((), None)  # sample_batch's (cond, prompts), for compute_loss
         # train() makes the next batch in the background while this one trains (overlap_sampling).
         self._worker = BackgroundWorker(self.device)
@@ -426,21 +428,19 @@ class ORWCFMTrainer:
             with self._autocast():
                 samples = self._sampler(noise, *cond)
         with phase("reward", self.device):
-            rewards = self._score(samples, prompts)
+            rewards, terms = self._score(samples, prompts)
             weights = self._weights(rewards)
         with phase("coupling", self.device):
             x_0, x_1, pair_weights = couple(self.config["coupling"], x_0, samples, weights,
                                             generator=self.cpu_generator)
-        return _Batch(samples, rewards, weights, x_0, x_1, pair_weights, cond, prompts)
+        return _Batch(samples, rewards, weights, x_0, x_1, pair_weights, cond, prompts, terms)
 
-    def _score(self, samples: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
-        """Checked ``[B]`` rewards of ``samples``: decoded for pipelines, with the prompts when the reward takes them."""
-        inputs = self.models.reward_inputs(samples, registered=isinstance(self.config["reward"], str))
-        if prompts is not None and getattr(self.reward_fn, "takes_prompts", False):
-            out = self.reward_fn(inputs, prompts)
-        else:
-            out = self.reward_fn(inputs)
-        return check_rewards(out, samples.shape[0], device=self.device)
+    def _score(self, samples: torch.Tensor, prompts: list[str] | None) -> tuple[torch.Tensor, dict]:
+        """Checked ``[B]`` rewards of ``samples`` (decoded for pipelines, each reward in its input range, with the
+        prompts when it takes them) and, for a reward dict, each term's ``{name: [B]}``."""
+        inputs = self.models.reward_inputs(samples)
+        total, terms = score_terms(self.reward_fn, inputs, prompts, self.models.reward_inputs_range)
+        return total.to(self.device), terms
 
     @torch.no_grad()
     def _policy_samples(self, cond: tuple = ()) -> torch.Tensor:
@@ -465,7 +465,7 @@ class ORWCFMTrainer:
         with phase("sample", self.device):
             samples = self._policy_samples(cond)
         with phase("reward", self.device):
-            rewards = self._score(samples, prompts)
+            rewards, self._reward_terms = self._score(samples, prompts)
         self._sampled = (cond, prompts)
         return samples, rewards
 
@@ -638,7 +638,7 @@ class ORWCFMTrainer:
         self.models.train_mode(self.config["policy_dropout"])
         with phase("loss", self.device):
             loss, metrics = self.compute_loss(samples, weights)
-        metrics, lr, _ = self._optimize(loss, metrics, rewards, weights, check_now=True)
+        metrics, lr, _ = self._optimize(loss, metrics, rewards, weights, check_now=True, terms=self._reward_terms)
         out = {k: float(v) for k, v in metrics.items()}
         out["lr"] = lr
         return out
@@ -658,13 +658,13 @@ class ORWCFMTrainer:
         with phase("loss", self.device):
             loss, metrics = self._coupled_loss(batch.x_0, batch.x_1, batch.pair_weights, batch.cond)
         return self._optimize(loss, metrics, batch.rewards, batch.weights, meanwhile,
-                              check_now=not self._defers_gradient_check())
+                              check_now=not self._defers_gradient_check(), terms=batch.reward_terms)
 
     def _defers_gradient_check(self) -> bool:
         """CUDA with fused Adam: non-finite gradients skip the update on the device (no host sync)."""
         return self.device.type == "cuda" and bool(self.optimizer.defaults.get("fused"))
 
-    def _optimize(self, loss, metrics, rewards, weights, meanwhile=None, *, check_now: bool = True):
+    def _optimize(self, loss, metrics, rewards, weights, meanwhile=None, *, check_now: bool = True, terms=None):
         """Backward, clipping (no host sync), optimiser and scheduler steps; adds the batch metrics.
 
         Non-finite gradients never reach the parameters: with ``check_now`` the step raises before
@@ -707,6 +707,8 @@ class ORWCFMTrainer:
             weight_ess=effective_sample_size(weights),
             grad_norm=grad_norm,
         )
+        for name, values in (terms or {}).items():  # a reward dict: each term's batch mean, unweighted
+            metrics[f"reward/{name}"] = values.mean()
         return metrics, lr, side
 
     def update_last_policy(self) -> None:

@@ -211,20 +211,28 @@ def test_one_argument_rewards_get_images_only(saved, tmp_path):
     assert seen[-1] == (4, 3, TINY_SIZE, TINY_SIZE)
 
 
-def test_registered_rewards_get_their_minus_one_to_one_images(saved, tmp_path):
-    """Registered rewards follow the pixel tasks' [-1, 1] convention; callables of pipelines get [0, 1]."""
-    from orwcfm_fast.rewards import register_reward
+@pytest.mark.parametrize("input_range", [(-1.0, 1.0), (0.0, 1.0), None])
+def test_rewards_get_images_in_their_input_range(saved, tmp_path, input_range):
+    """Each reward declares the image range it takes (clip / jpeg: [-1, 1], preference rewards: [0, 1]);
+    a reward that declares none gets the decoded [0, 1] images as they are."""
+    from orwcfm_fast.rewards import Reward, register_reward
 
     seen = []
 
-    def factory(config, device):
-        return lambda x: seen.append((x.min().item(), x.max().item())) or x.mean((1, 2, 3))
+    class Probe(Reward):
+        def forward(self, x):
+            seen.append(x.detach().clone())
+            return x.mean((1, 2, 3))
 
-    register_reward("test_range_probe", factory, overwrite=True)
+    Probe.input_range = input_range
+    register_reward("test_range_probe", lambda config, device: Probe(), overwrite=True)
     trainer = ORWCFMTrainer(load(saved), config(tmp_path, reward="test_range_probe"), "cpu")
-    trainer.training_step()
-    lo, hi = seen[-1]
-    assert -1.0 <= lo < 0.0 and hi <= 1.0  # decoded [0, 1] images mapped to [-1, 1]
+    trainer.sample_batch()
+    lo, hi = seen[-1].min().item(), seen[-1].max().item()
+    if input_range == (-1.0, 1.0):
+        assert -1.0 <= lo < 0.0 and hi <= 1.0  # decoded [0, 1] images mapped to [-1, 1]
+    else:
+        assert 0.0 <= lo and hi <= 1.0
 
 
 def test_full_fine_tuning_keeps_three_transformers(saved, tmp_path):

@@ -60,9 +60,13 @@ class TrainingModels:
     #: backward runs: not when the two are adapters of one module, switched as module state
     can_overlap: bool = True
 
-    def reward_inputs(self, samples: torch.Tensor, *, registered: bool = False) -> torch.Tensor:
-        """What the reward scores. ``registered``: for a registered reward name, whose inputs follow
-        the pixel tasks' convention (images in [-1, 1]); callables of pipelines get [0, 1] images."""
+    #: the value range of :meth:`reward_inputs` when they are images (the pixel tasks' [-1, 1]); each reward
+    #: gets them converted to its own ``input_range`` (:func:`orwcfm_fast.rewards.score_terms`)
+    reward_inputs_range: tuple[float, float] | None = (-1.0, 1.0)
+
+    def reward_inputs(self, samples: torch.Tensor) -> torch.Tensor:
+        """What the reward scores: the samples themselves (pixel tasks) or the decoded images (pipelines),
+        with values in :attr:`reward_inputs_range`."""
         return samples
 
     def time_grid(self, steps: int) -> list[float] | None:

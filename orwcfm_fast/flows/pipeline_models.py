@@ -183,9 +183,10 @@ class PipelineModels(TrainingModels):
             raise ValueError("a text-to-image pipeline needs prompts: set config 'prompts'")
         return self.flow.encode(prompts)
 
-    def reward_inputs(self, samples, *, registered=False):
-        images = self.flow.decode(samples, self.config["vae_batch_size"])  # [0, 1]
-        return images * 2 - 1 if registered else images  # registered rewards take [-1, 1] images
+    reward_inputs_range = (0.0, 1.0)  # decoded images; rewards with input_range (-1, 1) get them mapped
+
+    def reward_inputs(self, samples):
+        return self.flow.decode(samples, self.config["vae_batch_size"])  # [B, 3, H, W] in [0, 1]
 
     def time_grid(self, steps):
         return self.flow.time_grid(steps)

@@ -15,7 +15,15 @@ from typing import Any, Callable, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-__all__ = ["Reward", "CallableReward", "WeightedSum", "accepts_prompts", "check_rewards"]
+__all__ = [
+    "Reward",
+    "CallableReward",
+    "WeightedSum",
+    "accepts_prompts",
+    "check_rewards",
+    "convert_range",
+    "score_terms",
+]
 
 # How many offending indices an error message lists before eliding the rest.
 _MAX_LISTED = 8
@@ -32,6 +40,10 @@ class Reward(nn.Module):
 
     #: whether ``forward`` takes the batch's prompts as a second argument
     takes_prompts: bool = False
+    #: the value range of the images ``forward`` expects: ``(-1.0, 1.0)`` (the pixel tasks' convention),
+    #: ``(0.0, 1.0)`` (decoded images, what the preference rewards take) or ``None`` (the samples as the
+    #: model family gives them: [0, 1] images for pipelines, the raw samples of pixel tasks)
+    input_range: Optional[Tuple[float, float]] = None
 
     def forward(self, samples: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         """Scores a batch.
@@ -137,7 +149,8 @@ class WeightedSum(Reward):
         >>> r = WeightedSum([(1.0, JPEGCompressibility()), (0.5, lambda x: x.mean(dim=(1, 2, 3)))])
     """
 
-    def __init__(self, terms: Sequence[Tuple[float, Union[Reward, Callable[[torch.Tensor], Any]]]]):
+    def __init__(self, terms: Sequence[Tuple[float, Union[Reward, Callable[[torch.Tensor], Any]]]],
+                 names: Optional[Sequence[str]] = None):
         super().__init__()
         terms = list(terms)
         if not terms:
@@ -154,12 +167,22 @@ class WeightedSum(Reward):
             rewards.append(_as_reward(reward))
         self.weights = weights
         self.rewards = nn.ModuleList(rewards)
+        if names is None:  # each term's name, made distinct with its index where two share one
+            names = [str(getattr(r, "name", None) or type(r).__name__) for r in rewards]
+            names = [f"{n}_{k}" if names.count(n) > 1 else n for k, n in enumerate(names)]
+        names = [str(n) for n in names]
+        if len(names) != len(rewards) or len(set(names)) != len(names):
+            raise ValueError(f"WeightedSum needs one distinct name per term, got {names!r} for {len(rewards)} terms")
+        self.names = names
+        self.takes_prompts = any(accepts_prompts(r) for r in rewards)
 
-    def forward(self, samples: torch.Tensor) -> torch.Tensor:
-        """Evaluates every term and sums them.
+    def forward(self, samples: torch.Tensor, prompts: Optional[Sequence[str]] = None) -> torch.Tensor:
+        """Evaluates every term and sums them (each term gets the samples in its own ``input_range``
+        when ``samples`` are images in [-1, 1]; use :func:`score_terms` for other ranges).
 
         Args:
             samples: ``[B, *sample_shape]``.
+            prompts: the ``B`` prompts, passed to the terms that take them.
 
         Returns:
             ``[B]`` float32 tensor on ``samples.device``.
@@ -168,18 +191,71 @@ class WeightedSum(Reward):
             ValueError: if a term returns something that is not ``B`` finite floats
                 (the message names the term).
         """
-        batch_size = samples.shape[0]
-        total = torch.zeros(batch_size, dtype=torch.float32, device=samples.device)
-        for k, (weight, reward) in enumerate(zip(self.weights, self.rewards)):
-            try:
-                value = check_rewards(reward(samples), batch_size, device=samples.device)
-            except ValueError as e:
-                raise ValueError(f"WeightedSum term {k} ({type(reward).__name__}): {e}") from e
-            total = total + weight * value
-        return total
+        return score_terms(self, samples, prompts)[0]
 
     def extra_repr(self) -> str:
-        return f"weights={self.weights}"
+        return f"names={self.names}, weights={self.weights}"
+
+
+def convert_range(images: torch.Tensor, source: Optional[Tuple[float, float]],
+                  target: Optional[Tuple[float, float]]) -> torch.Tensor:
+    """``images`` mapped affinely from the value range ``source`` to ``target`` (unchanged when either is None
+    or they are equal).
+
+    Args:
+        images: ``[B, ...]`` floating tensor with values in ``source``.
+        source: ``(low, high)`` of ``images``, or None (unknown: returned as is).
+        target: ``(low, high)`` wanted, or None (as given).
+
+    Returns:
+        a tensor of the same shape and dtype.
+    """
+    if source is None or target is None or tuple(source) == tuple(target):
+        return images
+    (s0, s1), (t0, t1) = source, target
+    scale = (t1 - t0) / (s1 - s0)
+    return (images - s0) * scale + t0
+
+
+def score_terms(reward: Any, samples: torch.Tensor, prompts: Optional[Sequence[str]] = None,
+                samples_range: Optional[Tuple[float, float]] = (-1.0, 1.0)
+                ) -> Tuple[torch.Tensor, dict]:
+    """Checked rewards of ``samples`` and, for a :class:`WeightedSum`, each term's own (unweighted) rewards.
+
+    Every (sub-)reward gets the samples converted from ``samples_range`` to its :attr:`Reward.input_range`
+    and the prompts when it takes them (:func:`accepts_prompts`).
+
+    Args:
+        reward: a :class:`Reward` or callable.
+        samples: ``[B, *sample_shape]`` (images with values in ``samples_range``).
+        prompts: the ``B`` prompts the samples were made for, or None.
+        samples_range: the value range of ``samples``; None for samples that are not images.
+
+    Returns:
+        ``(total [B] float32, {term name: [B] float32})``; the dict is empty unless ``reward`` is a
+        :class:`WeightedSum`.
+
+    Raises:
+        ValueError: a (term's) output is not ``B`` finite floats (the message names the term).
+    """
+    batch_size = samples.shape[0]
+    if isinstance(reward, WeightedSum):
+        total = torch.zeros(batch_size, dtype=torch.float32, device=samples.device)
+        terms = {}
+        for k, (name, weight, term) in enumerate(zip(reward.names, reward.weights, reward.rewards)):
+            try:
+                value, _ = score_terms(term, samples, prompts, samples_range)
+            except ValueError as e:
+                raise ValueError(f"reward term {k} {name!r} ({type(term).__name__}): {e}") from e
+            terms[name] = value
+            total = total + weight * value
+        return total, terms
+    inputs = convert_range(samples, samples_range, getattr(reward, "input_range", None))
+    if prompts is not None and accepts_prompts(reward):
+        out = reward(inputs, list(prompts))
+    else:
+        out = reward(inputs)
+    return check_rewards(out, batch_size, device=samples.device), {}
 
 
 def _describe_indices(mask: torch.Tensor) -> str:

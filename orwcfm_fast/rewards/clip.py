@@ -132,6 +132,8 @@ class CLIPReward(Reward):
         ``samples.device``.
     """
 
+    input_range = (-1.0, 1.0)  # images in [-1, 1], the pixel tasks' convention
+
     def __init__(
         self,
         text_prompts: Sequence[str],

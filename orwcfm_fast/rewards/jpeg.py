@@ -44,6 +44,8 @@ class JPEGCompressibility(Reward):
         samples ``[B, C, H, W]`` with ``C`` in {1, 3} (1 -> PIL mode "L", 3 -> "RGB") -> ``[B]``.
     """
 
+    input_range = (-1.0, 1.0)  # images in [-1, 1], the pixel tasks' convention
+
     def __init__(self, quality: int = 95, incompressibility: bool = False):
         super().__init__()
         quality = int(quality)

@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 
-from orwcfm_fast.rewards.base import CallableReward, Reward
+from orwcfm_fast.rewards.base import CallableReward, Reward, WeightedSum
 
 __all__ = ["register_reward", "available_rewards", "make_reward"]
 
@@ -76,7 +76,9 @@ def make_reward(spec: Any, config: Any = None, device: Optional[Union[str, torch
     Args:
         spec: a :class:`Reward` (returned as is, moved to ``device`` if given); another
             :class:`torch.nn.Module` or callable ``samples -> [B]`` (wrapped in
-            :class:`CallableReward`); or a registered name (see :func:`available_rewards`).
+            :class:`CallableReward`); a registered name (see :func:`available_rewards`); the URL
+            of a reward server, ``"http://127.0.0.1:PORT"`` (:class:`~orwcfm_fast.rewards.http.HTTPReward`);
+            or a dict ``{name or URL: weight}``, a :class:`WeightedSum` whose terms are named by its keys.
         config: dict (or attribute-style object) with the factory's settings, e.g. for
             ``"clip"``: ``text_prompts``, ``clip_model``, ``clip_pretrained``.
         device: device for the reward's modules (``None`` keeps where they are; factories
@@ -90,6 +92,20 @@ def make_reward(spec: Any, config: Any = None, device: Optional[Union[str, torch
             matches and lists the known names) or a bad factory setting.
         TypeError: ``spec`` is neither a string nor callable.
     """
+    if isinstance(spec, Mapping):
+        if not spec:
+            raise ValueError("config key `reward`: a reward dict needs at least one {name: weight} entry")
+        terms, names = [], []
+        for name, weight in spec.items():
+            if not isinstance(name, str):
+                raise TypeError(f"config key `reward`: reward dict keys are names or URLs, got {name!r}")
+            terms.append((float(weight), make_reward(name, config, device)))
+            names.append(name.strip() if name.strip().startswith(("http://", "https://")) else _normalise(name))
+        return WeightedSum(terms, names=names)
+    if isinstance(spec, str) and spec.strip().lower().startswith(("http://", "https://")):
+        from orwcfm_fast.rewards.http import HTTPReward
+
+        return HTTPReward.from_config(spec.strip(), config)
     if isinstance(spec, str):
         key = _normalise(spec)
         if key not in _REGISTRY:
