@@ -31,7 +31,7 @@ $(STAMP): setup.py pyproject.toml Makefile $(EXT_SOURCES)
 	$(PY) -m pip install -q "setuptools>=64" wheel
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q ninja
-	$(PY) -m pip install -q --no-build-isolation -e ".[test,diffusers]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,diffusers,tensorboard]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -213,6 +213,8 @@ setup(
         "test": ["pytest", "hypothesis", "torchdiffeq"],
         # text-to-image flows (SD3 / SD3.5 / Flux with LoRA); imported only when a pipeline is used
         "diffusers": ["diffusers>=0.35", "transformers>=5", "peft>=0.17", "accelerate", "safetensors"],
+        # TensorBoard logging (config use_tensorboard): scalars and sample grids each epoch
+        "tensorboard": ["tensorboard"],
     },
     entry_points={"console_scripts": ["orwcfm-fast=orwcfm_fast.cli:main"]},
 )

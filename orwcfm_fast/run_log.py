@@ -1,6 +1,7 @@
-"""Epoch metrics: a CSV under ``savedir`` always, Weights & Biases when asked.
+"""Epoch metrics: a CSV under ``savedir`` always; TensorBoard and Weights & Biases when asked.
 
-wandb is imported only when ``use_wandb`` is true, so it is not a dependency.
+wandb and tensorboard are imported only when ``use_wandb`` / ``use_tensorboard`` is true, so neither
+is a dependency. Both also get a grid of the policy's samples each epoch (:meth:`EpochLog.log_images`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ __all__ = ["EpochLog"]
 
 
 class EpochLog:
-    """Appends one row per epoch to ``<savedir>/<run_name>_metrics.csv`` and, optionally, to wandb.
+    """Appends one row per epoch to ``<savedir>/<run_name>_metrics.csv`` and, optionally, to wandb and TensorBoard.
 
     Args:
         savedir: folder for the CSV (created on first write).
@@ -21,11 +22,24 @@ class EpochLog:
         use_wandb: also ``wandb.log`` each epoch's means.
         wandb_project: wandb project name.
         config: logged to wandb as the run config.
+        use_tensorboard: also write each epoch's means as scalars to ``<savedir>/tensorboard/<run_name>``.
     """
 
-    def __init__(self, savedir: str, run_name: str, *, use_wandb=False, wandb_project=None, config=None):
+    def __init__(self, savedir: str, run_name: str, *, use_wandb=False, wandb_project=None, config=None,
+                 use_tensorboard=False):
         self.csv_path = Path(savedir) / f"{run_name}_metrics.csv"
         self._wandb_run = None
+        self._tensorboard = None
+        if use_tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:
+                raise ImportError(
+                    "config 'use_tensorboard' is True but the tensorboard package is not installed: "
+                    "`pip install tensorboard` (or the 'tensorboard' extra), or set use_tensorboard to False"
+                ) from err
+            self.tensorboard_dir = Path(savedir) / "tensorboard" / run_name
+            self._tensorboard = SummaryWriter(log_dir=str(self.tensorboard_dir))
         if use_wandb:
             try:
                 import wandb
@@ -52,9 +66,33 @@ class EpochLog:
             writer.writerow(row)
         if self._wandb_run is not None:
             self._wandb_run.log(dict(metrics), step=step)
+        if self._tensorboard is not None:
+            for key, value in metrics.items():
+                if key != "epoch" and isinstance(value, (int, float)):
+                    self._tensorboard.add_scalar(key, value, global_step=step)
+            self._tensorboard.flush()
+
+    @property
+    def wants_images(self) -> bool:
+        """Whether a sink that shows images (TensorBoard, wandb) is on."""
+        return self._tensorboard is not None or self._wandb_run is not None
+
+    def log_images(self, tag: str, grid, step: int) -> None:
+        """One image ``grid`` (a ``[C, H, W]`` tensor in [0, 1], ``C`` 1 or 3) at ``step`` to TensorBoard and wandb."""
+        if self._tensorboard is not None:
+            self._tensorboard.add_image(tag, grid, global_step=step, dataformats="CHW")
+            self._tensorboard.flush()
+        if self._wandb_run is not None:
+            import wandb
+
+            array = (grid.clamp(0, 1) * 255).round().to("cpu").byte().permute(1, 2, 0).numpy()
+            self._wandb_run.log({tag: wandb.Image(array[..., 0] if array.shape[2] == 1 else array)}, step=step)
 
     def close(self) -> None:
-        """Finish the wandb run, if any."""
+        """Finish the wandb run and close the TensorBoard writer, if any."""
         if self._wandb_run is not None:
             self._wandb_run.finish()
             self._wandb_run = None
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None

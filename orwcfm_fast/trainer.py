@@ -723,6 +723,7 @@ class ORWCFMTrainer:
             self._log = EpochLog(
                 cfg["savedir"], cfg["run_name"], use_wandb=cfg["use_wandb"],
                 wandb_project=cfg["wandb_project"], config=serializable_config(cfg),
+                use_tensorboard=cfg["use_tensorboard"],
             )
         return self._log
 
@@ -792,6 +793,8 @@ class ORWCFMTrainer:
                 means["epoch"] = self.epoch
                 if log is not None:
                     log.log(means, step=self.epoch)
+                    if log.wants_images and cfg["log_samples"] > 0:
+                        self._log_sample_grid(log)
                 self.history.append(means)
                 new.append(means)
                 if dist_utils.is_main_process():
@@ -805,6 +808,36 @@ class ORWCFMTrainer:
                 if self._stop_requested(stop):
                     raise TrainingInterrupted(stop.signum, self._save_rotating())
         return new
+
+    def _log_sample_grid(self, log: EpochLog) -> None:
+        """This epoch's grid of ``log_samples`` policy samples (fixed noise; random states untouched) to TensorBoard / wandb."""
+        from orwcfm_fast.evaluation import sample_grid
+
+        grid = sample_grid(self, self.config["log_samples"], seed=self.seed)
+        if grid is not None:
+            log.log_images("samples", grid, step=self.epoch)
+
+    def evaluate(self, prompts: list[str] | None = None, samples_per_prompt: int | None = None, *,
+                 outdir=None, seed: int = 0) -> dict[str, Any]:
+        """Per-prompt reward (every configured reward term) and within-prompt diversity of the current policy.
+
+        Args:
+            prompts: default: config ``eval_prompts``, else the training prompts (None for models without prompts).
+            samples_per_prompt: default: config ``eval_samples_per_prompt`` (16).
+            outdir: where ``evaluation.json`` and one sample grid per prompt go (default ``<savedir>/eval``;
+                ``False``: write nothing).
+            seed: the evaluation noise's seed (the same noise for every model evaluated with it).
+
+        Returns:
+            ``{"reward", "diversity", "per_prompt": {prompt: {"reward", "reward_std", "diversity", ...}}, ...}``
+            (see :func:`orwcfm_fast.evaluation.evaluate_policy`). Training's random states are untouched.
+            Under ``torch.distributed`` every rank must call it.
+        """
+        from orwcfm_fast.evaluation import evaluate_policy
+
+        if outdir is None:
+            outdir = Path(self.config["savedir"]) / "eval"
+        return evaluate_policy(self, prompts, samples_per_prompt, outdir=outdir or None, seed=seed)
 
     def _stop_requested(self, stop: StopRequests) -> bool:
         """Whether a signal asks to stop; under torch.distributed a collective: all ranks get the same answer."""

@@ -1,0 +1,250 @@
+"""trainer.evaluate(): per-prompt reward (every term of a reward dict) and within-prompt diversity, files,
+untouched random states; per-epoch sample grids to TensorBoard and wandb."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import pytest
+import torch
+
+from orwcfm_fast import ORWCFMTrainer
+from orwcfm_fast.evaluation import UNCONDITIONAL, evaluate_policy
+from orwcfm_fast.metrics import mean_pairwise_distance
+
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
+
+
+class MLPVelocity(torch.nn.Module):
+    def __init__(self, dim=2, hidden=16):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(dim + 1, hidden), torch.nn.SiLU(), torch.nn.Linear(hidden, dim))
+
+    def forward(self, t, x):
+        return self.net(torch.cat([x, t[:, None]], dim=1))
+
+
+class ConvVelocity(torch.nn.Module):
+    """A tiny image velocity for 1x4x4 samples."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(2, 1, 3, padding=1)
+
+    def forward(self, t, x):
+        return self.conv(torch.cat([x, t[:, None, None, None].expand_as(x)], dim=1))
+
+
+def first_coordinate(x):
+    return x[:, 0]
+
+
+def norm(x):
+    return x.flatten(1).norm(dim=1)
+
+
+def point_config(tmp_path, **overrides):
+    cfg = {"batch_size": 8, "ode_steps": 3, "warmup_steps": 0, "learning_rate": 1e-2, "sample_shape": (2,),
+           "seed": 0, "savedir": str(tmp_path), "handle_signals": False,
+           "reward": {"first": 1.0, "norm": 0.5}}
+    cfg.update(overrides)
+    return cfg
+
+
+@pytest.fixture(autouse=True)
+def _register_test_rewards():
+    from orwcfm_fast.rewards import register_reward
+
+    register_reward("first", lambda config, device: first_coordinate, overwrite=True)
+    register_reward("norm", lambda config, device: norm, overwrite=True)
+
+
+def test_unconditional_evaluation_matches_an_independent_computation(tmp_path):
+    trainer = ORWCFMTrainer(MLPVelocity(), point_config(tmp_path), "cpu")
+    out = trainer.evaluate(samples_per_prompt=10, seed=3)
+    assert out["prompts"] == [UNCONDITIONAL] and out["samples_per_prompt"] == 10 and out["embedding"] == "pixels"
+    # Recompute: the same noise (the generator seeded as evaluate documents), the policy, the reward terms.
+    trainer.generator.manual_seed(3)
+    samples = trainer.sample(10, batch_size=8)
+    row = out["per_prompt"][UNCONDITIONAL]
+    first, size = samples[:, 0].double(), samples.double().norm(dim=1)
+    assert row["reward/first"] == pytest.approx(float(first.mean()), rel=1e-6, abs=1e-7)
+    assert row["reward/norm"] == pytest.approx(float(size.mean()), rel=1e-6)
+    assert row["reward"] == pytest.approx(float((first + 0.5 * size).mean()), rel=1e-5, abs=1e-6)
+    d = torch.cdist(samples.double(), samples.double())
+    assert row["diversity"] == pytest.approx(float(d.sum() / (10 * 9)), rel=1e-9)
+    assert out["reward"] == row["reward"] and out["diversity"] == row["diversity"]
+    assert out["reward/first"] == row["reward/first"]
+    saved = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    assert saved["per_prompt"][UNCONDITIONAL]["diversity"] == row["diversity"]
+    assert (tmp_path / "eval" / "grids").is_dir() and len(list((tmp_path / "eval" / "grids").glob("*.png"))) == 1
+
+
+def test_evaluate_leaves_training_bit_identical(tmp_path):
+    plain = ORWCFMTrainer(MLPVelocity(), point_config(tmp_path / "a"), "cpu")
+    probed = ORWCFMTrainer(MLPVelocity(), point_config(tmp_path / "b"), "cpu")
+    plain.training_step()
+    probed.training_step()
+    probed.evaluate(samples_per_prompt=4, outdir=False)
+    a, b = plain.training_step(), probed.training_step()
+    assert a == b
+    assert all(torch.equal(p, q) for p, q in zip(plain.net_model.parameters(), probed.net_model.parameters()))
+    assert not (tmp_path / "b" / "eval").exists()  # outdir=False writes nothing
+
+
+def test_evaluate_same_seed_same_result_other_seed_differs(tmp_path):
+    trainer = ORWCFMTrainer(MLPVelocity(), point_config(tmp_path), "cpu")
+    a = trainer.evaluate(samples_per_prompt=6, outdir=False)
+    b = trainer.evaluate(samples_per_prompt=6, outdir=False)
+    c = trainer.evaluate(samples_per_prompt=6, outdir=False, seed=1)
+    assert a["per_prompt"] == b["per_prompt"]
+    assert a["per_prompt"] != c["per_prompt"]
+
+
+def test_evaluate_bad_input(tmp_path):
+    trainer = ORWCFMTrainer(MLPVelocity(), point_config(tmp_path), "cpu")
+    with pytest.raises(ValueError, match="samples_per_prompt.*>= 2"):
+        trainer.evaluate(samples_per_prompt=1)
+    with pytest.raises(ValueError, match="takes no prompts"):
+        trainer.evaluate(prompts=["a cat"])
+    with pytest.raises(ValueError, match="'clip' embeds RGB images"):
+        evaluate_policy(ORWCFMTrainer(MLPVelocity(), point_config(tmp_path, diversity_embedding="clip"), "cpu"))
+
+
+def test_custom_embedding(tmp_path):
+    trainer = ORWCFMTrainer(MLPVelocity(), point_config(tmp_path), "cpu")
+    first_only = lambda x: x[:, :1].double()  # noqa: E731
+    out = evaluate_policy(trainer, samples_per_prompt=5, embedding=first_only)
+    trainer.generator.manual_seed(0)
+    x = trainer.sample(5)[:, :1].double()
+    assert out["diversity"] == pytest.approx(mean_pairwise_distance(x), rel=1e-9)
+    assert out["embedding"] == "custom"
+
+
+# ---------------------------------------------------------------- text-to-image: per prompt
+
+
+@pytest.fixture(scope="module")
+def saved_sd3(tmp_path_factory):
+    pytest.importorskip("diffusers", reason="the text-to-image path needs the 'diffusers' extra")
+    from orwcfm_fast.flows.tiny import tiny_sd3_pipeline
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    root = tmp_path_factory.mktemp("pipes")
+    tiny_sd3_pipeline().save_pretrained(root / "sd3")
+    yield root / "sd3"
+    mp.undo()
+
+
+def redness(images, prompts):
+    return images[:, 0].mean((1, 2)) + torch.tensor([0.1 if "dog" in p else 0.0 for p in prompts])
+
+
+def pipe_config(tmp_path, **overrides):
+    from orwcfm_fast.flows.tiny import TINY_SIZE
+
+    cfg = {"prompts": ["a dog", "a cat", "a tree"], "eval_prompts": ["a red dog", "a green cat"],
+           "reward": redness, "resolution": TINY_SIZE, "guidance_scale": 2.0, "ode_steps": 2, "lora_rank": 4,
+           "batch_size": 4, "images_per_prompt": 2, "max_sequence_length": 16, "seed": 0, "warmup_steps": 0,
+           "savedir": str(tmp_path), "handle_signals": False}
+    cfg.update(overrides)
+    return cfg
+
+
+def test_per_prompt_evaluation_of_a_pipeline(saved_sd3, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    trainer = ORWCFMTrainer(StableDiffusion3Pipeline.from_pretrained(saved_sd3, dtype=torch.float32),
+                            pipe_config(tmp_path), "cpu")
+    out = trainer.evaluate(samples_per_prompt=3)
+    assert out["prompts"] == ["a red dog", "a green cat"]  # eval_prompts by default
+    for i, prompt in enumerate(out["prompts"]):
+        trainer.generator.manual_seed(0 + 1_000_003 * i)  # evaluate's noise for prompt i
+        images = trainer.models.reward_inputs(trainer.sample(3, batch_size=3, prompts=[prompt] * 3))
+        row = out["per_prompt"][prompt]
+        assert row["reward"] == pytest.approx(float(redness(images, [prompt] * 3).mean()), abs=1e-6)
+        assert row["diversity"] == pytest.approx(mean_pairwise_distance(images), rel=1e-6)
+    grids = sorted(p.name for p in (tmp_path / "eval" / "grids").glob("*.png"))
+    assert grids == ["000_a_red_dog.png", "001_a_green_cat.png"]
+    other = trainer.evaluate(prompts=["a tree", "a tree"], samples_per_prompt=2, outdir=False)
+    assert other["prompts"] == ["a tree"]  # each prompt once
+
+
+# ---------------------------------------------------------------- per-epoch grids
+
+
+def test_tensorboard_scalars_and_sample_grids(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = point_config(tmp_path, sample_shape=(1, 4, 4), use_tensorboard=True, log_samples=4, reward=norm)
+    trainer = ORWCFMTrainer(ConvVelocity(), cfg, "cpu")
+    trainer.train(2, 2)
+    trainer._log.close()
+    acc = EventAccumulator(str(tmp_path / "tensorboard" / cfg.get("run_name", "orw-cfm-w2")),
+                           size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("reward")] == [1, 2]
+    assert [e.value for e in acc.Scalars("reward")] == pytest.approx([h["reward"] for h in trainer.history])
+    images = acc.Images("samples")
+    assert [e.step for e in images] == [1, 2]
+    assert (images[0].width, images[0].height) == (2 * 5 + 1, 2 * 5 + 1)  # 2x2 grid of 4x4 with 1-px padding
+    assert (tmp_path / "orw-cfm-w2_metrics.csv").exists()  # the CSV stays
+
+
+def test_grids_do_not_change_training(tmp_path):
+    pytest.importorskip("tensorboard")
+    a = ORWCFMTrainer(ConvVelocity(), point_config(tmp_path / "a", sample_shape=(1, 4, 4), reward=norm), "cpu")
+    b = ORWCFMTrainer(ConvVelocity(), point_config(tmp_path / "b", sample_shape=(1, 4, 4), reward=norm,
+                                                   use_tensorboard=True), "cpu")
+    a.train(2, 2)
+    b.train(2, 2)
+    assert [h["reward"] for h in a.history] == [h["reward"] for h in b.history]
+    assert all(torch.equal(p, q) for p, q in zip(a.net_model.parameters(), b.net_model.parameters()))
+
+
+def test_wandb_gets_sample_grids(tmp_path, monkeypatch):
+    logged = []
+
+    class Run:
+        def log(self, data, step=None):
+            logged.append((step, dict(data)))
+
+        def finish(self):
+            pass
+
+    class Image:
+        def __init__(self, array):
+            self.array = array
+
+    fake = types.SimpleNamespace(init=lambda **kw: Run(), Image=Image)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cfg = point_config(tmp_path, sample_shape=(1, 4, 4), use_wandb=True, log_samples=3, reward=norm)
+    ORWCFMTrainer(ConvVelocity(), cfg, "cpu").train(1, 2)
+    grids = [(step, data["samples"]) for step, data in logged if "samples" in data]
+    assert len(grids) == 1 and grids[0][0] == 1
+    array = grids[0][1].array
+    assert array.dtype.name == "uint8" and array.shape == (2 * 5 + 1, 2 * 5 + 1)  # 3 samples: a 2x2 grid, grey
+
+
+def test_no_grids_for_points_or_when_off(tmp_path, monkeypatch):
+    logged = []
+
+    class Run:
+        def log(self, data, step=None):
+            logged.append(dict(data))
+
+        def finish(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: Run(), Image=None))
+    ORWCFMTrainer(MLPVelocity(), point_config(tmp_path, use_wandb=True), "cpu").train(1, 1)
+    ORWCFMTrainer(ConvVelocity(), point_config(tmp_path, sample_shape=(1, 4, 4), use_wandb=True, log_samples=0,
+                                               reward=norm), "cpu").train(1, 1)
+    assert logged and not any("samples" in d for d in logged)
+    assert any("reward/first" in d for d in logged)  # the reward dict's terms are logged each epoch
