@@ -9,6 +9,9 @@ Commands:
   (:mod:`orwcfm_fast.train_run`)::
 
       torchrun --nproc_per_node 2 -m orwcfm_fast.cli train --task gaussians --epochs 10
+
+- ``reward-server``: serve a registered reward over HTTP on loopback, for trainers with config
+  ``reward: "http://127.0.0.1:PORT"`` (:mod:`orwcfm_fast.reward_server`).
 """
 
 from __future__ import annotations
@@ -121,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_prompted_demo_parser(sub)
     _add_train_parser(sub)
+    from orwcfm_fast.sweep import add_parser as _add_sweep_parser
+
+    _add_sweep_parser(sub)
+    from orwcfm_fast.reward_server import add_parser as _add_reward_server_parser
+
+    _add_reward_server_parser(sub)
     return parser
 
 
@@ -172,6 +181,9 @@ def _add_train_parser(sub) -> None:
             "  gaussians  2-D MLP flow (pretrained and cached in --cache-dir, seconds on a CPU);\n"
             "             reward: closeness to mode --target\n"
             "  digits     the demo's 8x8-digits UNet (cached); reward: the classifier's p(digit --target)\n"
+            "  prompted-digits\n"
+            "             the text-to-image demo's SD3 pipeline on prompted 8x8 digits (cached), LoRA;\n"
+            "             reward: the classifier's probability of each prompt's digit\n"
             "  cifar10    the paper's torchcfm UNet, weights from --pretrained; reward from the config\n"
             "             (default 'clip', which needs text_prompts)\n"
             "  text-to-image\n"
@@ -229,8 +241,8 @@ def _add_train_parser(sub) -> None:
                        help="config seed (default 0; under torchrun each rank offsets it)")
     train.add_argument("--cache-dir", default="runs/cache", help="cache of the pretrained gaussians/digits models")
     train.add_argument("--pretrain-steps", type=_positive_int, default=None,
-                       help="pretraining steps of the gaussians/digits model when not cached "
-                            "(default 1500 / 800; cached per value)")
+                       help="pretraining steps of the gaussians/digits model (prompted-digits: of its VAE and "
+                            "transformer each) when not cached (default 1500 / 800 / 400+1000; cached per value)")
     train.add_argument("--dump-samples", metavar="PATH", default=None,
                        help="at the end every process writes 16 samples of its final policy (text-to-image: "
                             "latents), its trained weights' SHA-256 (text-to-image: the LoRA adapter's) and, with "
@@ -314,6 +326,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from orwcfm_fast.train_run import run_train
 
         return run_train(args, prog=f"{parser.prog} train")
+    if args.command == "sweep":
+        from orwcfm_fast.sweep import run_sweep
+
+        return run_sweep(args, prog=f"{parser.prog} sweep")
+    if args.command == "reward-server":
+        from orwcfm_fast.reward_server import run as run_reward_server
+
+        return run_reward_server(args)
     parser.error(f"unknown command {args.command!r}")  # unreachable: argparse checks choices
     return 2
 

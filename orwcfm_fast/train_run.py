@@ -100,6 +100,16 @@ TASKS: dict[str, dict[str, Any]] = {
         "config": {"sample_shape": [3, 32, 32], "seed": 0, "savedir": "runs/train-cifar10"},
         "target": None, "targets": None, "epochs": None, "steps_per_epoch": None,
     },
+    # The prompted-digits demo's SD3 pipeline (pretrained and cached) with LoRA; reward: the classifier's
+    # probability of each prompt's digit. Fine-tuning defaults are the demo's.
+    "prompted-digits": {
+        "config": {"prompts": ["a handwritten 1", "a handwritten 4", "a handwritten 7", "a handwritten 8"],
+                   "resolution": 8, "max_sequence_length": 16, "guidance_scale": 2.0, "ode_steps": 8, "lora_rank": 8,
+                   "batch_size": 64, "images_per_prompt": 16, "temperature": 5.0, "learning_rate": 2e-3,
+                   "warmup_steps": 0, "weight_normalization": "batch", "eval_samples_per_prompt": 64,
+                   "seed": 0, "savedir": "runs/train-prompted-digits"},
+        "target": None, "targets": None, "epochs": 8, "steps_per_epoch": 15,
+    },
     # A diffusers pipeline from --pretrained DIR; the trainer's text-to-image defaults otherwise
     # (LoRA rank 32, the model's resolution). The reward needs no download.
     "text-to-image": {
@@ -111,6 +121,7 @@ TASKS: dict[str, dict[str, Any]] = {
 #: The text-to-image task's pipelines: ``model_index.json``'s ``_class_name`` -> the diffusers class.
 PIPELINE_CLASSES = ("StableDiffusion3Pipeline", "FluxPipeline")
 _T2I = "text-to-image"
+_PROMPTED = "prompted-digits"
 
 _RUN_RECORD = "train_run.json"
 _FINAL = "final.pt"
@@ -363,6 +374,21 @@ def _build_task(task: str, args: argparse.Namespace, device, *, pretrained: str 
 
         model = _seeded(lambda: UNetModelWrapper(**PAPER_UNET)).to(device)
         return _TaskParts(model, None, "cifar10")
+    if task == _PROMPTED:
+        import torch
+        from diffusers import StableDiffusion3Pipeline
+
+        from orwcfm_fast.tasks.digits import load_or_train_digits_classifier
+        from orwcfm_fast.tasks.prompted_digits import load_or_pretrain_prompted_digits, prompted_digit_reward
+
+        log(f"[train] prompted-digits SD3 pipeline: pretraining or loading from {args.cache_dir}")
+        steps = {} if args.pretrain_steps is None else {"vae_steps": args.pretrain_steps,
+                                                        "flow_steps": args.pretrain_steps}
+        path = load_or_pretrain_prompted_digits(args.cache_dir, log=log, **steps)
+        classifier, accuracy = load_or_train_digits_classifier(args.cache_dir, device)
+        pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=torch.float32)
+        return _TaskParts(pipe, prompted_digit_reward(classifier), "prompted digits (SD3 pipeline, LoRA)",
+                          [f"classifier held-out accuracy {accuracy:.4f}"], loads_pretrained=True)
     if task == _T2I:
         dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
         log(f"[train] loading {pipeline_class_name(pretrained)} ({dtype}) from {pretrained}")
@@ -439,11 +465,20 @@ def _plan(args: argparse.Namespace) -> _Plan:
             low, high = spec["targets"].start, spec["targets"].stop - 1
             raise UsageError(f"--target for --task {task} must be in {low}..{high}, got {args.target}")
     if args.pretrain_steps is not None and task in ("cifar10", _T2I):
-        raise UsageError(f"--pretrain-steps does not apply to --task {task} (give --pretrained)")
+        raise UsageError(f"--pretrain-steps does not apply to --task {task}")
     t2i = task == _T2I
-    for flag, value in (("--prompts", args.prompts), ("--dtype", args.dtype)):
-        if value is not None and not t2i:
-            raise UsageError(f"{flag} applies to --task {_T2I} only")
+    if args.prompts is not None and task not in (_T2I, _PROMPTED):
+        raise UsageError(f"--prompts applies to --task {_T2I} and {_PROMPTED} only")
+    if args.dtype is not None and not t2i:
+        raise UsageError(f"--dtype applies to --task {_T2I} only")
+    if task == _PROMPTED:
+        if args.pretrained is not None or args.ema:
+            raise UsageError(f"--task {_PROMPTED} pretrains its pipeline itself (cached in --cache-dir): "
+                             "--pretrained / --ema do not apply")
+        missing = [name for name in ("diffusers", "transformers", "peft") if importlib.util.find_spec(name) is None]
+        if missing:
+            raise UsageError(f"--task {_PROMPTED} needs {', '.join(missing)}: install the extra with "
+                             "`pip install 'orwcfm_fast[diffusers]'`")
     if t2i and args.ema:
         raise UsageError(f"--ema does not apply to --task {_T2I} (a pipeline folder holds one set of weights)")
     config = resolve_config(task, args.config or (), args.set or (), outdir=args.outdir, seed=args.seed,
@@ -506,8 +541,13 @@ def _check_prompts(config: Mapping[str, Any]) -> None:
 
 
 def _check_reward_name(reward: Any) -> None:
-    """A reward given by name is a registered one (else the error lists them), before any model is built."""
-    if not isinstance(reward, str):
+    """A reward given by name is a registered one (else the error lists them), before any model is built.
+    A reward dict's names are checked each; a reward server's URL is checked when the trainer connects."""
+    if isinstance(reward, Mapping):
+        for name in reward:
+            _check_reward_name(name)
+        return
+    if not isinstance(reward, str) or reward.strip().lower().startswith(("http://", "https://")):
         return
     from orwcfm_fast.rewards import available_rewards
 
