@@ -10,6 +10,10 @@ Commands:
 
       torchrun --nproc_per_node 2 -m orwcfm_fast.cli train --task gaussians --epochs 10
 
+- ``eval``: per-prompt reward and within-prompt diversity of a pretrained or fine-tuned policy
+  (:mod:`orwcfm_fast.eval_run`).
+- ``sweep``: one fine-tuning per alpha (and temperature), each evaluated; ``sweep.json``, ``pareto.png``
+  and ``sweep.md``: the reward-diversity trade-off (:mod:`orwcfm_fast.sweep`).
 - ``reward-server``: serve a registered reward over HTTP on loopback, for trainers with config
   ``reward: "http://127.0.0.1:PORT"`` (:mod:`orwcfm_fast.reward_server`).
 """
@@ -127,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     from orwcfm_fast.sweep import add_parser as _add_sweep_parser
 
     _add_sweep_parser(sub)
+    from orwcfm_fast.eval_run import add_parser as _add_eval_parser
+
+    _add_eval_parser(sub)
     from orwcfm_fast.reward_server import add_parser as _add_reward_server_parser
 
     _add_reward_server_parser(sub)
@@ -326,6 +333,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from orwcfm_fast.train_run import run_train
 
         return run_train(args, prog=f"{parser.prog} train")
+    if args.command == "eval":
+        from orwcfm_fast.eval_run import run_eval
+
+        return run_eval(args, prog=f"{parser.prog} eval")
     if args.command == "sweep":
         from orwcfm_fast.sweep import run_sweep
 

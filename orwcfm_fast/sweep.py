@@ -163,13 +163,10 @@ def run_sweep(args: argparse.Namespace, prog: str = "orwcfm-fast sweep") -> int:
 
 
 def _sweep(plan, args, alphas: Sequence[float], temperatures: Sequence[float], device, prog: str) -> int:
-    import contextlib
-
     import torch
 
     from orwcfm_fast import __version__, distributed
-    from orwcfm_fast.trainer import ORWCFMTrainer
-    from orwcfm_fast.train_run import _T2I, UsageError, _build_task
+    from orwcfm_fast.train_run import UsageError, build_trainer
 
     main = distributed.is_main_process()
 
@@ -181,22 +178,9 @@ def _sweep(plan, args, alphas: Sequence[float], temperatures: Sequence[float], d
     samples = args.samples_per_prompt or EVAL_SAMPLES.get(plan.task, 16)
     started = time.perf_counter()
 
-    def build_trainer(alpha: float, temperature: float, savedir: Path):
-        ordered = contextlib.nullcontext() if plan.task == _T2I else distributed.main_process_first()
-        with ordered:
-            parts = _build_task(plan.task, args, device, pretrained=plan.pretrained, log=log, config=plan.config)
-        if isinstance(parts.model, torch.nn.Module):
-            distributed.broadcast_module(parts.model)
-        if isinstance(parts.reward, torch.nn.Module):
-            distributed.broadcast_module(parts.reward)
-        config = dict(plan.config, w2_coefficient=alpha, temperature=temperature, savedir=str(savedir),
-                      run_name="sweep", handle_signals=False, checkpoint_every=None)
-        if parts.reward is not None and "reward" not in plan.config:
-            config["reward"] = parts.reward
-        trainer = ORWCFMTrainer(parts.model, config, device)
-        if plan.pretrained is not None and not parts.loads_pretrained:
-            trainer.load_pretrained(plan.pretrained, ema=args.ema)
-        return trainer, parts.description
+    def setting_trainer(alpha: float, temperature: float, savedir: Path):
+        return build_trainer(plan, args, device, log, w2_coefficient=alpha, temperature=temperature,
+                             savedir=str(savedir), run_name="sweep", handle_signals=False, checkpoint_every=None)
 
     # The pretrained model, evaluated once (alpha and temperature do not change it).
     pretrained_file = outdir / "pretrained" / "evaluation.json"
@@ -218,7 +202,7 @@ def _sweep(plan, args, alphas: Sequence[float], temperatures: Sequence[float], d
                         log(f"[sweep] alpha {alpha:g}, temperature {temperature:g}: done before ({result_file})")
                         entries.append(old)
                         continue
-                trainer, description = build_trainer(alpha, temperature, where)
+                trainer, description = setting_trainer(alpha, temperature, where)
                 if pretrained is None:
                     log(f"[sweep] evaluating the pretrained model ({samples} samples per prompt)")
                     ev = trainer.evaluate(samples_per_prompt=samples, outdir=outdir / "pretrained",

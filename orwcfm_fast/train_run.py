@@ -67,6 +67,7 @@ __all__ = [
     "pipeline_class_name",
     "load_pipeline",
     "weights_digest",
+    "build_trainer",
     "run_train",
 ]
 
@@ -397,6 +398,38 @@ def _build_task(task: str, args: argparse.Namespace, device, *, pretrained: str 
         return _TaskParts(pipe, None, f"text-to-image ({type(pipe).__name__}, {dtype})",
                           [f"reward {config['reward']}"], loads_pretrained=True)
     raise UsageError(f"unknown task {task!r}; expected one of {sorted(TASKS)}")
+
+
+def build_trainer(plan: "_Plan", args: argparse.Namespace, device, log=print, **overrides: Any):
+    """A fresh trainer of ``plan``'s task: its model built (pretrained and cached where the task does that) and
+    broadcast from rank 0, the task's reward unless the config names one, ``overrides`` on top of the config,
+    the ``--pretrained`` weights loaded. Used by ``sweep`` (one per setting) and ``eval``.
+
+    Returns:
+        ``(trainer, description)``.
+
+    Raises:
+        UsageError: the task cannot be built from the arguments; ``ValueError`` for a bad config value.
+    """
+    import torch
+
+    from orwcfm_fast import distributed
+    from orwcfm_fast.trainer import ORWCFMTrainer
+
+    ordered = contextlib.nullcontext() if plan.task == _T2I else distributed.main_process_first()
+    with ordered:
+        parts = _build_task(plan.task, args, device, pretrained=plan.pretrained, log=log, config=plan.config)
+    if isinstance(parts.model, torch.nn.Module):
+        distributed.broadcast_module(parts.model)
+    if isinstance(parts.reward, torch.nn.Module):
+        distributed.broadcast_module(parts.reward)
+    config = {**plan.config, **overrides}
+    if parts.reward is not None and "reward" not in config:
+        config["reward"] = parts.reward
+    trainer = ORWCFMTrainer(parts.model, config, device)
+    if plan.pretrained is not None and not parts.loads_pretrained:
+        trainer.load_pretrained(plan.pretrained, ema=args.ema)
+    return trainer, parts.description
 
 
 # ----------------------------------------------------------------------------- distributed helpers
