@@ -124,7 +124,7 @@ def test_unsupported_pipeline_and_flags_of_other_tasks(pipeline_dir, tmp_path, c
     assert "'StableDiffusionXLPipeline'" in err and "StableDiffusion3Pipeline" in err
     gaussians = ["train", "--task", "gaussians", "--epochs", "1", "--outdir", str(tmp_path / "g")]
     assert main([*gaussians, "--prompts", str(pipeline_dir / "prompts.txt")]) == 2
-    assert "--prompts applies to --task text-to-image only" in capsys.readouterr().err
+    assert "--prompts applies to --task text-to-image and prompted-digits only" in capsys.readouterr().err
     assert main([*gaussians, "--dtype", "bf16"]) == 2
     assert "--dtype applies" in capsys.readouterr().err
 

@@ -76,7 +76,11 @@ def fake_wandb(monkeypatch):
         calls["init"].append(kwargs)
         return Run()
 
-    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    class Image:  # wandb.Image: the trainer logs a grid of samples each epoch
+        def __init__(self, array):
+            self.shape = array.shape
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init, Image=Image))
     return calls
 
 
