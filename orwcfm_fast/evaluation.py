@@ -68,6 +68,8 @@ class _ModelEmbedding:
     """Image embeddings of a transformers vision model from a local folder (CLIP or DINOv2), batched."""
 
     def __init__(self, kind: str, path: str, device: torch.device, batch_size: int | None):
+        from transformers import AutoImageProcessor
+
         from orwcfm_fast.rewards.preprocess import ImagePreprocess
 
         self.name, self.device, self.batch_size = kind, device, batch_size
@@ -79,7 +81,8 @@ class _ModelEmbedding:
             from transformers import AutoModel
 
             self.model = AutoModel.from_pretrained(path).to(device).eval()
-        self.preprocess = ImagePreprocess.from_pretrained(path)
+        # The folder's own image processor, reproduced on the device (no PIL round trip).
+        self.preprocess = ImagePreprocess.from_hf_image_processor(AutoImageProcessor.from_pretrained(path)).to(device)
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:

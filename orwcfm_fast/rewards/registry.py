@@ -37,6 +37,10 @@ def _get(config: Any, key: str, default: Any = _MISSING) -> Any:
     return default if value is _MISSING else value
 
 
+def _is_url(spec: str) -> bool:
+    return spec.strip().lower().startswith(("http://", "https://"))
+
+
 def register_reward(name: str, factory: RewardFactory, overwrite: bool = False) -> None:
     """Registers a reward factory under ``name``.
 
@@ -100,9 +104,14 @@ def make_reward(spec: Any, config: Any = None, device: Optional[Union[str, torch
             if not isinstance(name, str):
                 raise TypeError(f"config key `reward`: reward dict keys are names or URLs, got {name!r}")
             terms.append((float(weight), make_reward(name, config, device)))
-            names.append(name.strip() if name.strip().startswith(("http://", "https://")) else _normalise(name))
+            names.append(name.strip() if _is_url(name) else _normalise(name))
+        # A served term is named after the reward it serves, unless another term has that name (then its URL).
+        for k, (name, (_, reward)) in enumerate(zip(list(names), terms)):
+            served = _normalise(str(getattr(reward, "name", ""))) if _is_url(name) else ""
+            if served and served not in names:
+                names[k] = served
         return WeightedSum(terms, names=names)
-    if isinstance(spec, str) and spec.strip().lower().startswith(("http://", "https://")):
+    if isinstance(spec, str) and _is_url(spec):
         from orwcfm_fast.rewards.http import HTTPReward
 
         return HTTPReward.from_config(spec.strip(), config)
@@ -174,3 +183,6 @@ def _jpeg_factory(incompressibility: bool) -> RewardFactory:
 register_reward("clip", _clip_factory)
 register_reward("jpeg_compressibility", _jpeg_factory(False))
 register_reward("jpeg_incompressibility", _jpeg_factory(True))
+
+from orwcfm_fast.rewards.preference import register_preference_rewards  # noqa: E402 (no transformers import)
+register_preference_rewards(register_reward)
