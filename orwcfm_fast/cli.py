@@ -220,7 +220,9 @@ def _add_train_parser(sub) -> None:
                        help="text-to-image: the pipeline's weights dtype (LoRA adapters stay fp32); "
                             "default bf16 on CUDA, fp32 on the CPU")
     train.add_argument("--reward", metavar="NAME", default=None,
-                       help="config reward: a registered reward (clip, jpeg_compressibility, jpeg_incompressibility); "
+                       help="config reward: a registered reward (clip, jpeg_compressibility, jpeg_incompressibility, "
+                            "clip_score, pickscore, hpsv2, aesthetic; the last four need config reward_paths) or a "
+                            "reward server's URL http://127.0.0.1:PORT (a weighted dict: --set 'reward={...}'); "
                             "default: the task's (text-to-image: jpeg_compressibility, which needs no download)")
     train.add_argument("--ema", action="store_true", help="load the --pretrained checkpoint's 'ema_model' weights")
     train.add_argument("--config", metavar="FILE.json", action="append", default=None,

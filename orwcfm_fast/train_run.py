@@ -26,8 +26,10 @@ Tasks (model, default reward, sample shape):
   ``prompts`` from ``--prompts FILE`` (.txt or .jsonl); LoRA by default (config ``lora_rank``,
   32), written in diffusers' format to ``<outdir>/lora`` at the end of every run. The reward is
   the config's registered name (``--reward``; default ``"jpeg_compressibility"``, the paper's
-  compression task, no download); the decoded images in [0, 1] are mapped to the [-1, 1] the
-  registered rewards take. diffusers is imported only by this task.
+  compression task, no download); each reward gets the decoded images in the value range it
+  declares (``Reward.input_range``). diffusers is imported only by this task.
+- ``prompted-digits``: the text-to-image demo's small SD3 pipeline (pretrained in-process and cached
+  in ``--cache-dir``), LoRA, reward the digit classifier's probability of each prompt's digit.
 
 Configuration, lowest precedence first: the task's defaults (:data:`TASKS`), the ``--config``
 JSON files in order, the ``--set key=value`` assignments in order, then the dedicated flags
@@ -394,7 +396,7 @@ def _build_task(task: str, args: argparse.Namespace, device, *, pretrained: str 
         dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
         log(f"[train] loading {pipeline_class_name(pretrained)} ({dtype}) from {pretrained}")
         pipe = load_pipeline(pretrained, dtype)
-        # A registered reward gets the decoded images in its [-1, 1] convention (the trainer maps them).
+        # Each reward gets the decoded images in its own input range (the trainer converts them).
         return _TaskParts(pipe, None, f"text-to-image ({type(pipe).__name__}, {dtype})",
                           [f"reward {config['reward']}"], loads_pretrained=True)
     raise UsageError(f"unknown task {task!r}; expected one of {sorted(TASKS)}")
