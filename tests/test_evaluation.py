@@ -248,3 +248,33 @@ def test_no_grids_for_points_or_when_off(tmp_path, monkeypatch):
                                                reward=norm), "cpu").train(1, 1)
     assert logged and not any("samples" in d for d in logged)
     assert any("reward/first" in d for d in logged)  # the reward dict's terms are logged each epoch
+
+
+def test_dino_diversity_embedding(tmp_path):
+    """'dino': the CLS token of a DINOv2 folder (tiny random-init, saved with save_pretrained), L2-normalised,
+    on images prepared as its own image processor does; diversity = the mean pairwise distance of those."""
+    pytest.importorskip("transformers")
+    from PIL import Image
+    from transformers import AutoImageProcessor, BitImageProcessor, Dinov2Config, Dinov2Model
+
+    from orwcfm_fast.config import validate_config
+    from orwcfm_fast.evaluation import make_embedding
+
+    torch.manual_seed(0)
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                             patch_size=14)).save_pretrained(tmp_path / "dino")
+    BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28}, resample=3,
+                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(
+        tmp_path / "dino")
+    embed = make_embedding(validate_config({"diversity_embedding": "dino",
+                                            "reward_paths": {"dino": str(tmp_path / "dino")}}), "cpu", True)
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)).mul(255).round().div(255)
+    got = embed(images)
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "dino")
+    model = Dinov2Model.from_pretrained(tmp_path / "dino").eval()
+    pil = [Image.fromarray((im.permute(1, 2, 0) * 255).round().byte().numpy()) for im in images]
+    with torch.no_grad():
+        cls = model(pixel_values=processor(images=pil, return_tensors="pt")["pixel_values"]).last_hidden_state[:, 0]
+    want = torch.nn.functional.normalize(cls.double(), dim=-1)
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=0)  # PIL's uint8 rounding after resampling
+    assert mean_pairwise_distance(got) == pytest.approx(mean_pairwise_distance(want), abs=2e-2)
