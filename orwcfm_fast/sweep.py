@@ -231,6 +231,7 @@ def _sweep(plan, args, alphas: Sequence[float], temperatures: Sequence[float], d
         print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
         return 2
     if not main:
+        distributed.barrier()  # every rank leaves together, after rank 0 has written the files
         return 0
     record = {
         "task": plan.task, "target": args.target, "epochs": plan.epochs, "steps_per_epoch": plan.steps_per_epoch,
@@ -246,6 +247,7 @@ def _sweep(plan, args, alphas: Sequence[float], temperatures: Sequence[float], d
     save_pareto(record, outdir / "pareto.png")
     (outdir / "sweep.md").write_text(sweep_table(record))
     log(f"[sweep] {len(entries)} settings: {outdir / 'sweep.json'}, {outdir / 'pareto.png'}, {outdir / 'sweep.md'}")
+    distributed.barrier()
     return 0
 
 
