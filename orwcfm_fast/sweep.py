@@ -186,9 +186,10 @@ def _sweep(plan, args, alphas: Sequence[float], temperatures: Sequence[float], d
     pretrained_file = outdir / "pretrained" / "evaluation.json"
     base_key = _fingerprint(plan, 0.0, 0.0, samples, args.eval_seed)
     pretrained = None
-    if pretrained_file.is_file():
+    if main and pretrained_file.is_file():
         old = json.loads(pretrained_file.read_text())
-        pretrained = old if old.get("sweep_fingerprint") == base_key else None
+        pretrained = _summary(old) if old.get("sweep_fingerprint") == base_key else None
+    pretrained = distributed.broadcast_object(pretrained)  # rank 0's files decide, for every rank
     entries = []
     try:
         for temperature in temperatures:
@@ -196,8 +197,9 @@ def _sweep(plan, args, alphas: Sequence[float], temperatures: Sequence[float], d
                 where = _setting_dir(outdir, alpha, temperature)
                 key = _fingerprint(plan, alpha, temperature, samples, args.eval_seed)
                 result_file = where / "result.json"
-                if result_file.is_file():
-                    old = json.loads(result_file.read_text())
+                old = json.loads(result_file.read_text()) if main and result_file.is_file() else None
+                old = distributed.broadcast_object(old)
+                if old is not None:
                     if old.get("fingerprint") == key and pretrained is not None:
                         log(f"[sweep] alpha {alpha:g}, temperature {temperature:g}: done before ({result_file})")
                         entries.append(old)
@@ -207,7 +209,7 @@ def _sweep(plan, args, alphas: Sequence[float], temperatures: Sequence[float], d
                     log(f"[sweep] evaluating the pretrained model ({samples} samples per prompt)")
                     ev = trainer.evaluate(samples_per_prompt=samples, outdir=outdir / "pretrained",
                                           seed=args.eval_seed)
-                    pretrained = {**_summary(ev), "sweep_fingerprint": base_key}
+                    pretrained = _summary(ev)
                     if main:
                         _write_json(pretrained_file, {**ev, "sweep_fingerprint": base_key})
                 log(f"[sweep] {description}: alpha {alpha:g}, temperature {temperature:g}: "
@@ -236,8 +238,7 @@ def _sweep(plan, args, alphas: Sequence[float], temperatures: Sequence[float], d
     record = {
         "task": plan.task, "target": args.target, "epochs": plan.epochs, "steps_per_epoch": plan.steps_per_epoch,
         "samples_per_prompt": samples, "eval_seed": args.eval_seed, "alphas": list(alphas),
-        "temperatures": list(temperatures), "pretrained": {k: v for k, v in pretrained.items()
-                                                           if k != "sweep_fingerprint"},
+        "temperatures": list(temperatures), "pretrained": pretrained,
         "settings": [{k: v for k, v in e.items() if k != "fingerprint"} for e in entries],
         "device": _device_name(device), "world_size": distributed.world_size(), "torch": torch.__version__,
         "orwcfm_fast": __version__, "commit": _commit(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
