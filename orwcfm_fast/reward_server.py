@@ -16,7 +16,6 @@ to run in a thread (``server.serve_forever()`` / ``server.shutdown()``).
 from __future__ import annotations
 
 import argparse
-import difflib
 import importlib
 import importlib.util
 import json
@@ -356,17 +355,13 @@ def _config(args: argparse.Namespace) -> dict:
 
 
 def _check_name(name: str) -> None:
-    from orwcfm_fast.rewards import available_rewards
+    from orwcfm_fast.rewards.registry import unknown_reward_hint
 
     if name.strip().lower().startswith(("http://", "https://")):
         raise _UsageError(f"--reward {name!r}: a reward server serves a registered reward by name, not a URL")
-    known = available_rewards()
-    key = name.strip().lower().replace("-", "_")
-    if key not in known:
-        close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
-        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
-        raise _UsageError(f"unknown reward {name!r} (--reward){hint} Known rewards: {', '.join(known)}; "
-                          "--import MODULE registers your own first")
+    hint = unknown_reward_hint(name)
+    if hint is not None:
+        raise _UsageError(f"unknown reward {name!r} (--reward){hint}; --import MODULE registers your own first")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import difflib
 import hashlib
 import importlib.util
 import json
@@ -584,15 +583,11 @@ def _check_reward_name(reward: Any) -> None:
         return
     if not isinstance(reward, str) or reward.strip().lower().startswith(("http://", "https://")):
         return
-    from orwcfm_fast.rewards import available_rewards
+    from orwcfm_fast.rewards.registry import unknown_reward_hint
 
-    known = available_rewards()
-    key = reward.strip().lower().replace("-", "_")
-    if key not in known:
-        close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
-        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
-        raise UsageError(f"unknown reward {reward!r} (--reward / config key 'reward'){hint} Known rewards: "
-                         f"{', '.join(known)}")
+    hint = unknown_reward_hint(reward)
+    if hint is not None:
+        raise UsageError(f"unknown reward {reward!r} (--reward / config key 'reward'){hint}")
 
 
 def _find_resume(plan: _Plan, config: Mapping[str, Any]) -> Path | None:

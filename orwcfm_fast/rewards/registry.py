@@ -14,7 +14,7 @@ import torch
 
 from orwcfm_fast.rewards.base import CallableReward, Reward, WeightedSum
 
-__all__ = ["register_reward", "available_rewards", "make_reward"]
+__all__ = ["register_reward", "available_rewards", "make_reward", "unknown_reward_hint"]
 
 RewardFactory = Callable[[Any, Optional[Union[str, torch.device]]], Reward]
 
@@ -63,6 +63,17 @@ def register_reward(name: str, factory: RewardFactory, overwrite: bool = False) 
     if key in _REGISTRY and not overwrite:
         raise ValueError(f"reward {name!r} is already registered; pass overwrite=True to replace it")
     _REGISTRY[key] = factory
+
+
+def unknown_reward_hint(name: str) -> Optional[str]:
+    """None when ``name`` is registered; else ``"; did you mean 'x'? Known rewards: a, b, c"`` for an error message."""
+    key = _normalise(name)
+    known = available_rewards()
+    if key in known:
+        return None
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
+    return f"{hint} Known rewards: {', '.join(known)}"
 
 
 def available_rewards() -> List[str]:
