@@ -4,9 +4,11 @@ Two servers run for the module (``python -m orwcfm_fast.cli reward-server ... --
 ``jpeg_compressibility`` (jpeg_quality from --config/--set) and ``prompt_brightness`` from
 tests/_reward_server_rewards.py (``--import``), a prompt-taking reward on [0, 1] images whose special
 prompts make it slow or flaky on purpose. The finalizers stop them with SIGINT / SIGTERM and check
-they exit 0.
+they exit 0. The jpeg server runs with tight limits (--max-body-mb 1 --max-connections 3) for the
+hostile-input tests; the prompt server with the defaults (the zip bomb fits under its 1 GiB cap).
 """
 
+import io
 import json
 import os
 import select
@@ -17,15 +19,18 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from orwcfm_fast import ORWCFMTrainer, cli
-from orwcfm_fast.reward_server import is_loopback, make_server
+from orwcfm_fast.reward_server import host_header_is_loopback, is_loopback, make_server
 from orwcfm_fast.rewards import CallableReward, HTTPReward, JPEGCompressibility, make_reward, score_terms
 from orwcfm_fast.rewards.base import WeightedSum
 from orwcfm_fast.rewards.http import RewardServerError, encode_batch
@@ -39,6 +44,8 @@ if str(TESTS) not in sys.path:
 from _reward_server_rewards import PromptBrightness  # noqa: E402
 
 _STARTUP_S = 60.0
+_SLOTS = 3  # the jpeg server's --max-connections
+_NPZ = {"Content-Type": "application/x-npz"}
 
 
 def _start(tmp_dir: Path, *args: str):
@@ -88,7 +95,7 @@ def jpeg_server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("jpeg_server")
     (tmp / "reward.json").write_text(json.dumps({"jpeg_quality": 10, "reward_batch_size": 2}))
     proc, url, log = _start(tmp, "--reward", "jpeg-compressibility", "--config", "reward.json",
-                            "--set", "jpeg_quality=50")
+                            "--set", "jpeg_quality=50", "--max-body-mb", "1", "--max-connections", str(_SLOTS))
     yield url, proc
     _stop(proc, log, signal.SIGINT)
 
@@ -109,9 +116,10 @@ def _get(url):
         return json.loads(answer.read())
 
 
-def _post(url, body):
+def _post(url, body, headers=_NPZ):
     try:
-        with _DIRECT.open(urllib.request.Request(url, data=body, method="POST"), timeout=10) as answer:
+        request = urllib.request.Request(url, data=body, method="POST", headers=headers)
+        with _DIRECT.open(request, timeout=10) as answer:
             return answer.status, json.loads(answer.read())
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read())
@@ -301,3 +309,219 @@ def test_a_served_term_is_named_after_its_reward(prompt_server, jpeg_server):
     jpeg_url, _ = jpeg_server
     summed = make_reward({prompt_server: 1.0, "jpeg_compressibility": 0.5, jpeg_url: 2.0}, {"jpeg_quality": 50})
     assert summed.names == ["prompt_brightness", "jpeg_compressibility", jpeg_url]
+
+
+# ----------------------------------------------------------------------------- hostile input
+
+
+def _address(url):
+    """``(host, port)`` of a server URL."""
+    parts = urllib.parse.urlsplit(url)
+    return parts.hostname, parts.port
+
+
+def _read_answer(sock, timeout=10.0):
+    """Everything the server sends until it closes (b"" if it closed or reset without a word)."""
+    sock.settimeout(timeout)
+    data = b""
+    try:
+        while chunk := sock.recv(1 << 16):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data
+
+
+def _parse(data):
+    """``(status, JSON body)`` of a raw HTTP answer, ``(None, None)`` for none."""
+    if not data:
+        return None, None
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), json.loads(body)
+
+
+def _raw(url, method, path, headers, body=b"", timeout=10.0):
+    """One request written by hand (any ``Host``, or none; any ``Content-Length``): its ``(status, JSON)``."""
+    lines = [f"{method} {path} HTTP/1.1"] + [f"{k}: {v}" for k, v in headers.items()]
+    with socket.create_connection(_address(url), timeout=timeout) as sock:
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+        return _parse(_read_answer(sock, timeout))
+
+
+def _host(url):
+    """The ``Host`` header a client of ``url`` sends (``127.0.0.1:PORT``)."""
+    return url.split("//", 1)[1]
+
+
+def _score_ok(url):
+    """The next good request is served correctly (the server is up and not wedged)."""
+    x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(7)) * 2 - 1
+    remote = HTTPReward(url, retries=0)
+    assert torch.equal(remote(x), JPEGCompressibility(quality=50)(x))
+
+
+def _peak_rss_mb(pid):
+    """The process's peak resident memory (VmHWM), MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmHWM in /proc/{pid}/status")
+
+
+def _npz(members, method=zipfile.ZIP_STORED):
+    """An .npz built by hand: ``{name.npy: npy bytes}``."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=method) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def _npy(array, shape=None):
+    """``array`` as .npy bytes, its header declaring ``shape`` if given (a lying header)."""
+    buf = io.BytesIO()
+    header = np.lib.format.header_data_from_array_1_0(array)
+    if shape is not None:
+        header["shape"] = shape
+    np.lib.format.write_array_header_1_0(buf, header)
+    buf.write(array.tobytes())
+    return buf.getvalue()
+
+
+def test_host_header_must_be_loopback(jpeg_server):
+    url, _ = jpeg_server
+    port = _address(url)[1]
+    for host in ("evil.example", f"evil.example:{port}", "192.168.1.10", f"0.0.0.0:{port}", "localhost.evil.example"):
+        code, answer = _raw(url, "GET", "/info", {"Host": host})
+        assert code == 403 and "DNS rebinding" in answer["error"] and "--allow-remote" in answer["error"], host
+    code, answer = _raw(url, "GET", "/info", {})  # no Host at all
+    assert code == 403
+    evil_post = {"Host": f"evil.example:{port}", **_NPZ, "Content-Length": 9}
+    code, answer = _raw(url, "POST", "/score", evil_post, b"not a npz")
+    assert code == 403
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", "127.0.0.2", f"[::1]:{port}", "LOCALHOST"):
+        code, answer = _raw(url, "GET", "/health", {"Host": host})
+        assert (code, answer) == (200, {"ok": True}), host
+    _score_ok(url)
+    assert host_header_is_loopback("[::1]") and host_header_is_loopback("::1")
+    assert not host_header_is_loopback("[::1]:x") and not host_header_is_loopback("127.0.0.1:80:80")
+    assert not host_header_is_loopback("") and not host_header_is_loopback(None)
+
+
+def test_allow_remote_accepts_any_host():
+    server = make_server(CallableReward(lambda x: x.sum(dim=1), name="coordinate_sum"), allow_remote=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        code, answer = _raw(server.url, "GET", "/health", {"Host": "rebound.example:80"})
+        assert (code, answer) == (200, {"ok": True})
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def test_score_needs_the_npz_content_type(jpeg_server):
+    url, _ = jpeg_server
+    body = encode_batch(torch.zeros(2, 3, 8, 8))
+    code, answer = _post(url + "/score", body, {"Content-Type": "application/x-www-form-urlencoded"})
+    assert code == 415 and "application/x-npz" in answer["error"]
+    code, answer = _raw(url, "POST", "/score", {"Host": _host(url), "Content-Length": len(body)}, body)
+    assert code == 415 and "got 'none'" in answer["error"]
+    code, answer = _post(url + "/score", body, {"Content-Type": "Application/X-NPZ; charset=binary"})
+    assert code == 200 and len(answer["rewards"]) == 2
+    _score_ok(url)
+
+
+def test_body_over_the_cap_is_413_before_it_is_read(jpeg_server):
+    url, _ = jpeg_server
+    start = time.monotonic()
+    # 2 MiB announced, none sent: the answer cannot wait for the body
+    code, answer = _raw(url, "POST", "/score", {"Host": _host(url), **_NPZ, "Content-Length": 2 << 20}, timeout=5)
+    assert code == 413 and "--max-body-mb" in answer["error"] and "reward_batch_size" in answer["error"]
+    assert time.monotonic() - start < 3
+    # a real 16 MiB body, more than the sockets buffer: the server discards it for a moment after its 413,
+    # so the client reads the answer instead of a broken pipe
+    remote = HTTPReward(url, retries=2)
+    with pytest.raises(ValueError, match=r"limit of 1048576 .*lower config reward_batch_size"):
+        remote(torch.zeros(1400, 3, 32, 32))
+    assert remote.score_requests == 1  # a 4xx is not retried
+    _score_ok(url)
+
+
+def test_excess_connections_get_503_and_the_server_stays_up(jpeg_server):
+    url, _ = jpeg_server
+    time.sleep(0.3)  # the previous tests' connections have left their slots
+    held = [socket.create_connection(_address(url), timeout=10) for _ in range(_SLOTS)]  # silent: they hold slots
+    try:
+        code, answer = _raw(url, "GET", "/health", {"Host": _host(url)}, timeout=5)
+        assert code == 503 and "--max-connections" in answer["error"]
+        # as many again being told 503 (silent ones): any further connection is closed at once, unanswered
+        held += [socket.create_connection(_address(url), timeout=10) for _ in range(_SLOTS)]
+        time.sleep(0.2)
+        start = time.monotonic()
+        with socket.create_connection(_address(url), timeout=5) as extra:
+            assert _read_answer(extra, timeout=5) == b""
+        assert time.monotonic() - start < 1
+    finally:
+        for sock in held:
+            sock.close()
+    deadline = time.monotonic() + 10
+    while _raw(url, "GET", "/health", {"Host": _host(url)})[0] != 200:
+        assert time.monotonic() < deadline, "the server did not serve again after the connections closed"
+        time.sleep(0.1)
+    _score_ok(url)
+
+
+def test_the_client_sends_stored_members_only():
+    body = encode_batch(torch.rand(2, 3, 4, 4), ["a", "b"])
+    infos = zipfile.ZipFile(io.BytesIO(body)).infolist()
+    assert sorted(i.filename for i in infos) == ["prompts.npy", "samples.npy"]
+    assert all(i.compress_type == zipfile.ZIP_STORED for i in infos)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's peak RSS from /proc")
+def test_zip_bomb_is_refused_before_it_inflates(prompt_server):
+    """0.2 MB of deflated zeros that would inflate to 210 MB: refused unread; the server's peak memory stays put."""
+    pid = _get(prompt_server + "/info")["pid"]
+    bomb = _npz({"samples.npy": _npy(np.zeros((1, 52_500_000), np.float32))}, zipfile.ZIP_DEFLATED)
+    assert len(bomb) < 300_000
+    before = _peak_rss_mb(pid)
+    code, answer = _post(prompt_server + "/score", bomb)
+    grown = _peak_rss_mb(pid) - before
+    assert grown < 32, f"the server's peak RSS grew {grown:.0f} MiB on a 210 MB zip bomb"
+    assert code == 400 and "compressed" in answer["error"] and "savez_compressed" in answer["error"]
+    images = torch.rand(2, 3, 4, 4)
+    assert torch.equal(HTTPReward(prompt_server)(images, ["a", "b"]), PromptBrightness()(images, ["a", "b"]))
+
+
+def test_arrays_are_checked_before_they_are_read(jpeg_server):
+    url, _ = jpeg_server
+    small = np.zeros((1, 3, 8, 8), np.float32)
+    # a zip header declaring 2 GiB for a stored member: over the 1 MiB cap
+    body = bytearray(_npz({"samples.npy": _npy(small)}))
+    for signature, offset in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):
+        at = body.index(signature) + offset
+        body[at:at + 4] = (2 << 30).to_bytes(4, "little")
+    code, answer = _post(url + "/score", bytes(body))
+    assert code == 413 and "declares 2147483648 bytes" in answer["error"]
+    # an .npy header declaring 300 M floats over 768 bytes of data
+    code, answer = _post(url + "/score", _npz({"samples.npy": _npy(small, shape=(300_000_000,))}))
+    assert code == 400 and "declares shape [300000000]" in answer["error"] and "holds 768 bytes" in answer["error"]
+    for array in (np.array([b"ab", b"cd"]), np.array([1.0, "x"], dtype=object),
+                  np.zeros(2, dtype=[("a", np.float32)]), np.array(["2024-01-01"], dtype="datetime64[D]")):
+        code, answer = _post(url + "/score", _npz({"samples.npy": _npy(array)}))
+        assert code == 400 and "only plain numeric arrays" in answer["error"], array.dtype
+    code, answer = _post(url + "/score", _npz({"samples.npy": _npy(small), "extra.npy": _npy(small)}))
+    assert code == 400 and "unknown arrays ['extra']" in answer["error"]
+    _score_ok(url)
+
+
+def test_limit_flags_are_checked(capsys):
+    base = ["reward-server", "--reward", "jpeg_compressibility"]
+    assert cli.main(base + ["--max-body-mb", "0"]) == 2
+    assert "--max-body-mb" in capsys.readouterr().err
+    assert cli.main(base + ["--max-connections", "0"]) == 2
+    assert "--max-connections" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="max_body_mb"):
+        make_server(JPEGCompressibility(), max_body_mb=float("nan"))

@@ -10,11 +10,15 @@ Protocol (version :data:`PROTOCOL`, served by :mod:`orwcfm_fast.reward_server`):
 
 - ``GET /info`` -> JSON ``{"reward", "input_range" ([low, high] or null), "takes_prompts", "pid",
   "device", "protocol"}``; ``GET /health`` -> ``{"ok": true}``.
-- ``POST /score`` with an ``.npz`` body (``numpy.savez``, read with ``allow_pickle=False``): ``samples``,
-  float32 ``[B, *sample_shape]``, and optionally ``prompts``, a unicode array ``[B]``. Answer 200 with
+- ``POST /score`` with an ``.npz`` body (``numpy.savez``: uncompressed, read with ``allow_pickle=False``)
+  and ``Content-Type: application/x-npz``: ``samples``, float32 ``[B, *sample_shape]``, and optionally
+  ``prompts``, a unicode array ``[B]``. :func:`decode_batch` checks every member before reading it
+  (stored, not deflated; a plain numeric or unicode ``.npy`` whose header matches its size). Answer 200 with
   JSON ``{"rewards": [B floats]}``; 400 ``{"error": msg}`` when the request or the reward rejects the
-  input (not retried: raised here as ``ValueError``); 500 ``{"error": msg}`` when the reward fails
-  (retried, like connection errors and timeouts).
+  input, and 403 (a ``Host`` header that is not loopback), 413 (a body or array over the server's
+  ``--max-body-mb``) or 415 (another ``Content-Type``) likewise (not retried: raised here as
+  ``ValueError``); 500 ``{"error": msg}`` when the reward fails and 503 when the server is busy (its
+  ``--max-connections``): both retried, like connection errors and timeouts.
 """
 
 from __future__ import annotations
@@ -22,11 +26,13 @@ from __future__ import annotations
 import io
 import ipaddress
 import json
+import math
 import socket
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import zipfile
 from collections.abc import Mapping
 from typing import Any, Optional, Sequence, Tuple
 
@@ -35,7 +41,8 @@ import torch
 
 from orwcfm_fast.rewards.base import Reward
 
-__all__ = ["HTTPReward", "RewardServerError", "PROTOCOL", "encode_batch", "decode_batch", "is_loopback"]
+__all__ = ["HTTPReward", "RewardServerError", "BatchTooLarge", "PROTOCOL", "NPZ_CONTENT_TYPE", "encode_batch",
+           "decode_batch", "is_loopback"]
 
 #: version of the wire protocol; the server reports its own in ``/info``
 PROTOCOL = 1
@@ -43,11 +50,21 @@ PROTOCOL = 1
 #: seconds before the first retry; doubled for each further one, at most :data:`_MAX_BACKOFF`
 _FIRST_BACKOFF = 0.5
 _MAX_BACKOFF = 8.0
-_NPZ = "application/x-npz"
+#: the ``Content-Type`` of a ``POST /score`` body (the server answers 415 to any other)
+NPZ_CONTENT_TYPE = "application/x-npz"
+_NPZ = NPZ_CONTENT_TYPE
+#: the members a ``POST /score`` body may hold
+_MEMBERS = ("samples.npy", "prompts.npy")
+#: dtype kinds a member may have: bool, integers, floats, complex (samples) and unicode (prompts)
+_KINDS = "biufcU"
 
 
 class RewardServerError(RuntimeError):
     """A reward server cannot be reached, timed out, or failed (HTTP 5xx) on every attempt."""
+
+
+class BatchTooLarge(ValueError):
+    """A ``POST /score`` body whose ``.npz`` declares an array larger than the server accepts (HTTP 413)."""
 
 
 def is_loopback(host: str) -> bool:
@@ -62,6 +79,8 @@ def is_loopback(host: str) -> bool:
 
 def encode_batch(samples: torch.Tensor, prompts: Optional[Sequence[str]] = None) -> bytes:
     """The ``POST /score`` body: an uncompressed ``.npz`` of ``samples`` (float32) and optionally ``prompts``.
+
+    Uncompressed on purpose: the server refuses deflated members (they could hide a zip bomb).
 
     Args:
         samples: ``[B, *sample_shape]`` tensor (any device and floating dtype; sent as float32).
@@ -78,24 +97,104 @@ def encode_batch(samples: torch.Tensor, prompts: Optional[Sequence[str]] = None)
     return buf.getvalue()
 
 
-def decode_batch(body: bytes) -> Tuple[np.ndarray, Optional[list]]:
-    """The inverse of :func:`encode_batch` (no pickles), checked.
+def _member_header(npz: zipfile.ZipFile, info: zipfile.ZipInfo) -> Tuple[tuple, np.dtype, int]:
+    """The ``(shape, dtype, header bytes)`` of one ``.npy`` member, read from its header only.
+
+    Raises:
+        ValueError: not a version 1 or 2 ``.npy`` header (the message names the member).
+    """
+    name = info.filename[:-len(".npy")]
+    try:
+        with npz.open(info) as member:
+            version = np.lib.format.read_magic(member)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+            elif version == (2, 0):
+                shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+            else:
+                raise ValueError(f".npy format version {version} (numpy.savez writes 1.0 or 2.0)")
+            return tuple(shape), dtype, member.tell()
+    except Exception as err:  # zipfile / numpy header errors of all kinds
+        raise ValueError(f"array {name!r} is not a readable .npy member: {err}") from None
+
+
+def _check_member(npz: zipfile.ZipFile, info: zipfile.ZipInfo, max_bytes: Optional[int]) -> None:
+    """Checks one ``.npz`` member before any of its data is read (bounded memory for hostile bodies).
+
+    It must be stored (a deflated member can inflate a small body a thousandfold: a zip bomb), declare at
+    most ``max_bytes``, hold a plain numeric or unicode array (no objects, records, bytes or dates), and
+    hold exactly the bytes its ``.npy`` header's shape and dtype declare.
+
+    Raises:
+        BatchTooLarge: the member declares more than ``max_bytes``.
+        ValueError: any other failed check (the message names the member and the check).
+    """
+    name = info.filename[:-len(".npy")]
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise ValueError(f"array {name!r} is compressed in the .npz (zip method {info.compress_type}); send "
+                         "numpy.savez output, not savez_compressed: the server reads stored members only")
+    if max_bytes is not None and info.file_size > max_bytes:
+        raise BatchTooLarge(f"array {name!r} declares {info.file_size} bytes, more than the server's limit of "
+                            f"{max_bytes} (its --max-body-mb); lower config reward_batch_size")
+    if info.file_size != info.compress_size:
+        raise ValueError(f"array {name!r}: a stored .npz member declares {info.file_size} bytes but holds "
+                         f"{info.compress_size}")
+    shape, dtype, header = _member_header(npz, info)
+    if dtype.hasobject or dtype.names is not None or dtype.subdtype is not None or dtype.kind not in _KINDS:
+        raise ValueError(f"array {name!r} has dtype {dtype}: only plain numeric arrays (samples) and unicode "
+                         "strings (prompts) are accepted, not objects, records, bytes or dates")
+    declared = math.prod(shape) * dtype.itemsize
+    if declared != info.file_size - header:
+        raise ValueError(f"array {name!r} declares shape {list(shape)} of {dtype} ({declared} bytes) but its "
+                         f".npz member holds {info.file_size - header} bytes of data")
+
+
+def _open_npz(body: bytes, max_bytes: Optional[int]) -> zipfile.ZipFile:
+    """The body as a zip whose members have all passed :func:`_check_member`.
+
+    Raises:
+        BatchTooLarge, ValueError: see :func:`decode_batch`.
+    """
+    try:
+        npz = zipfile.ZipFile(io.BytesIO(body))
+        infos = npz.infolist()
+    except Exception as err:  # zipfile errors of all kinds
+        raise ValueError(f"the body is not an .npz file of arrays (numpy.savez, no pickles): {err}") from None
+    names = [info.filename for info in infos]
+    unknown = sorted({n[:-len(".npy")] if n.endswith(".npy") else n for n in names if n not in _MEMBERS})
+    if unknown:
+        raise ValueError(f"unknown arrays {unknown} in the .npz; expected 'samples' and optionally 'prompts'")
+    if len(set(names)) != len(names):
+        raise ValueError(f"the .npz holds an array twice: {sorted(names)}")
+    for info in infos:
+        _check_member(npz, info, max_bytes)
+    return npz
+
+
+def decode_batch(body: bytes, max_bytes: Optional[int] = None) -> Tuple[np.ndarray, Optional[list]]:
+    """The inverse of :func:`encode_batch` (no pickles), checked before any array is read.
+
+    Args:
+        body: the ``.npz`` bytes.
+        max_bytes: the most bytes one array may declare (None: no limit beyond the body's own size).
 
     Returns:
         ``(samples float32 [B, ...], prompts list of B str or None)``.
 
     Raises:
-        ValueError: not an ``.npz``, no ``samples`` array, samples not floating / empty, unknown arrays,
-            or ``prompts`` not ``B`` strings (the message says which).
+        BatchTooLarge: an array declares more than ``max_bytes``.
+        ValueError: not an ``.npz``, a compressed member, a dtype that is not plain numeric or unicode, a
+            header that does not match its data, no ``samples`` array, samples not floating / empty, unknown
+            arrays, or ``prompts`` not ``B`` strings (the message says which).
     """
-    try:
-        with np.load(io.BytesIO(body), allow_pickle=False) as npz:
-            arrays = {name: npz[name] for name in npz.files}
-    except Exception as err:  # zipfile / numpy errors of all kinds
-        raise ValueError(f"the body is not an .npz file of arrays (numpy.savez, no pickles): {err}") from None
-    unknown = sorted(set(arrays) - {"samples", "prompts"})
-    if unknown:
-        raise ValueError(f"unknown arrays {unknown} in the .npz; expected 'samples' and optionally 'prompts'")
+    with _open_npz(body, max_bytes) as npz:
+        try:
+            arrays = {}
+            for info in npz.infolist():
+                with npz.open(info) as member:
+                    arrays[info.filename[:-len(".npy")]] = np.lib.format.read_array(member, allow_pickle=False)
+        except Exception as err:  # zipfile / numpy errors of all kinds
+            raise ValueError(f"the body is not an .npz file of arrays (numpy.savez, no pickles): {err}") from None
     if "samples" not in arrays:
         raise ValueError("the .npz has no 'samples' array (float32 [B, *sample_shape])")
     samples = arrays["samples"]
