@@ -250,3 +250,57 @@ def test_lora_state_round_trip_and_errors(saved):
     assert all(torch.equal(a, b) for a, b in zip(before, wrong.trainable_parameters()))  # nothing copied
     with pytest.raises(ValueError, match="match no module"):
         LoraRoles(load(saved, "sd3").transformer, rank=2, target_modules=("no_such_layer",))
+
+
+def test_lora_init_is_seeded_without_touching_global_generators(saved, monkeypatch):
+    transformers = [load(saved, "sd3").transformer for _ in range(4)]
+    seeded = []  # torch.manual_seed would also seed every CUDA generator, outside what fork_rng restores
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: seeded.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: seeded.append(seed))
+    cpu_state = torch.get_rng_state()
+    weights = [[p.detach().clone() for p in LoraRoles(tr, rank=4, seed=s).trainable_parameters()]
+               for tr, s in zip(transformers, (1, 1, 2))]
+    assert seeded == []
+    assert torch.equal(torch.get_rng_state(), cpu_state)
+    assert all(torch.equal(a, b) for a, b in zip(weights[0], weights[1]))  # deterministic per seed
+    assert not all(torch.equal(a, b) for a, b in zip(weights[0], weights[2]))
+    # where CUDA is initialised, its generators are forked (and so restored) as well
+    forked, fork_rng = [], torch.random.fork_rng
+
+    def recording_fork(devices=None, **kwargs):
+        forked.append(list(devices))
+        return fork_rng(devices=[], **kwargs)
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.random, "fork_rng", recording_fork)
+    LoraRoles(transformers[3], rank=4, seed=1)
+    assert forked == [[0, 1]] and seeded == []
+
+
+@pytest.mark.parametrize("family", ["sd35", "flux"])
+def test_transformer_call_does_not_walk_the_model_for_its_dtype(saved, family, monkeypatch):
+    from diffusers import ModelMixin
+
+    pipe = load(saved, family)
+    flow = FLOWS[family](pipe, resolution=TINY_SIZE, max_sequence_length=SEQ)
+    cond = flow.encode(PROMPTS)
+    t = torch.tensor([0.1, 0.5, 0.9])
+    x = flow.noise(3, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = flow.transformer_velocity(t, x, cond)
+    calls, dtype = [], ModelMixin.dtype  # walks every module, then the parameters, on each access
+    counted = property(lambda self: calls.append(type(self).__name__) or dtype.fget(self))
+    monkeypatch.setattr(ModelMixin, "dtype", counted)
+    with torch.no_grad():
+        again = [flow.transformer_velocity(t, x, cond) for _ in range(2)]
+    assert calls == []
+    assert all(torch.equal(v, before) for v in again)
+    # the dtype follows a later .to() (e.g. a bf16 cast): the same inputs as a transformer loaded in bf16 gets
+    pipe.transformer.to(torch.bfloat16)
+    bf16 = type(pipe).from_pretrained(saved[family], dtype=torch.bfloat16).transformer
+    with torch.no_grad():
+        cast = flow.transformer_velocity(t, x, cond)
+        loaded = flow.transformer_velocity(t, x, cond, bf16)
+    assert calls == []
+    assert not torch.equal(cast, before) and torch.equal(cast, loaded)

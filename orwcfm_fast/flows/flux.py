@@ -16,6 +16,7 @@ import torch
 
 from orwcfm_fast.flows.conventions import model_timestep, scheduler_time_grid
 from orwcfm_fast.flows.diffusers_base import PipelineFlow
+from orwcfm_fast.flows.dtypes import transformer_dtype
 
 __all__ = ["FluxFlow"]
 
@@ -49,7 +50,7 @@ class FluxFlow(PipelineFlow):
 
     def _transformer_call(self, t, x, cond, transformer):
         prompt_embeds, pooled = cond
-        dtype = transformer.dtype
+        dtype = transformer_dtype(transformer)  # O(1); ModelMixin.dtype walks every module
         guidance = None
         if transformer.config.guidance_embeds:
             guidance = torch.full((x.shape[0],), self.guidance_scale, device=x.device, dtype=torch.float32)

@@ -61,16 +61,22 @@ class LoraRoles:
         self.target_modules = tuple(target_modules)
         config = LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=list(self.target_modules),
                             init_lora_weights=True)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        # peft draws the adapters' initial weights from the global generator of the device it builds
+        # them on (the CPU, before it moves them to the base layer's device): seed that generator alone
+        # (torch.manual_seed would reseed every CUDA generator too, outside what the fork restores), and
+        # fork the CUDA generators as well where CUDA is initialised: building the roles leaves every
+        # global generator as it found it.
+        cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=cuda_devices):
+            torch.random.default_generator.manual_seed(seed)
             try:
                 transformer.add_adapter(config, adapter_name=POLICY)
             except ValueError as err:
                 raise ValueError(f"lora_target_modules {list(self.target_modules)} match no module of "
                                  f"{type(transformer).__name__}: {err}") from None
-        with warnings.catch_warnings():  # peft warns that a second adapter is added: that is the design
-            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-            transformer.add_adapter(config, adapter_name=LAST_POLICY)
+            with warnings.catch_warnings():  # peft warns that a second adapter is added: that is the design
+                warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                transformer.add_adapter(config, adapter_name=LAST_POLICY)  # overwritten by the policy below
         self._policy, self._last = self._adapter_pairs()
         if not self._policy:
             raise ValueError(f"lora_target_modules {list(self.target_modules)} match no module of "
@@ -136,6 +142,14 @@ class LoraRoles:
         from peft.utils import get_peft_model_state_dict
 
         return get_peft_model_state_dict(self.transformer, adapter_name=POLICY)
+
+    def policy_adapter_metadata(self) -> dict:
+        """The policy adapter's ``LoraConfig`` as a dict: the adapter metadata diffusers' LoRA loader reads.
+
+        Without it ``load_lora_weights`` takes ``lora_alpha = r`` and an adapter trained with another
+        alpha loads at the wrong scale (``save_lora_weights(..., transformer_lora_adapter_metadata=...)``).
+        """
+        return self.transformer.peft_config[POLICY].to_dict()
 
     def state_dict(self) -> dict[str, list[torch.Tensor]]:
         """Both adapters' weights (checkpoints; the base weights are not included)."""

@@ -161,7 +161,13 @@ class PipelineModels(TrainingModels):
         return self.net_model
 
     def reduce_gradients(self):
-        """Average the trained gradients over ranks (torch.distributed): one all-reduce of them all, flattened."""
+        """Average the trained gradients over ranks (torch.distributed): one all-reduce of them all, flattened.
+
+        Every rank reduces the same size, whichever gradients it has: a parameter without a gradient
+        on this rank contributes zeros, and one flag per parameter, reduced with them, says whether any
+        rank had one. As under DDP, a parameter that some rank gave a gradient gets the average (the
+        missing ones counted as zero) on every rank; one that no rank did keeps ``grad = None``.
+        """
         from orwcfm_fast import distributed as dist_utils
 
         if not dist_utils.is_distributed():
@@ -169,14 +175,27 @@ class PipelineModels(TrainingModels):
         import torch.distributed as dist
         from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-        grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
-        if not grads:
+        params = self.trainable_parameters()
+        if not params:
             return
-        flat = _flatten_dense_tensors(grads)
+        present = [p.grad is not None for p in params]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flags = torch.ones(len(params), dtype=grads[0].dtype, device=grads[0].device)
+        for i, has in enumerate(present):
+            if not has:
+                flags[i] = 0.0
+        tensors = [*grads, flags]
+        flat = _flatten_dense_tensors(tensors)
         dist.all_reduce(flat)
         flat /= dist_utils.world_size()
-        for g, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
-            g.copy_(reduced)
+        reduced = _unflatten_dense_tensors(flat, tensors)
+        # read the flags (a host sync) only where this rank lacks a gradient
+        somewhere = reduced[-1].tolist() if not all(present) else None
+        for i, (p, g, r) in enumerate(zip(params, grads, reduced)):
+            if present[i]:
+                g.copy_(r)
+            elif somewhere[i] > 0:
+                p.grad = g.copy_(r)
 
     def encode(self, prompts, batch):
         if prompts is None:
@@ -240,7 +259,8 @@ class PipelineModels(TrainingModels):
     def save_lora(self, path, weights: Sequence[torch.Tensor] | None = None) -> None:
         """Write the policy adapter (or ``weights`` in its parameter order, e.g. an EMA) in diffusers' LoRA format.
 
-        ``pipe.load_lora_weights(path)`` loads it into a fresh pipeline.
+        ``pipe.load_lora_weights(path)`` loads it into a fresh pipeline, at the trained scale: the file
+        carries the adapter's ``LoraConfig`` (``lora_alpha`` included) as diffusers' adapter metadata.
         """
         if self.roles is None:
             raise ValueError("save_lora needs LoRA training (config 'lora_rank'); with full fine-tuning save "
@@ -252,9 +272,13 @@ class PipelineModels(TrainingModels):
             with torch.no_grad():
                 torch._foreach_copy_(params, list(weights))
         try:
-            state = {k: v.detach().to("cpu").contiguous() for k, v in self.roles.policy_state_dict().items()}
+            # copies (copy=True): on the CPU .to("cpu") would alias the parameters, which the finally
+            # block then sets back to the policy's values (an EMA export would write the policy)
+            state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.roles.policy_state_dict().items()}
         finally:
             if saved is not None:
                 with torch.no_grad():
                     torch._foreach_copy_(params, saved)
-        type(self.pipe).save_lora_weights(str(path), transformer_lora_layers=state)
+        # the adapter's LoraConfig as metadata: without it diffusers' loader takes lora_alpha = r
+        type(self.pipe).save_lora_weights(str(path), transformer_lora_layers=state,
+                                          transformer_lora_adapter_metadata=self.roles.policy_adapter_metadata())

@@ -12,6 +12,7 @@ import torch
 
 from orwcfm_fast.flows.conventions import model_timestep, scheduler_time_grid
 from orwcfm_fast.flows.diffusers_base import PipelineFlow
+from orwcfm_fast.flows.dtypes import transformer_dtype
 
 __all__ = ["SD3Flow"]
 
@@ -35,7 +36,7 @@ class SD3Flow(PipelineFlow):
 
     def _transformer_call(self, t, x, cond, transformer):
         prompt_embeds, pooled = cond
-        dtype = transformer.dtype
+        dtype = transformer_dtype(transformer)  # O(1); ModelMixin.dtype walks every module
         return transformer(
             # the timestep stays float32, as the pipeline passes it (bf16 would round 1000 sigma to steps of 4)
             hidden_states=x.to(dtype), timestep=model_timestep(t, self.timestep_scale).float(),
