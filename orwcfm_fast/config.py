@@ -319,6 +319,15 @@ OPTIONS: dict[str, Option] = {
     "time_shift": Option(None, _float(0.0, low_inclusive=False, allow_none=True),
                          "pipelines: static sampling-time shift (None: the scheduler's, Flux's dynamic shift included)"),
     "max_sequence_length": Option(256, _int(1), "pipelines: T5 tokens per prompt"),
+    # 32 fits a 24 GB card beside SD3.5-medium (bf16: transformer 4.5 GB, T5-XXL 9.5 GB, CLIPs 1.6 GB):
+    # under no_grad T5-XXL holds one layer's activations, per prompt at L = max_sequence_length tokens
+    # about 3 x 64 heads x L^2 x 2 B of eager attention scores + 4 x L x 10240 x 2 B of gated FF,
+    # ~45 MB at L = 256 and ~140 MB at L = 512: 1.5 / 4.5 GB for 32 prompts (estimated; not measured on a GPU;
+    # the CPU's peak RSS over one such layer gave 30-80 MB per prompt in bf16 terms)
+    "text_encoder_batch_size": Option(32, _int(1), "pipelines: prompts per text-encoder forward"),
+    "prompt_cache_size": Option(None, _optional_int(1),
+                                "pipelines: prompt embeddings kept in host memory (None: every prompt, encoded "
+                                "at start; N: encoded when drawn, text encoders stay on the device, N kept)"),
     "lora_rank": Option(32, _optional_int(1), "pipelines: LoRA rank (None: full fine-tuning with three models)"),
     "lora_alpha": Option(None, _float(0.0, low_inclusive=False, allow_none=True), "pipelines: LoRA alpha (None: the rank)"),
     "lora_target_modules": Option(None, _module_names,

@@ -16,6 +16,7 @@ set by the caller (:class:`~orwcfm_fast.flows.lora.LoraRoles`).
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -59,6 +60,9 @@ class PipelineFlow:
             uniform grid with this static shift.
         max_sequence_length: T5 tokens per prompt.
         device: where the transformer and VAE run.
+        text_encoder_batch_size: prompts per text-encoder forward (``None``: all missing prompts at once).
+        prompt_cache_size: prompts whose embeddings are kept, least recently used dropped first
+            (``None``: every prompt ever encoded). The cache is in host memory, see :meth:`encode`.
 
     Subclasses define ``family``, ``timestep_scale``, :attr:`sample_shape`,
     :meth:`_transformer_call`, :meth:`_encode_prompts`, :meth:`_scheduler_grid`,
@@ -69,7 +73,8 @@ class PipelineFlow:
     timestep_scale = 1000.0
 
     def __init__(self, pipe, *, resolution=None, guidance_scale: float = 1.0, negative_prompt: str = "",
-                 time_shift: float | None = None, max_sequence_length: int = 256, device=None):
+                 time_shift: float | None = None, max_sequence_length: int = 256, device=None,
+                 text_encoder_batch_size: int | None = 32, prompt_cache_size: int | None = None):
         self.pipe = pipe
         self.transformer = pipe.transformer
         self.vae = pipe.vae
@@ -83,8 +88,14 @@ class PipelineFlow:
         self.negative_prompt = negative_prompt
         self.time_shift = time_shift
         self.max_sequence_length = int(max_sequence_length)
-        self._cache: dict[str, tuple[torch.Tensor, ...]] = {}
-        self._negative: tuple[torch.Tensor, ...] | None = None
+        for key, value in (("text_encoder_batch_size", text_encoder_batch_size), ("prompt_cache_size", prompt_cache_size)):
+            if value is not None and int(value) < 1:
+                raise ValueError(f"config key {key!r} must be None or an integer >= 1, got {value!r}")
+        self.text_encoder_batch_size = None if text_encoder_batch_size is None else int(text_encoder_batch_size)
+        self.prompt_cache_size = None if prompt_cache_size is None else int(prompt_cache_size)
+        # prompt -> its embedding rows (one tensor per conditioning input, no batch dimension), on the CPU
+        self._cache: OrderedDict[str, tuple[torch.Tensor, ...]] = OrderedDict()
+        self._negative: tuple[torch.Tensor, ...] | None = None  # [1, ...] rows on the device
 
     # ------------------------------------------------------------------ to define per family
 
@@ -122,24 +133,74 @@ class PipelineFlow:
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, ...]:
-        """Per-sample conditioning of ``prompts`` (one entry each): a tuple of ``[B, ...]`` tensors.
+        """Per-sample conditioning of ``prompts`` (one entry each): a tuple of ``[B, ...]`` tensors on the flow's device.
 
-        Embeddings are cached per distinct prompt, so the text encoders run once per prompt
-        (see :meth:`precompute` and :meth:`release_text_encoders`).
+        Each distinct prompt is encoded once, at most ``text_encoder_batch_size`` prompts per
+        text-encoder forward, and its rows are cached in host memory in the encoders' output dtype
+        (at most ``prompt_cache_size`` prompts, least recently used dropped). Only this batch's
+        rows go to the device: on CUDA gathered into a pinned staging buffer and copied
+        non-blocking. The cache itself is not pinned: the pinned allocator rounds every block up
+        to a power of two and page-locks it, which at tens of GB of embeddings would cost up to
+        twice the memory and take it from the operating system. See also :meth:`precompute`
+        and :meth:`release_text_encoders`.
         """
-        missing = sorted({p for p in prompts if p not in self._cache})
-        if missing:
-            encoded = self._encode_prompts(missing)
-            for i, p in enumerate(missing):
-                self._cache[p] = tuple(e[i:i + 1].detach() for e in encoded)
-        rows = [self._cache[p] for p in prompts]
-        return tuple(torch.cat(parts).to(self.device) for parts in zip(*rows))
+        prompts = list(prompts)
+        if not prompts:
+            return ()
+        rows = self._host_rows(prompts)
+        return tuple(self._to_device([rows[p][k] for p in prompts]) for k in range(len(rows[prompts[0]])))
 
     def precompute(self, prompts: Sequence[str]) -> None:
-        """Encode ``prompts`` (and the negative prompt, when guiding) now."""
-        self.encode(list(prompts))
+        """Encode ``prompts`` into the host cache now, in chunks (nothing goes to the device), and the negative prompt when guiding.
+
+        With a bounded ``prompt_cache_size`` only the last that many prompts stay cached.
+        """
+        self._host_rows(list(prompts), collect=False)
         if self._guided():
             self._negative_cond(1)
+
+    def _host_rows(self, prompts: list[str], collect: bool = True) -> dict[str, tuple[torch.Tensor, ...]]:
+        """``{prompt: rows}`` of the distinct ``prompts`` (CPU tensors), encoding the uncached ones in chunks.
+
+        The returned rows stay valid when the bounded cache drops them (a batch may hold more
+        distinct prompts than the cache). ``collect=False`` returns ``{}`` and only fills the cache.
+        """
+        rows: dict[str, tuple[torch.Tensor, ...]] = {}
+        missing = []
+        for p in dict.fromkeys(prompts):
+            cached = self._cache.get(p)
+            if cached is None:
+                missing.append(p)
+            else:
+                self._cache.move_to_end(p)
+                if collect:
+                    rows[p] = cached
+        missing.sort()  # a deterministic batching, whatever the order the prompts come in
+        chunk = self.text_encoder_batch_size or max(len(missing), 1)
+        for start in range(0, len(missing), chunk):
+            part = missing[start:start + chunk]
+            host = tuple(e.detach().to("cpu") for e in self._encode_prompts(part))
+            for i, p in enumerate(part):
+                row = tuple(h[i] for h in host)
+                if self.prompt_cache_size is not None:
+                    row = tuple(r.clone() for r in row)  # own storage: dropping the row frees it
+                if collect:
+                    rows[p] = row
+                self._cache[p] = row
+                if self.prompt_cache_size is not None:
+                    while len(self._cache) > self.prompt_cache_size:
+                        self._cache.popitem(last=False)
+        return rows
+
+    def _to_device(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """``[len(parts), ...]`` on the flow's device from CPU rows ``parts``."""
+        if self.device.type == "cuda":
+            staging = torch.empty((len(parts), *parts[0].shape), dtype=parts[0].dtype, pin_memory=True)
+            torch.stack(parts, out=staging)
+            # the caching host allocator records the copy's stream on this block: it is not handed
+            # out again before the copy has finished, so dropping `staging` now is safe
+            return staging.to(self.device, non_blocking=True)
+        return torch.stack(parts).to(self.device)
 
     def release_text_encoders(self) -> None:
         """Move the text encoders to the CPU (their embeddings are cached); new prompts still encode, there."""
@@ -154,7 +215,8 @@ class PipelineFlow:
 
     def _negative_cond(self, batch: int) -> tuple[torch.Tensor, ...]:
         if self._negative is None:
-            self._negative = self.encode([self.negative_prompt])
+            # one row, kept on the device and outside the prompt cache (never dropped)
+            self._negative = tuple(e.detach().to(self.device) for e in self._encode_prompts([self.negative_prompt]))
         return tuple(e.expand(batch, *e.shape[1:]) for e in self._negative)
 
     # ------------------------------------------------------------------ velocity and sampling

@@ -86,8 +86,10 @@ class PipelineModels(TrainingModels):
             ``negative_prompt``, ``time_shift``, ``max_sequence_length``, ``lora_*``,
             ``gradient_checkpointing``, ``vae_batch_size``).
         device: where the transformer, VAE and (while encoding) the text encoders run.
-        prompts: every prompt the run will use (training, evaluation): encoded once now, after
-            which the text encoders are moved to the CPU.
+        prompts: every prompt the run will use (training, evaluation): encoded now (in chunks of
+            ``text_encoder_batch_size``, into host memory), after which the text encoders are moved
+            to the CPU. With ``prompt_cache_size`` set, none is encoded now: prompts are encoded when
+            drawn, the text encoders stay on ``device`` and the cache keeps that many.
         seed: seed of the LoRA initialisation.
     """
 
@@ -102,6 +104,7 @@ class PipelineModels(TrainingModels):
             pipe, resolution=config["resolution"], guidance_scale=config["guidance_scale"],
             negative_prompt=config["negative_prompt"], time_shift=config["time_shift"],
             max_sequence_length=config["max_sequence_length"], device=device,
+            text_encoder_batch_size=config["text_encoder_batch_size"], prompt_cache_size=config["prompt_cache_size"],
         )
         self.sample_shape = tuple(self.flow.sample_shape)
         transformer = pipe.transformer
@@ -129,8 +132,11 @@ class PipelineModels(TrainingModels):
         self._sampler = RoleVelocity(self.flow, transformers[1], self.roles, "last_policy", guided=True)
         self._policy_sampler = RoleVelocity(self.flow, transformers[0], self.roles, "policy", guided=True)
         self.can_overlap = self.roles is None
-        self.flow.precompute(prompts)
-        self.flow.release_text_encoders()
+        if config["prompt_cache_size"] is None:
+            self.flow.precompute(prompts)
+            self.flow.release_text_encoders()
+        else:  # encode on demand, on the device: the negative prompt only now
+            self.flow.precompute([])
 
     # ------------------------------------------------------------------ the contract
 
