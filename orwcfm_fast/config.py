@@ -344,7 +344,7 @@ OPTIONS: dict[str, Option] = {
     "reward_batch_size": Option(None, _optional_int(1),
                                 "images per forward of the preference rewards / per reward-server request (None: all)"),
     "reward_dtype": Option("auto", _choice(("auto", "fp32", "bf16")),
-                           "preference rewards' weights: auto = bf16 on CUDA, fp32 elsewhere"),
+                           "preference rewards' weights: auto = bf16 on CUDA if the reward is bf16-safe, else fp32"),
     "reward_timeout": Option(120.0, _float(0.0, low_inclusive=False), "seconds a reward-server request may take"),
     "reward_retries": Option(3, _int(0), "retries of a failed reward-server request (then a clear error)"),
     "use_tensorboard": Option(False, _bool, "log epoch scalars and sample grids to TensorBoard (<savedir>/tensorboard)"),

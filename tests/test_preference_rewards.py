@@ -430,6 +430,7 @@ def test_rewards_work_in_a_weighted_sum_and_as_eval_modules(rewards, clip_dirs, 
     assert not any(m.training for r in total.rewards for m in r.children())  # dropout stays off
 
 
+@pytest.mark.filterwarnings("ignore:reward '.*' runs in bf16:UserWarning")  # explicit bf16: warned, on purpose
 @pytest.mark.parametrize("name", ["clip_score", "hpsv2"])
 def test_bf16_weights_stay_close_and_return_float32(name, rewards, clip_dirs, hps_paths):
     paths = _paths(clip_dirs, hps_paths)
@@ -445,7 +446,9 @@ def test_bf16_weights_stay_close_and_return_float32(name, rewards, clip_dirs, hp
 def test_auto_dtype_is_fp32_on_cpu_and_pickscore_scale_is_fp32(rewards):
     from orwcfm_fast.rewards.preference import resolve_dtype
 
-    assert resolve_dtype("auto", "cpu") == torch.float32 and resolve_dtype("auto", "cuda:0") == torch.bfloat16
+    assert resolve_dtype("auto", "cpu") == resolve_dtype("auto", "cpu", bf16_safe=True) == torch.float32
+    # on CUDA, bf16 only for a reward declared bf16-safe (tests/test_reward_precision.py checks each reward)
+    assert resolve_dtype("auto", "cuda:0") == torch.float32 and resolve_dtype("auto", "cuda:0", True) == torch.bfloat16
     assert {p.dtype for p in rewards["pickscore"].parameters()} == {torch.float32}
     assert rewards["pickscore"].logit_scale_exp == pytest.approx(100.0, rel=1e-6)
     with pytest.raises(ValueError, match="reward_dtype"):

@@ -9,14 +9,16 @@ Registered names (:func:`register_preference_rewards`, called from :mod:`orwcfm_
 - ``imagereward`` not available: its factory raises a ValueError saying why (:data:`IMAGEREWARD_UNAVAILABLE`)
 
 Each loads its weights from the local paths of config key ``reward_paths`` (nothing is downloaded) and uses
-``reward_batch_size`` (images per forward) and ``reward_dtype`` (``auto``: bf16 on CUDA, else fp32). Importing
-this module imports neither transformers nor open_clip; the rewards import them when built.
+``reward_batch_size`` (images per forward) and ``reward_dtype`` (``auto``: bf16 on CUDA for a reward whose class
+declares :attr:`PreferenceReward.bf16_safe`, else fp32). Importing this module imports neither transformers nor
+open_clip; the rewards import them when built.
 """
 
 from __future__ import annotations
 
 import difflib
 import os
+import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -60,25 +62,42 @@ IMAGEREWARD_UNAVAILABLE = (
 )
 
 
-def resolve_dtype(value: Any, device: DeviceLike) -> torch.dtype:
+#: rewards already warned about an explicit ``reward_dtype: bf16`` (one warning per reward name and process)
+_WARNED_BF16: set = set()
+
+
+def resolve_dtype(value: Any, device: DeviceLike, bf16_safe: bool = False, name: Optional[str] = None) -> torch.dtype:
     """The weights' dtype for config key ``reward_dtype``.
 
     Args:
-        value: ``"auto"`` / None (bf16 on CUDA, fp32 elsewhere), ``"fp32"``, ``"bf16"`` or a torch dtype.
+        value: ``"auto"`` / None (bf16 on CUDA if ``bf16_safe``, else fp32; fp32 off CUDA, where bf16 is not
+            native), ``"fp32"``, ``"bf16"`` or a torch dtype.
         device: where the reward runs.
+        bf16_safe: whether bf16 keeps the reward's within-prompt rankings (the class's
+            :attr:`PreferenceReward.bf16_safe`, measured by ``benchmarks/reward_precision.py``).
+        name: the reward's name; given, an explicit bf16 for a reward that is not ``bf16_safe`` warns (once per name).
 
     Raises:
         ValueError: any other value (the message names ``reward_dtype``).
     """
     if isinstance(value, torch.dtype) and value in (torch.float32, torch.bfloat16):
-        return value
-    if value is None or value == "auto":
-        return torch.bfloat16 if device is not None and torch.device(device).type == "cuda" else torch.float32
-    if value == "fp32":
-        return torch.float32
-    if value == "bf16":
-        return torch.bfloat16
-    raise ValueError(f"config key `reward_dtype` must be 'auto', 'fp32' or 'bf16', got {value!r}")
+        dtype = value
+    elif value is None or value == "auto":
+        cuda = device is not None and torch.device(device).type == "cuda"
+        return torch.bfloat16 if cuda and bf16_safe else torch.float32
+    elif value == "fp32":
+        dtype = torch.float32
+    elif value == "bf16":
+        dtype = torch.bfloat16
+    else:
+        raise ValueError(f"config key `reward_dtype` must be 'auto', 'fp32' or 'bf16', got {value!r}")
+    if dtype == torch.bfloat16 and not bf16_safe and name is not None and name not in _WARNED_BF16:
+        _WARNED_BF16.add(name)
+        warnings.warn(f"reward {name!r} runs in bf16 (config key `reward_dtype` = {value!r}), but bf16 rounding "
+                      "reorders its scores within a prompt's group of images (benchmarks/reward_precision.py; "
+                      "'group' weight normalisation amplifies it); `reward_dtype: auto` runs it in fp32",
+                      UserWarning, stacklevel=3)
+    return dtype
 
 
 def _config_get(config: Any, key: str, default: Any = None) -> Any:
@@ -200,6 +219,10 @@ class PreferenceReward(Reward):
     input_range = (0.0, 1.0)
     #: the registered name (error messages, logs)
     name = "preference"
+    #: whether bf16 weights keep the reward's within-prompt rankings (mean within-prompt Spearman of bf16 vs fp32
+    #: scores >= 0.99 in ``benchmarks/reward_precision.py``); ``reward_dtype: auto`` runs it in bf16 on CUDA only
+    #: then. False until measured: fp32 is never wrong, only slower.
+    bf16_safe = False
 
     def __init__(self, batch_size: Optional[int] = None, text_cache_size: int = 4096):
         super().__init__()
@@ -365,12 +388,15 @@ def register_preference_rewards(register: Callable[..., None]) -> None:
     register("imagereward", _imagereward_factory)
 
 
-def config_settings(config: Any, device: DeviceLike) -> Dict[str, Any]:
+def config_settings(config: Any, device: DeviceLike, reward_cls: Optional[type] = None) -> Dict[str, Any]:
     """``device``, ``dtype`` and ``batch_size`` of a preference reward from config keys ``reward_dtype`` and
-    ``reward_batch_size`` (device None: CPU)."""
+    ``reward_batch_size`` (device None: CPU). ``reward_cls``: the reward's class, whose ``bf16_safe`` decides
+    ``auto`` and whose ``name`` the bf16 warning names (None: not bf16-safe)."""
     dev = torch.device(device) if device is not None else torch.device("cpu")
     return {
         "device": dev,
-        "dtype": resolve_dtype(_config_get(config, "reward_dtype", "auto"), dev),
+        "dtype": resolve_dtype(_config_get(config, "reward_dtype", "auto"), dev,
+                               bf16_safe=bool(getattr(reward_cls, "bf16_safe", False)),
+                               name=getattr(reward_cls, "name", None)),
         "batch_size": _config_get(config, "reward_batch_size", None),
     }
