@@ -55,7 +55,9 @@ Configurations:
   built from its config with random weights, no download needed (the compute is the same):
   ``SD3Transformer2DModel`` (24 layers, 24 heads of 64, dual attention in layers 0-12, RMS q/k
   norm, 2.24 B parameters) and the SD3 VAE's config (``AutoencoderKL`` with channels 128, 256,
-  512, 512, 16 latent channels, shift 0.0609, scale 1.5035), in bf16; the scheduler with shift 3;
+  512, 512, 16 latent channels, shift 0.0609, scale 1.5035), in the precision the device runs
+  natively (:func:`orwcfm_fast.precision.native_low_precision`: bf16 from compute capability 8.0,
+  fp32 below; ``--dtype`` overrides; the JSON's ``config.dtype_reason`` says why); the scheduler with shift 3;
   512 px, ``ode_steps`` 10, CFG 4.5, batch 8, LoRA rank 32 / alpha 64 (Flow-GRPO's).
   Text encoders: not the released CLIP-L, CLIP-G and the 4.7 B-parameter T5-XXL but two-layer
   random ones with the output sizes the transformer takes (CLIP projections 768 + 1280 = the
@@ -104,6 +106,7 @@ from throughput import _sync, _Timer  # noqa: E402
 
 from orwcfm_fast import ORWCFMTrainer  # noqa: E402
 from orwcfm_fast.flows.lora import DEFAULT_TARGET_MODULES  # noqa: E402
+from orwcfm_fast.precision import native_low_precision  # noqa: E402
 
 PROMPTS = [
     "a photo of a dog on a beach", "a red sports car in the rain", "a bowl of ramen, studio lighting",
@@ -124,7 +127,7 @@ SD3_VAE = dict(
 )
 CONFIGS = {
     "sd35m": dict(arch="sd35m", resolution=512, batch_size=8, ode_steps=10, lora_rank=32, lora_alpha=64.0,
-                  dtype="bf16"),
+                  dtype="native"),  # resolved by native_low_precision(device)
     "tiny": dict(arch="tiny", resolution=64, batch_size=4, ode_steps=4, lora_rank=4, lora_alpha=8.0, dtype="fp32"),
 }
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -457,7 +460,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--arch", choices=tuple(CONFIGS), default=None,
                         help="sd35m: SD3.5-medium (default on CUDA); tiny: the tiny pipeline (default on the CPU)")
     parser.add_argument("--num-layers", type=int, default=24, help="sd35m only: transformer layers (24 = the model)")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="pipeline dtype (default: the preset's)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                        help="pipeline dtype (default: the preset's: sd35m what the device runs natively, tiny fp32)")
     parser.add_argument("--resolution", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--ode-steps", type=int, default=None)
@@ -500,6 +504,9 @@ def _run(args, parser, device: torch.device, arch: str) -> dict:
         cfg["num_layers"] = args.num_layers
     if args.dtype:
         cfg["dtype"] = args.dtype
+    elif cfg["dtype"] == "native":
+        native = native_low_precision(device)
+        cfg["dtype"], cfg["dtype_reason"] = native.dtype_name, native.reason
     dtype = DTYPES[cfg["dtype"]]
     steps = args.steps or 5
     warmup = args.warmup if args.warmup is not None else (1 if arch == "tiny" else 2)

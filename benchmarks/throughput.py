@@ -8,10 +8,14 @@ In one process, on the same model, config and device:
   OT on the CPU), the reference model's forward with autograd on (then detached), Adam,
   ``clip_grad_norm_``, the CLIP reward;
 - ``fast_fp32``: ``ORWCFMTrainer`` with the same math (Euler, same steps, exact OT, fp32);
-- ``fast_bf16``: the same with ``precision: "bf16"``;
-- ``fast_recommended``: bf16 with the recommended solver of ``benchmarks/solver_accuracy.py``
-  (``--recommended SOLVER:STEPS``, default ``midpoint:13``: 26 NFE, as accurate as Euler-100 on
-  the digits model).
+- ``fast_bf16``: the same with ``precision: "bf16"``: an explicit comparison, run by default only
+  where the device computes bf16 natively (skipped, with the reason printed, elsewhere; name it in
+  ``--modes`` to run it anyway);
+- ``fast_recommended``: the precision the device runs natively
+  (:func:`orwcfm_fast.precision.native_low_precision`: bf16 on CUDA sm_80+ and on CPUs with
+  AVX512-BF16 / AMX; fp32 elsewhere, e.g. an AVX2-only CPU, where bf16 runs ~30x slower) with the
+  recommended solver of ``benchmarks/solver_accuracy.py`` (``--recommended SOLVER:STEPS``, default
+  ``midpoint:13``: 26 NFE, as accurate as Euler-100 on the digits model).
 - ``fast_overlapped``: ``fast_recommended`` run through ``ORWCFMTrainer.train`` with
   ``overlap_sampling: True``: the next batch is sampled, rewarded and coupled in a background
   thread (its own CUDA stream) while this step updates, and metrics stay on the device. Its
@@ -22,7 +26,8 @@ Per mode it reports seconds per step split into phases (sample, reward, update),
 achieved TFLOP/s of the sampling phase against a matmul peak measured here, peak memory, and
 the speedup over the baseline. ``--json PATH`` writes all of it, with ``device``, ``config``,
 ``reference_s_per_step``, ``fast_s_per_step`` (the identical-math ``fast_fp32`` mode),
-``speedup``, and ``best_speedup`` (the fastest mode).
+``speedup``, ``best_speedup`` (the fastest mode), ``precision`` (the native choice: ``dtype_name``,
+``reason``, measured ``bf16_slowdown`` on a CPU) and ``skipped_modes`` (mode -> why).
 
 Default config on a GPU: the paper's (torchcfm CIFAR UNet, 35.7M parameters; batch 128; Euler
 100; CLIP ViT-B/32 with random weights: none can be downloaded here, the compute is the same).
@@ -48,6 +53,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from _meta import provenance, write_results  # noqa: E402
 
 from orwcfm_fast import ORWCFMTrainer  # noqa: E402
+from orwcfm_fast.precision import native_low_precision  # noqa: E402
 from orwcfm_fast.profiling import phase  # noqa: E402
 from orwcfm_fast.rewards import CLIPReward  # noqa: E402
 from orwcfm_fast.sampling import nfe  # noqa: E402
@@ -208,10 +214,10 @@ def _forward_flops(model: torch.nn.Module, sample_shape, device) -> float:
     return counter.get_total_flops() / 2
 
 
-def _matmul_peak(device: torch.device) -> tuple[float, str]:
-    """Measured dense matmul FLOP/s (bf16 8192^2 on CUDA, fp32 1024^2 on CPU)."""
+def _matmul_peak(device: torch.device, cuda_dtype: torch.dtype = torch.bfloat16) -> tuple[float, str]:
+    """Measured dense matmul FLOP/s (8192^2 in ``cuda_dtype`` on CUDA, fp32 1024^2 on CPU)."""
     if device.type == "cuda":
-        n, dtype = 8192, torch.bfloat16
+        n, dtype = 8192, cuda_dtype
     else:
         n, dtype = 1024, torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -262,6 +268,42 @@ def _measure(name: str, step, device, warmup: int, steps: int, batch: int, sampl
     return row
 
 
+DEFAULT_MODES = ("reference", "fast_fp32", "fast_bf16", "fast_recommended", "fast_overlapped")
+
+
+def mode_configs(precision: str, ode_steps: int, rec_solver: str, rec_steps: int) -> dict[str, dict]:
+    """Each fast mode's trainer config on top of the shared one.
+
+    Args:
+        precision: the recommended and overlapped modes' precision: what the device runs
+            natively (``native_low_precision(device).dtype_name``).
+        ode_steps: Euler steps of the identical-math modes (fast_fp32, fast_bf16).
+        rec_solver, rec_steps: the recommended solver.
+    """
+    return {
+        "fast_fp32": {"precision": "fp32", "ode_solver": "euler", "ode_steps": ode_steps},
+        "fast_bf16": {"precision": "bf16", "ode_solver": "euler", "ode_steps": ode_steps},
+        "fast_recommended": {"precision": precision, "ode_solver": rec_solver, "ode_steps": rec_steps},
+        "fast_overlapped": {"precision": precision, "ode_solver": rec_solver, "ode_steps": rec_steps,
+                            "overlap_sampling": True},
+    }
+
+
+def select_modes(requested: str | None, native_dtype: str) -> tuple[list[str], dict[str, str]]:
+    """The modes to run and those skipped (mode -> why).
+
+    ``requested`` None (no ``--modes``): :data:`DEFAULT_MODES`, less ``fast_bf16`` on a device
+    without native bf16 (``native_dtype`` not ``"bf16"``). Modes named in ``--modes`` always run.
+    """
+    if requested is not None:
+        return [m for m in requested.split(",") if m], {}
+    if native_dtype == "bf16":
+        return list(DEFAULT_MODES), {}
+    why = ("no native bf16 on this device (see precision.reason): bf16 autocast would be far slower than fp32; "
+           "name it in --modes to run it anyway")
+    return [m for m in DEFAULT_MODES if m != "fast_bf16"], {"fast_bf16": why}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -272,7 +314,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per mode first")
     parser.add_argument("--recommended", default="midpoint:13",
                         help="SOLVER:STEPS of the fast_recommended mode (benchmarks/solver_accuracy.py's pick)")
-    parser.add_argument("--modes", default="reference,fast_fp32,fast_bf16,fast_recommended,fast_overlapped")
+    parser.add_argument("--modes", default=None,
+                        help=f"comma-separated (default: {','.join(DEFAULT_MODES)}; fast_bf16 only where the device "
+                             "runs bf16 natively)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet forwards in the fast modes")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -285,33 +329,31 @@ def main(argv=None) -> dict:
     ode_steps = args.ode_steps or 100  # the paper's Euler-100, also in --quick
     steps = args.steps or (2 if args.quick else 5)
     rec_solver, rec_steps = args.recommended.split(":")
-    modes = args.modes.split(",")
+    native = native_low_precision(device)
+    modes, skipped = select_modes(args.modes, native.dtype_name)
 
     torch.manual_seed(0)
     base_model = UNetModelWrapper(**unet_kwargs)
     n_params = sum(p.numel() for p in base_model.parameters())
     reward = CLIPReward(PROMPTS, model_name="ViT-B-32", pretrained=None).to(device)
     fwd_flops = _forward_flops(copy.deepcopy(base_model).to(device), unet_kwargs["dim"], device)
-    peak, peak_what = _matmul_peak(device)
+    peak, peak_what = _matmul_peak(device, native.dtype)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     config = {"learning_rate": 2e-4, "warmup_steps": 5000, "w2_coefficient": 1.0, "temperature": 0.5,
               "grad_clip": 1.0, "batch_size": batch, "sample_shape": tuple(unet_kwargs["dim"]), "ode_steps": ode_steps}
     print(f"ORW-CFM-W2 step throughput on {device_name}: UNet {n_params / 1e6:.2f}M parameters, "
           f"{fwd_flops / 1e9:.2f} GFLOP/sample/forward, batch {batch}, Euler {ode_steps}; "
           f"peak {peak / 1e12:.3g} TFLOP/s ({peak_what})", flush=True)
+    print(f"precision of fast_recommended / fast_overlapped: {native.reason}", flush=True)
+    for name, why in skipped.items():
+        print(f"  skipping {name}: {why}", flush=True)
 
     rows = {}
     if "reference" in modes:
         ref = ReferenceStyleTrainer(copy.deepcopy(base_model), reward, config, device)
         rows["reference"] = _measure("reference", ref.step, device, args.warmup, steps, batch, ode_steps, fwd_flops, peak)
         del ref
-    fast_modes = {
-        "fast_fp32": {"precision": "fp32", "ode_solver": "euler", "ode_steps": ode_steps},
-        "fast_bf16": {"precision": "bf16", "ode_solver": "euler", "ode_steps": ode_steps},
-        "fast_recommended": {"precision": "bf16", "ode_solver": rec_solver, "ode_steps": int(rec_steps)},
-        "fast_overlapped": {"precision": "bf16", "ode_solver": rec_solver, "ode_steps": int(rec_steps),
-                            "overlap_sampling": True},
-    }
+    fast_modes = mode_configs(native.dtype_name, ode_steps, rec_solver, int(rec_steps))
     for name, extra in fast_modes.items():
         if name not in modes:
             continue
@@ -335,6 +377,9 @@ def main(argv=None) -> dict:
                    "timed_steps": steps, "warmup_steps_untimed": args.warmup},
         "matmul_peak_TFLOPs": peak / 1e12,
         "matmul_peak_measured_with": peak_what,
+        "precision": {"dtype_name": native.dtype_name, "reason": native.reason,
+                      "bf16_slowdown": native.bf16_slowdown, "used_by": ["fast_recommended", "fast_overlapped"]},
+        "skipped_modes": skipped,
         "modes": rows,
     }
     if "reference" in rows and "fast_fp32" in rows:

@@ -218,7 +218,8 @@ def _add_train_parser(sub) -> None:
                             "(a \"prompt\" field a line); required unless the config sets 'prompts'")
     train.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
                        help="text-to-image: the pipeline's weights dtype (LoRA adapters stay fp32); "
-                            "default bf16 on CUDA, fp32 on the CPU")
+                            "default: what the device runs natively (bf16 on CUDA sm_80+, fp32 on older GPUs and "
+                            "on CPUs without native bf16)")
     train.add_argument("--reward", metavar="NAME", default=None,
                        help="config reward: a registered reward (clip, jpeg_compressibility, jpeg_incompressibility, "
                             "clip_score, pickscore, hpsv2, aesthetic; the last four need config reward_paths) or a "

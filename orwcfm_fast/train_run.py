@@ -22,7 +22,8 @@ Tasks (model, default reward, sample shape):
   ``"clip"``, which needs ``text_prompts``); ``(3, 32, 32)``.
 - ``text-to-image``: a diffusers ``StableDiffusion3Pipeline`` (SD3, SD3.5) or ``FluxPipeline``
   saved with ``save_pretrained`` in the folder ``--pretrained`` (the class is read from its
-  ``model_index.json``; weights in ``--dtype``, default bf16 on CUDA and fp32 on the CPU), config
+  ``model_index.json``; weights in ``--dtype``, default what the device runs natively:
+  :func:`orwcfm_fast.precision.native_low_precision`, bf16 on CUDA sm_80+, else fp32), config
   ``prompts`` from ``--prompts FILE`` (.txt or .jsonl); LoRA by default (config ``lora_rank``,
   32), written in diffusers' format to ``<outdir>/lora`` at the end of every run. The reward is
   the config's registered name (``--reward``; default ``"jpeg_compressibility"``, the paper's
@@ -392,7 +393,14 @@ def _build_task(task: str, args: argparse.Namespace, device, *, pretrained: str 
         return _TaskParts(pipe, prompted_digit_reward(classifier), "prompted digits (SD3 pipeline, LoRA)",
                           [f"classifier held-out accuracy {accuracy:.4f}"], loads_pretrained=True)
     if task == _T2I:
-        dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+        if args.dtype:
+            dtype = args.dtype
+        else:  # what the device computes natively: bf16 on an fp32-only device is emulated and far slower
+            from orwcfm_fast.precision import native_low_precision
+
+            native = native_low_precision(device)
+            dtype = native.dtype_name
+            log(f"[train] --dtype {native.reason}")
         log(f"[train] loading {pipeline_class_name(pretrained)} ({dtype}) from {pretrained}")
         pipe = load_pipeline(pretrained, dtype)
         # Each reward gets the decoded images in its own input range (the trainer converts them).

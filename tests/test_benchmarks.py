@@ -33,6 +33,14 @@ def test_throughput_quick_writes_the_documented_keys(tmp_path, bench_path):
         assert set(row["phases_s"]) == {"sample", "reward", "update"}
         assert row["s_per_step"] >= sum(row["phases_s"].values()) * 0.99
     assert result["modes"]["fast_recommended"]["config"]["ode_solver"] == "midpoint"
+    # The recommended modes run what the device computes natively (this CPU's probe), and the output says why.
+    from orwcfm_fast.precision import native_low_precision
+
+    native = native_low_precision("cpu")
+    assert saved["precision"]["dtype_name"] == native.dtype_name and saved["precision"]["reason"] == native.reason
+    for mode in ("fast_recommended", "fast_overlapped"):
+        assert saved["modes"][mode]["config"]["precision"] == native.dtype_name, mode
+    assert saved["skipped_modes"] == {}  # --modes named them all
     overlapped = saved["modes"]["fast_overlapped"]
     assert overlapped["config"]["overlap_sampling"] is True and overlapped["phases_s"] is None
     assert overlapped["s_per_step"] > 0
