@@ -521,7 +521,7 @@ def run_throughput(runner: Runner, python: str, dry_run: bool, steps: int | None
                        "speedup": ref / row["s_per_step"] if ref else None, "config": row.get("config")}
     step["result"] = {key: data.get(key) for key in ("config", "matmul_peak_TFLOPs", "matmul_peak_measured_with",
                                                      "reference_s_per_step", "fast_s_per_step", "speedup", "best_mode",
-                                                     "best_speedup")}
+                                                     "best_speedup", "precision", "skipped_modes")}
     step["result"]["modes"] = modes
     if "speedup" not in data:
         return {**step, "status": "fail", "detail": "no speedup in the results (reference and fast_fp32 must run)"}
@@ -634,6 +634,10 @@ def render_markdown(result: dict, json_name: str) -> str:
                      _fmt(row.get("peak_memory_GiB"), ".2f"),
                      f"{row['speedup']:.2f}x" if row.get("speedup") is not None else ""]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        if tp.get("precision"):
+            lines += ["", f"Precision of fast_recommended / fast_overlapped: {tp['precision']['reason']}."]
+        for name, why in (tp.get("skipped_modes") or {}).items():
+            lines.append(f"\n{name}: not run ({why})")
         if tp.get("speedup") is not None:
             lines += ["", f"Speedup over the reference-style baseline: {tp['speedup']:.2f}x at identical math "
                           f"(fast_fp32), {tp['best_speedup']:.2f}x with {tp['best_mode']}."]

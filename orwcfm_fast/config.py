@@ -290,8 +290,10 @@ OPTIONS: dict[str, Option] = {
     "seed": Option(None, _seed, "seed for noise, times and couplings (None: nondeterministic)"),
     "ops_backend": Option(None, _choice_or_none(OPS_BACKENDS),
                           "fused-op backend: torch, cpp, triton; None = best available"),
-    "precision": Option("fp32", _choice(PRECISIONS),
-                        "fp32: the reference's math; bf16: autocast forwards, fp32 weights, ODE state and loss"),
+    "precision": Option("fp32", _choice(PRECISIONS + ("auto",)),
+                        "fp32: the reference's math; bf16: autocast forwards, fp32 weights, ODE state and loss; "
+                        "auto: bf16 where the device runs it natively (CUDA sm_80+, CPUs with AVX512-BF16 / AMX), "
+                        "else fp32"),
     "compile": Option(False, _bool, "torch.compile the policy, reference and sampling forwards"),
     "compile_backend": Option("inductor", _str(), "torch.compile backend when 'compile' is True"),
     "unet_speedups": Option(True, _bool,

@@ -43,6 +43,7 @@ from orwcfm_fast.flows.conventions import shift_sigma
 from orwcfm_fast.flows.models import ModuleModels, TrainingModels, check_velocity
 from orwcfm_fast.prompts import PromptError, draw_prompts, load_prompts
 from orwcfm_fast.ops import BackendUnavailableError, conditional_path, orw_cfm_w2_loss, resolve_backend
+from orwcfm_fast.precision import native_low_precision
 from orwcfm_fast.interrupt import StopRequests, TrainingInterrupted
 from orwcfm_fast.models import describe_unet, optimize_unet
 from orwcfm_fast.prefetch import BackgroundWorker, Pending
@@ -192,6 +193,8 @@ class ORWCFMTrainer:
             self.device = torch.device(device)
         else:
             self.device = _model_device(model.transformer if pipeline else model)
+        if cfg["precision"] == "auto":  # resolved once (a cached probe); the saved config records the choice
+            cfg["precision"] = native_low_precision(self.device).dtype_name
         self.alpha = cfg["w2_coefficient"]
         self.beta = cfg["temperature"]
         self.grad_clip = cfg["grad_clip"]
@@ -337,7 +340,7 @@ class ORWCFMTrainer:
         return self.models.forwards(self.config["compile_backend"] if self.config["compile"] else None)
 
     def _autocast(self):
-        """bf16 autocast for ``precision: "bf16"`` (weights, ODE state and loss stay fp32)."""
+        """bf16 autocast for ``precision: "bf16"`` (weights, ODE state, loss stay fp32; "auto": see ``__init__``)."""
         if self.config["precision"] == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
