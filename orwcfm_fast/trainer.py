@@ -232,7 +232,7 @@ class ORWCFMTrainer:
         # update_last_policy copies weights in place, so the captured graph stays valid.
         self._sampler = GraphSampler(
             self._last_policy_forward, solver=cfg["ode_solver"], steps=cfg["ode_steps"], backend=cfg["ops_backend"],
-            use_graphs=False if cfg["cuda_graphs"] is False else None, sample_shape=self.sample_shape,
+            use_graphs=self._use_graphs(), sample_shape=self.sample_shape,
             time_grid=self.models.time_grid(cfg["ode_steps"]),
         )
         # Fused Adam on CUDA (one kernel for all parameters); the same update rule as Adam.
@@ -338,6 +338,14 @@ class ORWCFMTrainer:
         modules themselves stay plain (attributes, ``state_dict`` keys and checkpoints unchanged).
         """
         return self.models.forwards(self.config["compile_backend"] if self.config["compile"] else None)
+
+    def _use_graphs(self) -> bool | None:
+        """The sampler's ``use_graphs``: config ``cuda_graphs``; ``None`` (where available) only for families that
+        capture by default (:attr:`TrainingModels.capture_sampling`: not pipelines)."""
+        flag = self.config["cuda_graphs"]
+        if flag is None and not self.models.capture_sampling:
+            return False
+        return None if flag is None else flag
 
     def _autocast(self):
         """bf16 autocast for ``precision: "bf16"`` (weights, ODE state, loss stay fp32; "auto": see ``__init__``)."""
@@ -524,11 +532,13 @@ class ORWCFMTrainer:
         saved = [p.detach().clone() for p in params]
         with torch.no_grad():
             torch._foreach_copy_(params, self._ema)
+        self.models.sync_weights()
         try:
             yield
         finally:
             with torch.no_grad():
                 torch._foreach_copy_(params, saved)
+            self.models.sync_weights()
 
     def save_lora(self, path) -> None:
         """Write the trained LoRA adapter (the EMA's weights with ``ema_decay``) in diffusers' format.
@@ -697,6 +707,7 @@ class ORWCFMTrainer:
                 self._skipped_steps = found_inf if self._skipped_steps is None else self._skipped_steps + found_inf
             lr = self.optimizer.param_groups[0]["lr"]
             self.optimizer.step()
+            self.models.sync_weights()
             self.scheduler.step()
             self.optimizer.found_inf = None
             if self._ema is not None:

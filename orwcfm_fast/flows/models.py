@@ -7,7 +7,8 @@ the trainer wires, whatever the family:
 - ``net_model``, ``last_policy``, ``ref_model``: the reference trainer's attributes;
 - :meth:`forwards`: ``(policy, reference, sampler)`` callables ``(t, x, *cond) -> v`` in the
   library's convention (the sampler includes classifier-free guidance where configured);
-- :meth:`trainable_parameters`, :meth:`update_last_policy`;
+- :meth:`trainable_parameters` (what the optimiser and EMA hold), :meth:`reduce_gradients` (after
+  backward) and :meth:`sync_weights` (after the optimiser step), :meth:`update_last_policy`;
 - :meth:`encode` (prompts -> per-sample ``cond`` tuple; ``()`` for unconditional models) and
   :meth:`reward_inputs` (samples -> what the reward scores: the samples themselves, or decoded
   images);
@@ -43,6 +44,8 @@ class TrainingModels:
     conditional: bool = False
     #: config keys this family ignores
     ignored_keys: tuple[str, ...] = ()
+    #: whether config ``cuda_graphs: None`` captures the sampling ODE in one CUDA graph on CUDA devices
+    capture_sampling: bool = True
 
     def forwards(self, compile_backend: str | None) -> tuple[Callable, Callable, Callable]:
         raise NotImplementedError
@@ -73,7 +76,13 @@ class TrainingModels:
         return None
 
     def reduce_gradients(self) -> None:
-        """Average the trainable gradients over ranks when the family does not (DDP does it for modules)."""
+        """After backward: put the gradients on :meth:`trainable_parameters` (from low-precision weights, where
+        the family keeps fp32 master copies) and average them over ranks when the family does not (DDP does it
+        for modules)."""
+
+    def sync_weights(self) -> None:
+        """Write :meth:`trainable_parameters` into the weights the forwards use, where they differ (fp32 master
+        weights of a bf16 model): after each optimiser step, and around EMA swaps."""
 
     def policy_sampling_velocity(self) -> Callable:
         """What :meth:`ORWCFMTrainer.sample` integrates: the current policy (with guidance, where configured)."""
