@@ -23,6 +23,7 @@ __all__ = [
     "ODE_SOLVERS",
     "COUPLINGS",
     "WEIGHT_NORMALIZATIONS",
+    "CFG_MODES",
     "OPS_BACKENDS",
     "PRECISIONS",
     "TIME_SAMPLINGS",
@@ -34,6 +35,7 @@ ODE_SOLVERS = ("euler", "midpoint", "heun", "rk4")
 COUPLINGS = ("independent", "exact_ot", "weighted_ot")
 WEIGHT_NORMALIZATIONS = ("none", "batch", "group")
 PRECISIONS = ("fp32", "bf16")
+CFG_MODES = ("guided", "cfg_free", "sampling_only")
 OPS_BACKENDS = ("torch", "cpp", "triton")  # orwcfm_fast.ops.backends.BACKENDS (not imported: no torch here)
 
 
@@ -277,9 +279,11 @@ OPTIONS: dict[str, Option] = {
     "ode_steps": Option(100, _int(1), "solver steps from t=0 to t=1"),
     "coupling": Option("independent", _choice(COUPLINGS, allow_callable=True),
                        "pairing of noise x_0 with samples x_1: independent, exact_ot, weighted_ot"),
-    "weight_normalization": Option("none", _choice(WEIGHT_NORMALIZATIONS),
+    "weight_normalization": Option(None, _choice_or_none(WEIGHT_NORMALIZATIONS),
                                    "none: raw exp(beta r); batch: B * softmax(beta r), overflow-safe; group: "
-                                   "k * softmax(beta z) per prompt group, z the group-standardised reward"),
+                                   "k * softmax(beta z) per prompt group, z the group-standardised reward; None: "
+                                   "'none' for plain models (the reference's), for prompted models 'group' when "
+                                   "images_per_prompt > 1, else 'batch' (alpha then means the same at any reward offset)"),
     "sigma": Option(0.0, _float(0.0), "std of the Gaussian around the conditional path (torchcfm's sigma)"),
     "policy_dropout": Option(False, _bool, "keep the policy's dropout active in its training forward"),
     "clip_model": Option("ViT-B-32", _str(), "open_clip architecture for the CLIP reward"),
@@ -315,7 +319,13 @@ OPTIONS: dict[str, Option] = {
     "prompt_encoder": Option(None, _optional_callable,
                              "conditional models: list[str] -> tensor or tuple, passed as model(t, x, *cond)"),
     "images_per_prompt": Option(1, _int(1), "samples per prompt in a batch (batch_size must be a multiple)"),
-    "guidance_scale": Option(1.0, _float(0.0), "classifier-free guidance while sampling (1 = off; Flux: its guidance input)"),
+    "guidance_scale": Option(None, _float(0.0, allow_none=True),
+                             "guidance: SD3's classifier-free guidance scale (1 = off), Flux-dev's guidance input; "
+                             "None: the family's default (SD3 1.0, i.e. off; guidance-distilled Flux 3.5, its pipeline's)"),
+    "cfg_mode": Option("guided", _choice(CFG_MODES),
+                       "what CFG trains: guided (the loss and W2 use v_u + s (v_c - v_u), the velocity that samples), "
+                       "cfg_free (sample with guidance 1, train v_c), sampling_only (sample guided, train v_c: biased, "
+                       "guidance compounds over epochs)"),
     "negative_prompt": Option("", _str(), "the unconditional prompt of classifier-free guidance"),
     "resolution": Option(None, _resolution, "pipelines: image size, int or [h, w] (None: the model's default)"),
     "time_shift": Option(None, _float(0.0, low_inclusive=False, allow_none=True),

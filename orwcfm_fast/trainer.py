@@ -51,7 +51,12 @@ from orwcfm_fast.profiling import phase
 from orwcfm_fast.rewards import make_reward, score_terms
 from orwcfm_fast.run_log import EpochLog
 from orwcfm_fast.sampling import GraphSampler, integrate
-from orwcfm_fast.weighting import effective_sample_size, reward_weights
+from orwcfm_fast.weighting import (
+    default_normalization,
+    effective_sample_size,
+    raw_weight_scale_warning,
+    reward_weights,
+)
 
 __all__ = ["ORWCFMTrainer", "LinearWarmup", "TrainingInterrupted", "checkpoint_directory", "infer_sample_shape"]
 
@@ -200,6 +205,9 @@ class ORWCFMTrainer:
         self.grad_clip = cfg["grad_clip"]
         self.batch_size = cfg["batch_size"]
         self.prompts, self.eval_prompts = self._load_prompts(pipeline)
+        if cfg["weight_normalization"] is None:  # resolved once; the saved config records the choice
+            cfg["weight_normalization"] = default_normalization(self.prompts is not None, cfg["images_per_prompt"])
+        self._warned_raw_weights = False
 
         # Data-parallel when a process group is initialised (torchrun): each rank samples its own
         # batch_size with its own seed (rank 0's is the single-process seed), gradients are averaged.
@@ -626,7 +634,13 @@ class ORWCFMTrainer:
 
     def _weights(self, rewards: torch.Tensor) -> torch.Tensor:
         group = self.config["images_per_prompt"] if self.prompts is not None else None  # None: the batch
-        weights = reward_weights(rewards, self.beta, self.config["weight_normalization"], group)
+        normalization = self.config["weight_normalization"]
+        weights = reward_weights(rewards, self.beta, normalization, group)
+        if normalization == "none" and not self._warned_raw_weights:
+            message = raw_weight_scale_warning(rewards, self.beta, self.alpha)
+            if message is not None:
+                self._warned_raw_weights = True
+                warnings.warn(message, stacklevel=2)
         if not bool(torch.isfinite(weights).all()):
             bad = torch.nonzero(~torch.isfinite(weights)).flatten()[:5].tolist()
             raise FloatingPointError(
@@ -938,7 +952,7 @@ class ORWCFMTrainer:
         if not isinstance(self.models, ModuleModels):
             raise ValueError("load_pretrained loads velocity-model checkpoints; a pipeline is loaded with "
                              "its from_pretrained before the trainer is built")
-        state, ckpt = read_model_state(path, ema=ema, map_location=self.device)
+        state, ckpt = read_model_state(path, ema=ema, map_location="cpu")  # copied into the models' devices
         for model in (self.net_model, self.last_policy, self.ref_model):
             load_state_strict(model, state, f"{str(path)!r}")
         if load_optimizer:
@@ -1021,7 +1035,8 @@ class ORWCFMTrainer:
             CheckpointError: missing or unreadable file, not a trainer checkpoint, or weights of
                 another architecture (nothing is changed then).
         """
-        ckpt = load_file(path, map_location=self.device)
+        # on the CPU first: every tensor is then copied into its place on the device (no second full copy there)
+        ckpt = load_file(path, map_location="cpu")
         source = f"{str(path)!r}"
         missing = [k for k in ("optim", "sched") if not (isinstance(ckpt, Mapping) and k in ckpt)]
         if missing:

@@ -18,11 +18,62 @@ Two forms are offered:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from orwcfm_fast.config import WEIGHT_NORMALIZATIONS
 
-__all__ = ["reward_weights", "effective_sample_size"]
+__all__ = ["default_normalization", "effective_sample_size", "raw_weight_scale_warning", "reward_weights"]
+
+#: raw weights are flagged when ``temperature * (max r - min r)`` exceeds this (weights spanning > e^5 ~ 150x) ...
+RAW_SPREAD_LIMIT = 5.0
+#: ... or their mean is outside ``[1 / RAW_MEAN_LIMIT, RAW_MEAN_LIMIT]``
+RAW_MEAN_LIMIT = 10.0
+
+
+def default_normalization(prompted: bool, images_per_prompt: int = 1) -> str:
+    """Config ``weight_normalization: None`` resolved: what alpha means the same under, whatever the reward's offset.
+
+    Plain models keep the published reference's raw weights (``"none"``: the drop-in). Prompted
+    models (pipelines, conditional models) get ``"group"`` when each prompt has a group of
+    ``images_per_prompt > 1`` samples, else ``"batch"``: both are invariant to adding a constant to
+    the reward (PickScore ~22, HPS ~0.3, aesthetic ~5 all give the same weights), and their weights
+    average 1, so ``alpha`` weighs W2 against a flow-matching term of unit scale.
+    """
+    if not prompted:
+        return "none"
+    return "group" if images_per_prompt > 1 else "batch"
+
+
+def raw_weight_scale_warning(rewards: torch.Tensor, temperature: float, alpha: float) -> str | None:
+    """A warning text when raw weights ``exp(temperature * r)`` are far from scale 1, else ``None``.
+
+    With raw weights the loss is ``mean_i(w_i fm_i) + alpha * mean_i(w2_i)``: the flow-matching term
+    is scaled by the mean weight ``m`` and W2 is not, and Adam is invariant to the loss's overall
+    scale, so the run behaves as one with normalised weights and ``alpha / m``. Rewards around 22
+    at temperature 0.5 give ``m ~ e^11``: W2 is then switched off in effect.
+
+    Args:
+        rewards: ``[B]`` rewards of one batch.
+        temperature: ``beta``.
+        alpha: the W2 coefficient.
+    """
+    r = rewards.detach().double()
+    # one host read: the spread of the logits and the log of the mean raw weight (overflow-safe)
+    spread, log_sum = torch.stack([temperature * (r.max() - r.min()), torch.logsumexp(temperature * r, 0)]).tolist()
+    log_mean = log_sum - math.log(r.numel())
+    if spread <= RAW_SPREAD_LIMIT and abs(log_mean) <= math.log(RAW_MEAN_LIMIT):
+        return None
+    mean = math.exp(log_mean) if log_mean < 700 else math.inf
+    return (
+        f"raw reward weights exp(temperature * reward) (weight_normalization 'none'): temperature * (max r - min r) "
+        f"= {spread:.3g} and the mean weight is {mean:.3g}. The flow-matching term is scaled by the mean weight and "
+        f"the W2 term is not, so alpha = {alpha:g} acts as alpha / mean weight = {alpha / mean:.3g} would with "
+        "normalised weights (Adam ignores the loss's overall scale). Set config 'weight_normalization' to 'batch' "
+        "(or 'group' with images_per_prompt > 1) so alpha means the same at any reward offset; to keep a run tuned "
+        "with raw weights, use alpha / mean raw weight with 'batch'"
+    )
 
 
 def reward_weights(rewards: torch.Tensor, temperature: float, normalization: str = "none",

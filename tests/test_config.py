@@ -28,7 +28,8 @@ def test_new_keys_defaults():
     assert cfg["reward"] == "clip"
     assert cfg["ode_solver"] == "euler" and cfg["ode_steps"] == 100
     assert cfg["coupling"] == "independent"
-    assert cfg["weight_normalization"] == "none"
+    assert cfg["weight_normalization"] is None  # resolved by the trainer: see test_weighting_coupling's defaults test
+    assert cfg["guidance_scale"] is None and cfg["cfg_mode"] == "guided"
     assert cfg["clip_model"] == "ViT-B-32"
     assert cfg["sample_shape"] is None and cfg["seed"] is None
 
