@@ -369,8 +369,11 @@ class FastSteps:
                 "images_per_prompt", "learning_rate", "temperature", "w2_coefficient", "grad_clip",
                 "max_sequence_length", "negative_prompt")
         config = {k: cfg[k] for k in keys}
+        # the peers' math: guided sampling, the unguided conditional velocity trained, raw weights (the library's
+        # defaults train the guided velocity, cfg_mode "guided", on group-normalised weights)
         config.update(prompts=PROMPTS, reward=brightness, ode_solver="euler", warmup_steps=0, precision="fp32",
-                      seed=seed, savedir="/tmp/orwcfm_t2i_throughput", handle_signals=False)
+                      seed=seed, savedir="/tmp/orwcfm_t2i_throughput", handle_signals=False,
+                      cfg_mode="sampling_only", weight_normalization="none")
         self.trainer = ORWCFMTrainer(pipe, config, device)
 
     def step(self, timer: _Timer) -> None:

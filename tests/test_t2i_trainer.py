@@ -107,10 +107,12 @@ def test_save_lora_loads_into_a_fresh_pipeline(saved, tmp_path):
     fresh.load_lora_weights(tmp_path / "lora")
     cond = trainer.models.flow.encode(["a dog", "a tree"])
     t, x = torch.tensor([0.3, 0.8]), torch.randn(2, *trainer.sample_shape)
+    flow = trainer.models.flow
     with torch.no_grad():
-        ours = trainer._policy_forward(t, x, *cond)
-        theirs = trainer.models.flow.transformer_velocity(t, x, cond, fresh.transformer)
-        base = trainer._ref_forward(t, x, *cond)
+        ours = flow.transformer_velocity(t, x, cond, trainer.net_model)  # the policy's conditional velocity
+        theirs = flow.transformer_velocity(t, x, cond, fresh.transformer)
+        with trainer.models.roles.role("reference"):
+            base = flow.transformer_velocity(t, x, cond, trainer.net_model)
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(ours, base, rtol=1e-5, atol=1e-6)
 

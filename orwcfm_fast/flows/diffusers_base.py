@@ -54,7 +54,8 @@ class PipelineFlow:
     Args:
         pipe: the diffusers pipeline (its components are used, never its ``__call__``).
         resolution: image size (int or ``[h, w]``); ``None``: the transformer's default.
-        guidance_scale: classifier-free guidance while sampling (1 = off).
+        guidance_scale: classifier-free guidance while sampling (1 = off; Flux-dev: its guidance input);
+            ``None``: :meth:`default_guidance_scale`.
         negative_prompt: the unconditional prompt of CFG.
         time_shift: ``None``: the scheduler's own time grid (the pipeline's); a float: a
             uniform grid with this static shift.
@@ -84,7 +85,7 @@ class PipelineFlow:
         if resolution is None:
             resolution = self.default_resolution()
         self.height, self.width = parse_resolution(resolution, self.resolution_multiple())
-        self.guidance_scale = float(guidance_scale)
+        self.guidance_scale = float(guidance_scale if guidance_scale is not None else self.default_guidance_scale())
         self.negative_prompt = negative_prompt
         self.time_shift = time_shift
         self.max_sequence_length = int(max_sequence_length)
@@ -128,6 +129,29 @@ class PipelineFlow:
     def _guided(self) -> bool:
         """Whether :meth:`velocity` runs two-pass classifier-free guidance."""
         return self.guidance_scale != 1.0
+
+    def default_guidance_scale(self) -> float:
+        """The guidance of config ``guidance_scale: None``: 1 (classifier-free guidance off)."""
+        return 1.0
+
+    def dynamic_shift_mu(self) -> float | None:
+        """The scheduler's resolution-dependent shift ``mu`` (``use_dynamic_shifting``), or ``None``."""
+        return None
+
+    def sampling_shift(self) -> float:
+        """The static shift ``s`` of the sampling grid: ``sigma' = s sigma / (1 + (s - 1) sigma)``.
+
+        Config ``time_shift`` if set; else, with dynamic shifting (Flux), the shift its ``mu`` applies at
+        this resolution (``e^mu``, or ``mu`` for the scheduler's ``"linear"`` shift type: the same map);
+        else the scheduler's static ``shift``. ``time_sampling: "shifted"`` draws loss times with it, so
+        training sees the times sampling steps through.
+        """
+        if self.time_shift is not None:
+            return float(self.time_shift)
+        mu = self.dynamic_shift_mu()
+        if mu is not None:
+            return float(mu) if self.scheduler.config.get("time_shift_type", "exponential") == "linear" else math.exp(mu)
+        return float(self.scheduler.config.get("shift", 1.0))
 
     # ------------------------------------------------------------------ prompts
 

@@ -69,14 +69,21 @@ class FluxFlow(PipelineFlow):
         )
         return embeds, pooled
 
-    def _scheduler_grid(self, steps):
+    def default_guidance_scale(self) -> float:
+        """FluxPipeline's own default guidance (3.5) for guidance-distilled models (Flux-dev), else 1."""
+        return 3.5 if self.transformer.config.guidance_embeds else 1.0
+
+    def dynamic_shift_mu(self):
+        """Flux's resolution-dependent shift, as FluxPipeline computes it (always, whatever the scheduler's flag)."""
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
         c = self.scheduler.config
-        mu = calculate_shift(self.sample_shape[0], c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
-                             c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+        return calculate_shift(self.sample_shape[0], c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                               c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+
+    def _scheduler_grid(self, steps):
         sigmas = np.linspace(1.0, 1 / steps, steps)
-        return scheduler_time_grid(self.scheduler, steps, sigmas=sigmas, mu=mu)
+        return scheduler_time_grid(self.scheduler, steps, sigmas=sigmas, mu=self.dynamic_shift_mu())
 
     def to_vae_latents(self, x: torch.Tensor) -> torch.Tensor:
         return self.pipe._unpack_latents(x, self.height, self.width, self.vae_scale_factor)

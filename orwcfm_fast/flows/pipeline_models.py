@@ -16,6 +16,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -23,9 +24,10 @@ import torch
 from orwcfm_fast.checkpoints import CheckpointError, load_state_strict
 from orwcfm_fast.flows import flow_for_pipeline
 from orwcfm_fast.flows.lora import DEFAULT_TARGET_MODULES, LoraRoles
+from orwcfm_fast.flows.master_weights import MasterWeights, needs_master_weights
 from orwcfm_fast.flows.models import TrainingModels
 
-__all__ = ["PipelineModels", "RoleVelocity", "base_fingerprint"]
+__all__ = ["PipelineModels", "RoleVelocity", "base_fingerprint", "cfg_roles"]
 
 
 class RoleVelocity(torch.nn.Module):
@@ -53,6 +55,30 @@ class RoleVelocity(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"role={self.role!r}, guided={self.guided}"
+
+
+def cfg_roles(mode: str) -> tuple[bool, bool]:
+    """``(guided loss, guided sampling)`` of config ``cfg_mode``.
+
+    - ``"guided"``: the loss's policy velocity is ``v_u + s (v_c - v_u)`` (both branches through the
+      trained adapter) and W2 compares it with the reference's guided velocity: the trained
+      object is the one that samples, so each epoch's target ``q w / Z`` is what the next epoch
+      samples. Costs two transformer passes (one ``2B`` batch) per loss forward.
+    - ``"cfg_free"``: sampling without guidance and the conditional velocity trained (DiffusionNFT's
+      choice): also consistent, at one pass; the policy has to learn what guidance gave.
+    - ``"sampling_only"``: the published peers' way: sample guided, train the unguided conditional
+      velocity. Biased: the model absorbs the guidance into ``v_c`` and the next epoch guides again
+      on top, so guidance compounds over epochs and the sampled policy is not the trained one.
+
+    Families whose guidance is an input of one forward (Flux-dev) are the same in every mode.
+    """
+    if mode == "guided":
+        return True, True
+    if mode == "cfg_free":
+        return False, False
+    if mode == "sampling_only":
+        return False, True
+    raise ValueError(f"config key 'cfg_mode' must be one of 'guided', 'cfg_free', 'sampling_only', got {mode!r}")
 
 
 def base_fingerprint(transformer: torch.nn.Module) -> str:
@@ -94,6 +120,9 @@ class PipelineModels(TrainingModels):
     """
 
     conditional = True
+    #: no CUDA graph of the whole sampling ODE by default: a captured CFG transformer solve keeps its peak
+    #: activations (2B batch, every layer) in a private memory pool that the training step can then not use
+    capture_sampling = False
 
     def __init__(self, pipe, config: Mapping, device: torch.device, prompts: Sequence[str], seed: int = 0):
         self.pipe = pipe
@@ -112,6 +141,7 @@ class PipelineModels(TrainingModels):
         if config["gradient_checkpointing"]:
             transformer.enable_gradient_checkpointing()
         rank = config["lora_rank"]
+        self._master: MasterWeights | None = None
         if rank is not None:
             targets = config["lora_target_modules"] or DEFAULT_TARGET_MODULES
             self.roles: LoraRoles | None = LoraRoles(transformer, rank, config["lora_alpha"], targets, seed=seed)
@@ -122,15 +152,23 @@ class PipelineModels(TrainingModels):
             self.roles = None
             self._fingerprint = None
             transformer.requires_grad_(True)
+            # bf16 / fp16 weights: Adam's ~lr updates would round away; the optimiser trains fp32 copies
+            params = list(transformer.parameters())
+            self._master = MasterWeights(params) if needs_master_weights(params) else None
             last = copy.deepcopy(transformer).eval().requires_grad_(False)
             ref = copy.deepcopy(transformer).eval().requires_grad_(False)
             self.net_model = transformer
             transformers = (transformer, last, ref)
-        self._policy = RoleVelocity(self.flow, transformers[0], self.roles, "policy", guided=False)
-        self.last_policy = RoleVelocity(self.flow, transformers[1], self.roles, "last_policy", guided=False)
-        self.ref_model = RoleVelocity(self.flow, transformers[2], self.roles, "reference", guided=False)
-        self._sampler = RoleVelocity(self.flow, transformers[1], self.roles, "last_policy", guided=True)
-        self._policy_sampler = RoleVelocity(self.flow, transformers[0], self.roles, "policy", guided=True)
+        # config cfg_mode: which velocity the loss trains and which one samples (see cfg_roles)
+        guide_loss, guide_sampling = cfg_roles(config["cfg_mode"])
+        if not guide_sampling and self.flow._guided():
+            warnings.warn(f"config cfg_mode 'cfg_free' samples and trains without classifier-free guidance: "
+                          f"guidance_scale {self.flow.guidance_scale:g} is not used", stacklevel=3)
+        self._policy = RoleVelocity(self.flow, transformers[0], self.roles, "policy", guided=guide_loss)
+        self.last_policy = RoleVelocity(self.flow, transformers[1], self.roles, "last_policy", guided=guide_loss)
+        self.ref_model = RoleVelocity(self.flow, transformers[2], self.roles, "reference", guided=guide_loss)
+        self._sampler = RoleVelocity(self.flow, transformers[1], self.roles, "last_policy", guided=guide_sampling)
+        self._policy_sampler = RoleVelocity(self.flow, transformers[0], self.roles, "policy", guided=guide_sampling)
         self.can_overlap = self.roles is None
         if config["prompt_cache_size"] is None:
             self.flow.precompute(prompts)
@@ -152,7 +190,14 @@ class PipelineModels(TrainingModels):
     def trainable_parameters(self):
         if self.roles is not None:
             return self.roles.trainable_parameters()
+        if self._master is not None:
+            return list(self._master.params)
         return list(self.net_model.parameters())
+
+    def sync_weights(self):
+        """Full fine-tuning of a bf16 / fp16 transformer: round the fp32 master weights into it."""
+        if self._master is not None:
+            self._master.push()
 
     def update_last_policy(self):
         if self.roles is not None:
@@ -176,6 +221,8 @@ class PipelineModels(TrainingModels):
         """
         from orwcfm_fast import distributed as dist_utils
 
+        if self._master is not None:
+            self._master.take_gradients()
         if not dist_utils.is_distributed():
             return
         import torch.distributed as dist
@@ -217,10 +264,8 @@ class PipelineModels(TrainingModels):
         return self.flow.time_grid(steps)
 
     def training_shift(self) -> float:
-        """The shift of ``time_sampling: "shifted"``: config ``time_shift``, else the scheduler's ``shift``."""
-        if self.config["time_shift"] is not None:
-            return float(self.config["time_shift"])
-        return float(self.pipe.scheduler.config.get("shift", 1.0))
+        """The shift of ``time_sampling: "shifted"``: the sampler's (:meth:`PipelineFlow.sampling_shift`)."""
+        return self.flow.sampling_shift()
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -228,8 +273,11 @@ class PipelineModels(TrainingModels):
         if self.roles is not None:
             return {"lora": self.roles.state_dict(), "base_fingerprint": self._fingerprint,
                     "lora_rank": self.roles.rank}
-        return {"net_model": self.net_model.state_dict(), "last_policy": self.last_policy.transformer.state_dict(),
-                "ref_model": self.ref_model.transformer.state_dict()}
+        state = {"net_model": self.net_model.state_dict(), "last_policy": self.last_policy.transformer.state_dict(),
+                 "ref_model": self.ref_model.transformer.state_dict()}
+        if self._master is not None:  # the fp32 weights the optimiser trains (net_model holds them rounded)
+            state["master_weights"] = [p.detach().clone() for p in self._master.params]
+        return state
 
     def check_state(self, ckpt, source):
         if self.roles is None:
@@ -259,6 +307,15 @@ class PipelineModels(TrainingModels):
         load_state_strict(self.last_policy.transformer, ckpt["last_policy"], f"{source} [last_policy]")
         if "ref_model" in ckpt:
             load_state_strict(self.ref_model.transformer, ckpt["ref_model"], f"{source} [ref_model]")
+        if self._master is not None:
+            master = ckpt.get("master_weights")
+            if master is not None and len(master) == len(self._master.params) and all(
+                    a.shape == b.shape for a, b in zip(master, self._master.params)):
+                with torch.no_grad():
+                    torch._foreach_copy_(self._master.params, [m.to(p.device) for m, p in zip(master, self._master.params)])
+                self._master.push()
+            else:  # a checkpoint of an fp32 run or an older version: start the masters from the loaded weights
+                self._master.pull()
 
     # ------------------------------------------------------------------ export
 

@@ -50,15 +50,17 @@ class SD3Flow(PipelineFlow):
         )
         return embeds, pooled
 
-    def _scheduler_grid(self, steps):
-        mu = None
-        if self.scheduler.config.get("use_dynamic_shifting", None):
-            from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+    def dynamic_shift_mu(self):
+        if not self.scheduler.config.get("use_dynamic_shifting", None):
+            return None
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
-            c = self.scheduler.config
-            mu = calculate_shift(self.image_tokens(), c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
-                                 c.get("base_shift", 0.5), c.get("max_shift", 1.16))
-        return scheduler_time_grid(self.scheduler, steps, mu=mu)
+        c = self.scheduler.config
+        return calculate_shift(self.image_tokens(), c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                               c.get("base_shift", 0.5), c.get("max_shift", 1.16))
+
+    def _scheduler_grid(self, steps):
+        return scheduler_time_grid(self.scheduler, steps, mu=self.dynamic_shift_mu())
 
     def to_vae_latents(self, x: torch.Tensor) -> torch.Tensor:
         return x
