@@ -234,3 +234,22 @@ def test_backend_verdict(gpu_check):
     assert status == "fail" and "not from this tree" in detail and "missing python modules: ot" in detail
     unbuilt = {**gpu, "extension": None, "extension_error": "ModuleNotFoundError: orwcfm_fast._C"}
     assert "does not load" in gpu_check.backend_verdict(unbuilt, dry_run=True)[1]
+
+
+def test_each_memcheck_process_has_its_own_limit(gpu_check, tmp_path, monkeypatch):
+    """A slow first sanitizer process times out at its own limit: the captured-graph one still gets its time."""
+    calls = []
+
+    def fake_run(name, cmd, limit_s, env=None):
+        calls.append((name, limit_s))
+        return {"rc": 0, "timed_out": False, "seconds": limit_s, "output": "ERROR SUMMARY: 0 errors\nmemcheck cases: ok",
+                "log": str(tmp_path / f"{name}.log")}
+
+    runner = gpu_check.Runner(tmp_path, 1e6, {})
+    monkeypatch.setattr(runner, "run", fake_run)
+    monkeypatch.setattr(gpu_check, "find_sanitizer", lambda: "/bin/true")
+    gpu_check.run_memcheck(runner, sys.executable, dry_run=False)
+    limits = dict(calls)
+    assert limits == {"memcheck_large_misaligned": gpu_check.MEMCHECK_PROCESS_S["large,misaligned"],
+                      "memcheck_captured": gpu_check.MEMCHECK_PROCESS_S["captured"]}
+    assert sum(gpu_check.MEMCHECK_PROCESS_S.values()) <= gpu_check.STEP_LIMIT_S["memcheck"]
