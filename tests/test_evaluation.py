@@ -278,3 +278,28 @@ def test_dino_diversity_embedding(tmp_path):
     want = torch.nn.functional.normalize(cls.double(), dim=-1)
     torch.testing.assert_close(got, want, atol=2e-2, rtol=0)  # PIL's uint8 rounding after resampling
     assert mean_pairwise_distance(got) == pytest.approx(mean_pairwise_distance(want), abs=2e-2)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_frechet_distance_against_scipy(weighted):
+    """frechet_distance (eigh square roots, weighted moments) against scipy's sqrtm of S_x S_y and numpy's cov."""
+    import numpy as np
+    import scipy.linalg
+
+    from orwcfm_fast.metrics import frechet_distance
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 7, generator=g, dtype=torch.float64)
+    y = torch.randn(151, 7, generator=g, dtype=torch.float64) * 1.5 + 0.3
+    w = torch.rand(151, generator=g, dtype=torch.float64) if weighted else None
+    a, b = x.numpy(), y.numpy()
+    m1, c1 = a.mean(0), np.cov(a, rowvar=False)
+    if w is None:
+        m2, c2 = b.mean(0), np.cov(b, rowvar=False)
+    else:
+        wn = w.numpy() / w.numpy().sum()
+        m2 = np.average(b, axis=0, weights=wn)
+        c2 = np.cov(b, rowvar=False, aweights=wn, ddof=0) / (1 - (wn ** 2).sum())
+    want = ((m1 - m2) ** 2).sum() + np.trace(c1 + c2 - 2 * scipy.linalg.sqrtm(c1 @ c2).real)
+    assert frechet_distance(x, y, w) == pytest.approx(want, rel=1e-9)
+    assert frechet_distance(x, x) == pytest.approx(0.0, abs=1e-9)

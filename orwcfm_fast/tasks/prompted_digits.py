@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["PROMPTED_DIGITS_DEFAULTS", "build_prompted_digits_pipeline", "digit_prompt",
-           "load_or_pretrain_prompted_digits", "prompted_digit_reward", "run_prompted_digits_demo"]
+           "digit_logits", "load_or_pretrain_prompted_digits", "prompted_digit_reward", "run_prompted_digits_demo",
+           "target_drift"]
 
 CACHE_VERSION = "prompted-digits-v3"
 MAX_SEQUENCE_LENGTH = 16  # T5 tokens per prompt: the tiny T5 tokenizer spells "a handwritten 7" in 14
@@ -58,6 +59,7 @@ PROMPTED_DIGITS_DEFAULTS: dict[str, Any] = {
     "ode_steps": 8,
     "eval_per_prompt": 64,
     "seed": 0,
+    "cfg_mode": None,  # None: the trainer's default
 }
 
 #: Pretraining hyperparameters (VAE and transformer).
@@ -230,8 +232,12 @@ def load_or_pretrain_prompted_digits(cache_dir: str | os.PathLike = "runs/cache"
 
 
 @torch.no_grad()
-def _evaluate(trainer, reward, prompts: list[str], per_prompt: int) -> dict[str, Any]:
-    """Per-prompt mean reward and within-prompt diversity of ``per_prompt`` samples from the policy (fixed noise)."""
+def _evaluate(trainer, reward, prompts: list[str], per_prompt: int, features=None) -> dict[str, Any]:
+    """Per-prompt mean reward and within-prompt diversity of ``per_prompt`` samples from the policy (fixed noise).
+
+    With ``features`` (images -> ``[N, F]``) the result also holds every sample's ``rewards`` and ``features``
+    (for :func:`target_drift`).
+    """
     from orwcfm_fast.metrics import mean_pairwise_distance
 
     state = torch.get_rng_state(), trainer.generator.get_state()
@@ -251,7 +257,43 @@ def _evaluate(trainer, reward, prompts: list[str], per_prompt: int) -> dict[str,
                                 "diversity": mean_pairwise_distance(images[rows].mean(1) * 2 - 1)}
     out["reward"] = sum(v["reward"] for v in out["per_prompt"].values()) / len(prompts)
     out["diversity"] = sum(v["diversity"] for v in out["per_prompt"].values()) / len(prompts)
+    if features is not None:
+        out["rewards"], out["features"] = rewards.detach().float().cpu(), features(images).detach().double().cpu()
     return out
+
+
+def digit_logits(classifier):
+    """``images [B, 3, H, W]`` in [0, 1] -> the digits classifier's ``[B, 10]`` logits (the drift's feature space)."""
+
+    def features(images: torch.Tensor) -> torch.Tensor:
+        gray = images.float().mean(1, keepdim=True) * 2 - 1
+        with torch.no_grad():
+            return classifier(gray.to(next(classifier.parameters()).device)).float()
+
+    return features
+
+
+def target_drift(before: dict[str, Any], after: dict[str, Any], prompts: list[str], per_prompt: int,
+                 temperature: float) -> dict[str, float]:
+    """How far an epoch's samples are from the distribution that epoch was asked to learn, per prompt, averaged.
+
+    The target of one ORW-CFM epoch is the sampled distribution reweighted, ``q(x) exp(beta r(x)) / Z``
+    (the W2 term then pulls toward the reference). ``before``'s samples (the sampler at the epoch's start)
+    weighted by ``exp(beta r)`` stand for it; ``after``'s samples (the same sampler at the epoch's end) are
+    what it learned. Returns the Fréchet distance of the two in the classifier's logit space and the reward
+    overshoot (mean reward after minus the target's weighted mean reward): a sampler that drifts past its
+    target, as compounding guidance does, shows a growing distance and a positive overshoot.
+    """
+    from orwcfm_fast.metrics import frechet_distance
+
+    fds, overshoot = [], []
+    for i, _ in enumerate(prompts):
+        rows = slice(i * per_prompt, (i + 1) * per_prompt)
+        r = before["rewards"][rows].double()
+        w = torch.softmax(temperature * r, 0)
+        fds.append(frechet_distance(after["features"][rows], before["features"][rows], w))
+        overshoot.append(float(after["rewards"][rows].double().mean() - (w * r).sum()))
+    return {"target_fd": sum(fds) / len(fds), "reward_overshoot": sum(overshoot) / len(overshoot)}
 
 
 def run_prompted_digits_demo(outdir: str | os.PathLike = "runs/prompted-digits", cache_dir="runs/cache",
@@ -289,17 +331,23 @@ def run_prompted_digits_demo(outdir: str | os.PathLike = "runs/prompted-digits",
         "learning_rate": opts["learning_rate"], "warmup_steps": 0, "weight_normalization": "batch",
         "seed": opts["seed"], "savedir": str(outdir), "run_name": "prompted_digits", "handle_signals": False,
     }
+    if opts["cfg_mode"] is not None:
+        config["cfg_mode"] = opts["cfg_mode"]
     trainer = ORWCFMTrainer(pipe, config, device)
     per_prompt = opts["eval_per_prompt"]
-    before = _evaluate(trainer, reward, prompts, per_prompt)
+    features = digit_logits(classifier)
+    before = _evaluate(trainer, reward, prompts, per_prompt, features)
     curves = [{"epoch": 0, "reward": before["reward"], "diversity": before["diversity"]}]
     log(f"before: reward {before['reward']:.3f}, diversity {before['diversity']:.3f}")
     t_ft = time.perf_counter()
+    ev = before
     for epoch in range(opts["epochs"]):
         trainer.train(1, opts["steps_per_epoch"])
-        ev = _evaluate(trainer, reward, prompts, per_prompt)
-        curves.append({"epoch": epoch + 1, "reward": ev["reward"], "diversity": ev["diversity"]})
-        log(f"epoch {epoch + 1}: reward {ev['reward']:.3f}, diversity {ev['diversity']:.3f}")
+        previous, ev = ev, _evaluate(trainer, reward, prompts, per_prompt, features)
+        drift = target_drift(previous, ev, prompts, per_prompt, opts["temperature"])
+        curves.append({"epoch": epoch + 1, "reward": ev["reward"], "diversity": ev["diversity"], **drift})
+        log(f"epoch {epoch + 1}: reward {ev['reward']:.3f}, diversity {ev['diversity']:.3f}, "
+            f"drift from target {drift['target_fd']:.3f} (reward overshoot {drift['reward_overshoot']:+.3f})")
     fine_tune_s = time.perf_counter() - t_ft
     after = ev if opts["epochs"] else before
     for name, result in (("before", before), ("after", after)):
@@ -315,8 +363,10 @@ def run_prompted_digits_demo(outdir: str | os.PathLike = "runs/prompted-digits",
         "before": {"reward": before["reward"], "diversity": before["diversity"], "per_prompt": before["per_prompt"]},
         "after": {"reward": after["reward"], "diversity": after["diversity"], "per_prompt": after["per_prompt"]},
         "curves": curves, "fine_tune_seconds": fine_tune_s, "total_seconds": time.perf_counter() - t_start,
-        "device": str(device),
+        "device": str(device), "cfg_mode": trainer.config["cfg_mode"],
     }
     (outdir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     trainer.save_lora(outdir / "lora")
+    # not in metrics.json: the evaluation images ([P * eval_per_prompt, 3, 8, 8] in [0, 1], prompt-major)
+    metrics["images"] = {"before": before["images"], "after": after["images"]}
     return metrics
