@@ -35,3 +35,23 @@ def one_cpu_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def saved(tmp_path_factory):
+    """A folder of tiny random-init pipelines written once per session by ``save_pretrained``: ``sd3``, ``sd35``
+    (SD3.5-style) and ``flux``, for tests of the real loading path (``from_pretrained``, offline).
+
+    ``HF_HUB_OFFLINE=1`` is set from the first use to the end of the session. Skips without the diffusers extra.
+    """
+    pytest.importorskip("diffusers", reason="the text-to-image path needs the 'diffusers' extra")
+    from orwcfm_fast.flows.tiny import tiny_flux_pipeline, tiny_sd3_pipeline
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    root = tmp_path_factory.mktemp("tiny_pipelines")
+    tiny_sd3_pipeline().save_pretrained(root / "sd3")
+    tiny_sd3_pipeline(sd35=True).save_pretrained(root / "sd35")
+    tiny_flux_pipeline().save_pretrained(root / "flux")
+    yield root
+    mp.undo()

@@ -36,19 +36,6 @@ PROMPTS = ["a dog", "a tree"]
 RANK, ALPHA = 4, 8.0  # alpha = 2 r: the scale diffusers would get wrong without the metadata
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    from orwcfm_fast.flows.tiny import tiny_flux_pipeline, tiny_sd3_pipeline
-
-    mp_ = pytest.MonkeyPatch()
-    mp_.setenv("HF_HUB_OFFLINE", "1")
-    root = tmp_path_factory.mktemp("pipes")
-    tiny_sd3_pipeline(sd35=True).save_pretrained(root / "sd35")
-    tiny_flux_pipeline().save_pretrained(root / "flux")
-    yield root
-    mp_.undo()
-
-
 def load(saved, family):
     from diffusers import FluxPipeline, StableDiffusion3Pipeline
 

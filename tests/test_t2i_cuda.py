@@ -20,23 +20,12 @@ pytest.importorskip("diffusers", reason="the text-to-image path needs the 'diffu
 pytest.importorskip("peft", reason="the text-to-image path needs the 'diffusers' extra")
 
 from orwcfm_fast import ORWCFMTrainer  # noqa: E402
-from orwcfm_fast.flows.tiny import TINY_SIZE, tiny_flux_pipeline, tiny_sd3_pipeline  # noqa: E402
+from orwcfm_fast.flows.tiny import TINY_SIZE  # noqa: E402
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 PROMPTS = ["a dog", "a red cat", "a tree", "a blue car"]
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("HF_HUB_OFFLINE", "1")
-    root = tmp_path_factory.mktemp("pipes")
-    tiny_sd3_pipeline(sd35=True).save_pretrained(root / "sd35")
-    tiny_flux_pipeline().save_pretrained(root / "flux")
-    yield root
-    mp.undo()
 
 
 def load(saved, family, dtype=torch.bfloat16):
