@@ -12,8 +12,8 @@ Per mode: per-prompt reward and within-prompt diversity before and after, and pe
 the sampled distribution from that epoch's target (:func:`~orwcfm_fast.tasks.prompted_digits.target_drift`:
 the Fréchet distance, in the classifier's logit space, between the epoch's samples and the previous
 samples reweighted by ``exp(beta r)``, and the reward overshoot). It also looks at the "a handwritten 7"
-row, where the demo's sampling-only run drew a bright pixel in the bottom-left corner: the pixel's mean
-value per mode, and whether the reward pays for it (p(7) of the pretrained 7s with that pixel set white).
+row, where the demo's sampling-only run drew a bright pixel in the bottom-left corner: the bottom-left pixel that
+brightened most, per mode, and whether the reward pays for it (:func:`artefact_probe`).
 
 Writes ``benchmarks/results/cfg_modes_<device>.json`` (with provenance) and ``docs/figures/cfg-modes-7.png``.
 Run: ``python benchmarks/cfg_modes.py [--epochs 8] [--modes guided,cfg_free,sampling_only]`` (about
@@ -37,21 +37,32 @@ from _meta import provenance  # noqa: E402
 
 from orwcfm_fast.tasks.prompted_digits import digit_prompt, run_prompted_digits_demo  # noqa: E402
 
-CORNER = (7, 0)  # (row, column) of the bottom-left pixel of the 8x8 digits
+def p7(classifier, images: torch.Tensor) -> torch.Tensor:
+    """The classifier's p(7) of ``images`` ``[N, 3, 8, 8]`` in [0, 1]."""
+    gray = images.float().mean(1, keepdim=True) * 2 - 1
+    with torch.no_grad():
+        return torch.softmax(classifier(gray), -1)[:, 7]
 
 
-def corner_probe(classifier, images: torch.Tensor) -> dict[str, float]:
-    """p(7) of ``images`` (``[N, 3, 8, 8]`` in [0, 1]) as they are and with the bottom-left pixel set white."""
-    def p7(x):
-        gray = x.float().mean(1, keepdim=True) * 2 - 1
-        with torch.no_grad():
-            return torch.softmax(classifier(gray), -1)[:, 7]
-
-    bright = images.clone()
-    bright[:, :, CORNER[0], CORNER[1]] = 1.0
-    base, lit = p7(images), p7(bright)
-    return {"p7": float(base.mean()), "p7_corner_white": float(lit.mean()),
-            "share_raised": float((lit > base).float().mean())}
+def artefact_probe(classifier, before: torch.Tensor, after: torch.Tensor) -> dict:
+    """The bottom-left pixel that brightened most from ``before`` to ``after`` (rows 4-7, columns 0-3 of the 8x8
+    "7"s), and whether the reward pays for it: p(7) of the ``before`` images with that pixel set white, and of the
+    ``after`` images with it set back to its ``before`` mean."""
+    mean_before, mean_after = before.mean((0, 1)), after.mean((0, 1))
+    delta = (mean_after - mean_before)[4:, :4]
+    i = int(delta.argmax())
+    row, col = 4 + i // 4, i % 4
+    lit, restored = before.clone(), after.clone()
+    lit[:, :, row, col] = 1.0
+    restored[:, :, row, col] = float(mean_before[row, col])
+    return {"pixel": [row, col], "mean_before": float(mean_before[row, col]), "mean_after": float(mean_after[row, col]),
+            "share_lit_after": float((after[:, :, row, col].mean(1) > 0.5).float().mean()),
+            "share_lit_before": float((before[:, :, row, col].mean(1) > 0.5).float().mean()),
+            "p7_before": float(p7(classifier, before).mean()), "p7_before_pixel_white": float(p7(classifier, lit).mean()),
+            "p7_after": float(p7(classifier, after).mean()),
+            "p7_after_pixel_restored": float(p7(classifier, restored).mean()),
+            "mean_image_before": (mean_before * 100).round().int().tolist(),
+            "mean_image_after": (mean_after * 100).round().int().tolist()}
 
 
 def main(argv=None) -> int:
@@ -83,12 +94,7 @@ def main(argv=None) -> int:
         if i7 is not None:
             sl = slice(i7 * per, (i7 + 1) * per)
             after7, before7 = images["after"][sl].cpu(), images["before"][sl].cpu()
-            entry["seven"] = {
-                "corner_mean_before": float(before7[:, :, CORNER[0], CORNER[1]].mean()),
-                "corner_mean_after": float(after7[:, :, CORNER[0], CORNER[1]].mean()),
-                "corner_lit_share_after": float((after7[:, :, CORNER[0], CORNER[1]].mean(1) > 0.5).float().mean()),
-                "probe_before": corner_probe(classifier, before7),
-            }
+            entry["seven"] = artefact_probe(classifier, before7, after7)
             if not rows:
                 rows.append(before7[:16].mean(1, keepdim=True) * 2 - 1)
                 titles.append("pretrained")
