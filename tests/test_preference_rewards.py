@@ -275,13 +275,30 @@ def rewards(clip_dirs, hps_paths):
 # independent references (float64 models, the real processors on PIL images, the authors' formulas)
 
 
-def _hf_reference(model_dir, processor_dir, pil, prompts, scale):
-    from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
+def _reference_pixels(name, clip_dirs, pil):
+    """``[B, 3, SIZE, SIZE]`` float64: reward ``name``'s reference preprocessing of the PIL images (the folder's
+    ``CLIPImageProcessorPil`` for clip_score / pickscore, open_clip's ``resize_mode='longest'`` transform for
+    hpsv2, OpenAI CLIP's transform for aesthetic)."""
+    if name in ("clip_score", "pickscore"):
+        from transformers import CLIPImageProcessorPil
+
+        folder = clip_dirs["clip"] if name == "clip_score" else clip_dirs["pick_processor"]
+        pixels = CLIPImageProcessorPil.from_pretrained(str(folder))(images=pil, return_tensors="pt")["pixel_values"]
+    elif name == "hpsv2":
+        import open_clip
+
+        transform = open_clip.image_transform(SIZE, is_train=False, resize_mode="longest")
+        pixels = torch.stack([transform(p) for p in pil])
+    else:
+        pixels = torch.stack([openai_clip_transform(SIZE)(p) for p in pil])
+    return pixels.double()
+
+
+def _hf_reference(model_dir, processor_dir, pixels, prompts, scale):
+    from transformers import AutoTokenizer, CLIPModel
 
     model = CLIPModel.from_pretrained(str(model_dir)).double().eval()
-    proc = CLIPImageProcessorPil.from_pretrained(str(processor_dir))
     tok = AutoTokenizer.from_pretrained(str(processor_dir))
-    pixels = proc(images=pil, return_tensors="pt")["pixel_values"].double()
     text = tok(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
     with torch.no_grad():
         img = model.get_image_features(pixel_values=pixels).pooler_output
@@ -290,21 +307,20 @@ def _hf_reference(model_dir, processor_dir, pil, prompts, scale):
     return logit_scale * (unit(img) * unit(txt)).sum(-1)
 
 
-def _hps_reference(hps_paths, pil, prompts):
+def _hps_reference(hps_paths, pixels, prompts):
     import open_clip
 
     model = open_clip.create_model("orwcfm-test-hps-tiny", pretrained=None)
     model.load_state_dict(torch.load(hps_paths["checkpoint"])["state_dict"])
     model = model.double().eval()
-    transform = open_clip.image_transform(SIZE, is_train=False, resize_mode="longest")
     tokens = open_clip.get_tokenizer("orwcfm-test-hps-tiny")(prompts)
     with torch.no_grad():
-        img = model.encode_image(torch.stack([transform(p) for p in pil]).double(), normalize=True)
+        img = model.encode_image(pixels, normalize=True)
         txt = model.encode_text(tokens, normalize=True)
     return torch.diagonal(img @ txt.T)
 
 
-def _aesthetic_reference(clip_dirs, pil):
+def _aesthetic_reference(clip_dirs, pixels):
     from transformers import CLIPModel
 
     model = CLIPModel.from_pretrained(str(clip_dirs["aes_clip"])).double().eval()
@@ -312,7 +328,6 @@ def _aesthetic_reference(clip_dirs, pil):
                                torch.nn.Dropout(0.2), torch.nn.Linear(128, 64), torch.nn.Dropout(0.1),
                                torch.nn.Linear(64, 16), torch.nn.Linear(16, 1)).double().eval()
     head.load_state_dict({k[len("layers."):]: v for k, v in torch.load(clip_dirs["aes_head"]).items()})
-    pixels = torch.stack([openai_clip_transform(SIZE)(p) for p in pil]).double()
     with torch.no_grad():
         emb = model.get_image_features(pixel_values=pixels).pooler_output
         l2 = np.linalg.norm(emb.numpy(), 2, axis=-1, keepdims=True)  # the predictor's normalized()
@@ -320,21 +335,33 @@ def _aesthetic_reference(clip_dirs, pil):
         return head(emb).squeeze(-1)
 
 
-def _reference(name, clip_dirs, hps_paths, pil, prompts):
+def _reference(name, clip_dirs, hps_paths, pil, prompts, pixels=None):
+    """Reward ``name``'s reference scores of the PIL images (``pixels``: their :func:`_reference_pixels`, if
+    already computed)."""
+    if pixels is None:
+        pixels = _reference_pixels(name, clip_dirs, pil)
     if name == "clip_score":
-        return _hf_reference(clip_dirs["clip"], clip_dirs["clip"], pil, prompts, scale=False)
+        return _hf_reference(clip_dirs["clip"], clip_dirs["clip"], pixels, prompts, scale=False)
     if name == "pickscore":
-        return _hf_reference(clip_dirs["pick_model"], clip_dirs["pick_processor"], pil, prompts, scale=True)
+        return _hf_reference(clip_dirs["pick_model"], clip_dirs["pick_processor"], pixels, prompts, scale=True)
     if name == "hpsv2":
-        return _hps_reference(hps_paths, pil, prompts)
-    return _aesthetic_reference(clip_dirs, pil)
+        return _hps_reference(hps_paths, pixels, prompts)
+    return _aesthetic_reference(clip_dirs, pixels)
 
 
 NAMES = ["clip_score", "pickscore", "hpsv2", "aesthetic"]
 # Relative tolerance of the scores. Native-size inputs (no resampling; a crop / a pad only) see the references'
-# pixels exactly, so only float32 vs float64 arithmetic differs (~1e-6). Resampled inputs differ by PIL's uint8
-# rounding (<= 1.1 / 255 per pixel, see above), which moves the tiny random models' scores by ~1e-3.
-EXACT, RESAMPLED = 2e-5, 2e-2
+# pixels exactly, so only float32 vs float64 arithmetic differs (~1e-6).
+EXACT = 2e-5
+# Resampled inputs differ by PIL's uint8 rounding (<= 1.1 / 255 per pixel, see MAX_ERR above), which moves the tiny
+# random models' scores, relative to the largest |score|, by at most 1.5e-3 for the three CLIP cosines on the inputs
+# below (1.7e-3 at two other seeds): 4e-3 leaves a margin of more than 2x. Aesthetic is more sensitive (its first
+# layer is scaled x200 so that its scores spread, and they sit near 0): 7.3e-3 on the inputs below (up to 1.8e-2 at
+# other seeds), under 2e-2.
+# Scores cannot tell resize filters apart (bilinear instead of bicubic measured 2.4e-4 .. 2.5e-2 on the same
+# inputs, often inside any tolerance the correct code passes): the filter is checked on the pixels, which it
+# moves by >= 9.8 / 255 at most (and >= 1.3 / 255 on average) against the correct code's <= 1.06 (0.32).
+RESAMPLED = {"clip_score": 4e-3, "pickscore": 4e-3, "hpsv2": 4e-3, "aesthetic": 2e-2}
 
 
 # sizes with no resampling: the shortest side / longest side already 32; crops with an odd excess of 11 / 13
@@ -354,12 +381,20 @@ def test_reward_matches_reference_at_native_size(name, rewards, clip_dirs, hps_p
 
 @pytest.mark.parametrize("name", NAMES)
 def test_reward_matches_reference_at_odd_sizes(name, rewards, clip_dirs, hps_paths):
+    """Downsampled (61 x 47, 128 x 96) and upsampled (17 x 23) inputs: the reward's own preprocessed pixels are
+    its reference transform's (the resize filter, resize mode, crop / pad and normalisation each reward is built
+    with), and its scores are the reference's."""
     for b, (h, w) in [(3, (61, 47)), (1, (17, 23)), (2, (128, 96))]:
         x, pil = images_u8(b, h, w, seed=h)
+        ref_pixels = _reference_pixels(name, clip_dirs, pil)
+        ours = rewards[name].preprocess(x)
+        assert ours.shape == ref_pixels.shape == (b, 3, SIZE, SIZE), (name, (h, w), ours.shape)
+        err = pixel_error(ours, ref_pixels)
+        assert err.max() <= MAX_ERR and err.mean() <= MEAN_ERR, (name, (h, w), float(err.max()), float(err.mean()))
         got = rewards[name](x, PROMPTS[:b])
-        ref = _reference(name, clip_dirs, hps_paths, pil, PROMPTS[:b])
+        ref = _reference(name, clip_dirs, hps_paths, pil, PROMPTS[:b], pixels=ref_pixels)
         spread = max(ref.abs().max().item(), 1e-3)
-        assert torch.allclose(got.double(), ref, rtol=0, atol=RESAMPLED * spread), (name, (h, w), got, ref)
+        assert torch.allclose(got.double(), ref, rtol=0, atol=RESAMPLED[name] * spread), (name, (h, w), got, ref)
 
 
 @pytest.mark.parametrize("name", NAMES)
