@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from orwcfm_fast.config import COUPLINGS
+from orwcfm_fast.rng import keep_global_states
 
 __all__ = ["couple", "independent", "exact_ot", "weighted_ot", "COUPLING_FNS"]
 
@@ -82,7 +83,8 @@ def weighted_ot(x_0, x_1, weights, generator=None):
     Returns:
         ``(x_0, x_1[partner], ones)``.
     """
-    import ot
+    with keep_global_states():  # POT draws from Python's `random` when first imported
+        import ot
 
     w = weights.detach().double().cpu()
     total = w.sum()

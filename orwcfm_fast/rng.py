@@ -10,13 +10,14 @@ dict that ``torch.load(weights_only=True)`` can read back (tensors, ints, floats
 
 from __future__ import annotations
 
+import contextlib
 import random
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
 
-__all__ = ["capture", "restore"]
+__all__ = ["capture", "keep_global_states", "restore"]
 
 
 def capture(generators: Mapping[str, torch.Generator] | None = None,
@@ -69,3 +70,24 @@ def restore(state: Mapping[str, Any], generators: Mapping[str, torch.Generator] 
         random.setstate((s["version"], tuple(int(v) for v in s["internal"].tolist()), s["gauss_next"]))
     if "torch_cuda" in state and cuda_device is not None and cuda_device.type == "cuda":
         torch.cuda.set_rng_state(state["torch_cuda"].cpu(), cuda_device)
+
+
+@contextlib.contextmanager
+def keep_global_states() -> Iterator[None]:
+    """Leave Python's, numpy's and torch's CPU global generators as they were on entry.
+
+    For lazy imports of third-party packages that draw at import time (``rich``, which POT and
+    torchcfm pull in through scikit-learn, calls ``random.getrandbits`` when its module loads):
+    without it, the first trainer built in a process, or the first ``weighted_ot`` batch, moves the
+    user's global streams, so a run depends on whether those modules happened to be imported
+    already (a resumed process imports them at another moment than the run it continues).
+    """
+    python_state = random.getstate()
+    numpy_state = np.random.get_state()
+    torch_state = torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        torch.set_rng_state(torch_state)

@@ -45,9 +45,12 @@ logger = logging.getLogger(__name__)
 
 def _torchcfm_classes():
     """``(QKVAttentionLegacy, QKVAttention, GroupNorm32)`` from torchcfm, or ``None`` without it."""
+    from orwcfm_fast.rng import keep_global_states
+
     try:
-        from torchcfm.models.unet.nn import GroupNorm32
-        from torchcfm.models.unet.unet import QKVAttention, QKVAttentionLegacy
+        with keep_global_states():  # torchcfm imports POT, which draws from Python's `random` on import
+            from torchcfm.models.unet.nn import GroupNorm32
+            from torchcfm.models.unet.unet import QKVAttention, QKVAttentionLegacy
     except ImportError:  # pragma: no cover - torchcfm is a dependency of orwcfm_fast
         return None
     return QKVAttentionLegacy, QKVAttention, GroupNorm32

@@ -83,7 +83,10 @@ def make_digits_unet(**overrides: Any) -> nn.Module:
         A ``torchcfm.models.unet.UNetModelWrapper`` called as ``model(t, x)`` with
         ``t`` ``[B]`` in ``[0, 1]`` and ``x`` ``[B, 1, 8, 8]``, returning a velocity ``[B, 1, 8, 8]``.
     """
-    from torchcfm.models.unet.unet import UNetModelWrapper
+    from orwcfm_fast.rng import keep_global_states
+
+    with keep_global_states():  # torchcfm imports POT, which draws from Python's `random` on import
+        from torchcfm.models.unet.unet import UNetModelWrapper
 
     kwargs = {**DIGITS_UNET_KWARGS, **overrides}
     kwargs["dim"] = tuple(kwargs["dim"])
