@@ -112,13 +112,30 @@ def test_signal_mid_epoch_saves_and_resume_is_bit_identical(tmp_path, overlap, s
     expected = snapshot(full)
 
     reset_global_rngs()
-    # Reward call 8 is step 3 of epoch 2 (with overlap, made in the background during step 2).
-    stopped = make_trainer(tmp_path / "run", reward=NoisyReward(signal_at=8, signum=signum), overlap_sampling=overlap)
+    if not overlap:
+        # Reward call 8 is made in step 3 of epoch 2, on the main thread: the signal arrives during step 3.
+        stopped = make_trainer(tmp_path / "run", reward=NoisyReward(signal_at=8, signum=signum))
+        step = 3
+    else:
+        # With overlap, step 3's batch (reward call 8) is made in the background during step 2, and when
+        # that call comes relative to the main thread depends on the machine's load. Send the signal
+        # from the main thread instead, right after step 2's optimizer step (global step 7): the
+        # background batch is then in flight or done, and must be discarded and its draws rewound.
+        stopped = make_trainer(tmp_path / "run", overlap_sampling=True)
+        optimizer_steps = []
+
+        def signal_after_step_7(optimizer, args, kwargs):
+            optimizer_steps.append(1)
+            if len(optimizer_steps) == 7:
+                os.kill(os.getpid(), signum)
+
+        stopped.optimizer.register_step_post_hook(signal_after_step_7)
+        step = 2
     with pytest.raises(TrainingInterrupted) as info:
         stopped.train(3, 5)
     err = info.value
     assert err.code == 128 + signum and err.signum == signum
-    step = 3 if not overlap else 2  # the step in flight when the signal came is finished, then it stops
+    # the step in flight when the signal came is finished, then it stops
     assert stopped.epoch == 1 and stopped.step_in_epoch == step
     assert Path(err.checkpoint).is_file() and err.checkpoint == latest_checkpoint(tmp_path / "run" / "checkpoints")
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
@@ -327,3 +344,50 @@ def test_resume_with_another_world_size_warns(tmp_path):
     with pytest.warns(UserWarning, match="2 processes, this one has 1"):
         resumed.load_checkpoint(tmp_path / "two.pt")
     assert resumed.epoch == 1
+
+
+def test_first_import_of_torchcfm_and_pot_leaves_the_global_generators_alone():
+    """A fresh process: building the first trainer (which imports torchcfm, hence POT, sklearn and rich) and the
+    first ``weighted_ot`` batch must not draw from the user's global generators, or a run depends on whether those
+    modules were imported before it (a resumed process imports them at another moment than the run it continues).
+    Two processes, one per order: whichever comes first does the import (rich draws from Python's `random`)."""
+    code = textwrap.dedent("""
+        import random, sys
+        import numpy as np, torch
+        assert not any(m.split('.')[0] in ('torchcfm', 'ot', 'rich') for m in sys.modules), 'imported too early'
+        from orwcfm_fast import ORWCFMTrainer
+        from orwcfm_fast.coupling import weighted_ot
+
+        class Velocity(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.theta = torch.nn.Parameter(torch.zeros(2))
+
+            def forward(self, t, x):
+                return self.theta.expand_as(x)
+
+        def states():
+            return random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
+
+        model = Velocity()
+        random.seed(5), np.random.seed(5), torch.manual_seed(5)
+        before = states()
+        steps = {
+            "trainer": lambda: ORWCFMTrainer(model, {"sample_shape": (2,), "reward": lambda x: x[:, 0], "seed": 0}),
+            "coupling": lambda: weighted_ot(torch.zeros(4, 2), torch.ones(4, 2), torch.ones(4),
+                                            generator=torch.Generator().manual_seed(0)),
+        }
+        for name in sys.argv[1:]:
+            steps[name]()
+        assert 'ot' in sys.modules and 'torchcfm' in sys.modules
+        after = states()
+        assert before[0] == after[0], "Python's random moved"
+        assert np.array_equal(before[1], after[1]), "numpy's global generator moved"
+        assert torch.equal(before[2], after[2]), "torch's CPU generator moved"  # seed 0: no seed drawn
+        print("ok")
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", code, *order], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT) for order in (("trainer", "coupling"), ("coupling", "trainer"))]
+    for proc in procs:
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0 and out.strip().endswith("ok"), f"{proc.args[3:]}:\n{out}"
