@@ -1,8 +1,8 @@
 """Text-to-image flows (orwcfm_fast.flows) on tiny random-init diffusers pipelines.
 
-The pipelines are built in-process (orwcfm_fast.flows.tiny), saved with ``save_pretrained`` and
-loaded back with ``from_pretrained`` (``HF_HUB_OFFLINE=1``): the real loading path, no download.
-The independent reference of the sampler is the diffusers pipeline's own ``__call__``.
+The pipelines are built in-process (orwcfm_fast.flows.tiny), saved once per session with ``save_pretrained``
+(conftest's ``saved``) and loaded back with ``from_pretrained`` (``HF_HUB_OFFLINE=1``): the real loading path,
+no download. The independent reference of the sampler is the diffusers pipeline's own ``__call__``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from orwcfm_fast.flows.diffusers_base import parse_resolution  # noqa: E402
 from orwcfm_fast.flows.flux import FluxFlow  # noqa: E402
 from orwcfm_fast.flows.lora import LoraRoles  # noqa: E402
 from orwcfm_fast.flows.sd3 import SD3Flow  # noqa: E402
-from orwcfm_fast.flows.tiny import TINY_SIZE, tiny_flux_pipeline, tiny_sd3_pipeline  # noqa: E402
+from orwcfm_fast.flows.tiny import TINY_SIZE  # noqa: E402
 from orwcfm_fast.sampling import integrate  # noqa: E402
 
 PROMPTS = ["a dog", "a red cat", "a dog"]
@@ -30,31 +30,12 @@ SEQ = 16  # max_sequence_length: T5 tokens
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory, monkeypatch_module):
-    """``{family: directory}`` of tiny pipelines written by save_pretrained."""
-    monkeypatch_module.setenv("HF_HUB_OFFLINE", "1")
-    root = tmp_path_factory.mktemp("pipelines")
-    out = {}
-    for name, build in (("sd3", tiny_sd3_pipeline), ("sd35", lambda: tiny_sd3_pipeline(sd35=True)),
-                        ("flux", tiny_flux_pipeline)):
-        build().save_pretrained(root / name)
-        out[name] = root / name
-    return out
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
-
-
 def load(saved, family):
+    """The tiny ``family`` pipeline from conftest's session fixture ``saved`` (written once by save_pretrained)."""
     from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
     cls = FluxPipeline if family == "flux" else StableDiffusion3Pipeline
-    return cls.from_pretrained(saved[family], dtype=torch.float32)
+    return cls.from_pretrained(saved / family, dtype=torch.float32)
 
 
 FLOWS = {"sd3": SD3Flow, "sd35": SD3Flow, "flux": FluxFlow}
@@ -307,7 +288,7 @@ def test_transformer_call_does_not_walk_the_model_for_its_dtype(saved, family, m
     assert all(torch.equal(v, before) for v in again)
     # the dtype follows a later .to() (e.g. a bf16 cast): the same inputs as a transformer loaded in bf16 gets
     pipe.transformer.to(torch.bfloat16)
-    bf16 = type(pipe).from_pretrained(saved[family], dtype=torch.bfloat16).transformer
+    bf16 = type(pipe).from_pretrained(saved / family, dtype=torch.bfloat16).transformer
     with torch.no_grad():
         cast = flow.transformer_velocity(t, x, cond)
         loaded = flow.transformer_velocity(t, x, cond, bf16)
