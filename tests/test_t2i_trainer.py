@@ -107,10 +107,44 @@ def test_save_lora_loads_into_a_fresh_pipeline(saved, tmp_path):
 
 
 def test_flux_trains_with_its_guidance_input(saved, tmp_path):
-    trainer = ORWCFMTrainer(load(saved, "flux"), config(tmp_path, guidance_scale=3.5), "cpu")
+    """Flux-dev's guidance is an input of every forward of a training step (the sampler's, the policy's, the
+    reference's), exactly as FluxPipeline passes it (the scale itself: the transformer multiplies it by 1000),
+    and the step trains the adapters."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from orwcfm_fast.flows.lora import LAST_POLICY, POLICY
+
+    pipe = load(saved, "flux")
+    calls = []  # (role, grad enabled, guidance) per transformer forward
+    layers = []  # a LoRA layer, once the trainer has adapted the transformer: which role is switched on
+
+    def record(module, args, kwargs):
+        role = None
+        if layers:
+            role = "reference" if layers[0].disable_adapters else layers[0].active_adapters[0]
+        calls.append((role, torch.is_grad_enabled(), kwargs.get("guidance")))
+
+    pipe.transformer.register_forward_pre_hook(record, with_kwargs=True)
+    # The independent reference: what FluxPipeline itself gives the transformer at this guidance scale
+    # (2.5, not the 3.5 default, so neither a dropped setting nor the default passes for it).
+    pipe(prompt="a dog", guidance_scale=2.5, num_inference_steps=1, height=TINY_SIZE, width=TINY_SIZE,
+         max_sequence_length=16, output_type="latent")
+    (_, _, want), = calls
+    assert want is not None and want.shape == (1,)
+    calls.clear()
+
+    trainer = ORWCFMTrainer(pipe, config(tmp_path, guidance_scale=2.5), "cpu")
     assert trainer.sample_shape == (16, 64)
+    layers.append(next(m for m in pipe.transformer.modules() if isinstance(m, BaseTunerLayer)))
+    calls.clear()  # the constructor's check of the model's output shape is not training
+    start = lora(trainer)
     out = trainer.training_step()
     assert out["w2_loss"] == 0.0 and torch.isfinite(torch.tensor(out["total_loss"]))
+    # every role ran: the sampler (last policy, no grad), the trained policy (with grad), the reference
+    assert {(role, grad) for role, grad, _ in calls} == {(LAST_POLICY, False), (POLICY, True), ("reference", False)}
+    for role, _, got in calls:  # one guidance per sample, the pipeline's value and dtype, exactly
+        assert got is not None and got.dtype == want.dtype and torch.equal(got, want.expand(got.shape[0])), (role, got)
+    assert not torch.equal(lora(trainer), start)  # the step moved the policy adapter
 
 
 def test_exact_resume_of_adapters_optimiser_and_rng(saved, tmp_path):
