@@ -1,9 +1,16 @@
 """Tests for orwcfm_fast.sampling.graph: GraphSampler (integrate replayed from one CUDA graph).
 
+Every numerical expectation comes from ``_rk_reference``: a hand-written per-step loop of each
+textbook scheme (euler, midpoint, heun, rk4; Ralston's for the custom tableau) in float64, on a
+float64 copy of the model, over the same time grid. It shares no code with
+``orwcfm_fast.sampling.solvers``, so a wrong weight, stage time or time grid in ``integrate`` fails
+these tests instead of being compared with itself. Only ``test_eager_path_is_integrate_bit_for_bit``
+(and its CUDA twin) compares with ``integrate``: that is the documented contract of the eager path.
+
 Three groups:
 
-- eager path (CPU): bit-for-bit equal to ``integrate`` for every solver, on a small MLP and a
-  tiny torchcfm UNet; argument validation; eval/no-grad handling;
+- eager path (CPU): the oracle's result for every solver, on a small MLP (every CPU backend, fp32
+  and float64) and a tiny torchcfm UNet; argument validation; eval/no-grad handling;
 - simulated capture (CPU): the graph bookkeeping (keys, LRU, weight-replacement detection,
   fallback after a failed capture, the ``sample`` fast path) with ``_record`` replaced by a fake
   graph that recomputes on replay. It checks the Python logic only, not CUDA;
@@ -16,12 +23,22 @@ Three groups:
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import pytest
 import torch
 from torch import nn
 
+from _rk_reference import (
+    TEXTBOOK_SCHEMES,
+    evaluated_in,
+    explicit_rk_step,
+    float64_copy,
+    ralston_step,
+    rk_reference,
+    uniform_grid,
+)
 from orwcfm_fast.ops import available_backends
 from orwcfm_fast.sampling import SOLVERS, ButcherTableau, GraphCaptureWarning, GraphSampler, integrate
 from orwcfm_fast.sampling import graph as graph_mod
@@ -34,6 +51,18 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def cuda_test(fn):
     return cuda(needs_cuda(fn))
+
+
+# Tolerances of a sampler's x_1 against the float64 oracle (rk_reference).
+# fp32: the sampler rounds every model output and state update to fp32 (unit roundoff 6e-8); over
+# the at most 40 model calls of these tests the measured distance to the oracle is <= 4e-7 (|x_1| <= 3).
+# 1e-5 leaves 25x headroom and stays far below what a solver bug moves x_1 by (measured, issue 17
+# item 2): one RK4 weight 2/6 -> 2.1/6 by 2e-3, Heun's second stage at t + dt/2 instead of t + dt by
+# 3.5e-3, a uniform grid built with steps + 1 in place of steps by 6e-4 (Euler, 7 steps).
+FP32 = dict(rtol=1e-5, atol=1e-5)
+# float64 sampler against the float64 oracle: only the order of the additions differs (measured
+# <= 1e-15); the grid bug above still moves the 5-step RK4 result by 6e-9.
+FP64 = dict(rtol=1e-12, atol=1e-12)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -82,13 +111,24 @@ def make_mlp(seed: int = 0, **kw) -> MLP:
 
 
 def make_unet(seed: int = 0):
+    """A tiny torchcfm UNet whose velocity is not zero.
+
+    torchcfm zero-initialises its output convolution and every residual/attention output layer
+    (a trained model's starting point), so the fresh UNet's velocity is exactly 0 and every solver
+    returns x_0: a comparison of samplers on it could not fail. Those layers get PyTorch's default
+    initialisation instead (v ~ 0.2, depending on t).
+    """
     from torchcfm.models.unet.unet import UNetModelWrapper
 
     torch.manual_seed(seed)
-    return UNetModelWrapper(
+    model = UNetModelWrapper(
         dim=(1, 8, 8), num_channels=32, num_res_blocks=1, channel_mult=(1, 2), num_heads=2,
         num_head_channels=16, attention_resolutions="4", dropout=0.0,
     ).eval()
+    for module in model.modules():
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)) and not module.weight.any():
+            module.reset_parameters()
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +141,67 @@ def eager(model, x_0, solver, steps, backend=None):
         return integrate(model, x_0, solver=solver, steps=steps, backend=backend)
 
 
+def reference(model, x_0, solver, steps, *cond, time_grid=None):
+    """The oracle's x_1 (float64) for ``sampler(x_0, *cond)``: the textbook scheme on a float64 copy of
+    ``model`` in eval mode (``solver``: a scheme name or an ``_rk_reference`` step function)."""
+    model_64 = float64_copy(model)
+    cond_64 = tuple(c.double() for c in cond)
+    return rk_reference(lambda t, x: model_64(t, x, *cond_64), x_0, solver, steps, time_grid=time_grid)
+
+
+def assert_reference(got, want, tol=FP32):
+    """``got`` (the sampler's dtype) within ``tol`` of the float64 oracle's ``want``; says where and how far."""
+    torch.testing.assert_close(got.double(), want.to(got.device), **tol)
+
+
 def cpu_backends() -> list[str]:
     return [name for name, status in available_backends().items() if "cpu" in status.devices]
+
+
+# ----------------------------------------------------------------------------- the oracle itself
+
+
+def test_reference_covers_every_solver():
+    """A solver added to the library needs its textbook step in _rk_reference before these tests can check it."""
+    assert set(TEXTBOOK_SCHEMES) == set(SOLVERS)
+
+
+@pytest.mark.parametrize(("scheme", "order"), [("euler", 1), ("midpoint", 2), ("heun", 2), ("rk4", 4),
+                                               (ralston_step, 2)])
+def test_reference_converges_at_its_order(scheme, order):
+    """The oracle on dx/dt = x cos(t) + t (exact solution known) converges at the scheme's order.
+
+    Checks the hand-written steps against mathematics, not against the library: halving the step
+    divides the error at t = 1 by 2^order (measured within 3% for every scheme at these step
+    counts; a wrong weight or stage time drops the order or leaves an O(1) error, far outside 15%).
+    """
+    x_0 = torch.tensor([[0.5], [-1.0]], dtype=torch.float64)
+
+    def exact(t):  # x(t) = e^{sin t} (x_0 + int_0^t s e^{-sin s} ds), the integral by Simpson's rule on 2001 points
+        s = torch.linspace(0.0, t, 2001, dtype=torch.float64)
+        g = s * torch.exp(-torch.sin(s))
+        w = torch.ones(2001, dtype=torch.float64)
+        w[1:-1:2], w[2:-1:2] = 4.0, 2.0
+        return math.exp(math.sin(t)) * (x_0 + (t / 2000 / 3) * (w * g).sum())
+
+    def velocity(t, x):
+        return x * torch.cos(t)[:, None] + t[:, None]
+
+    steps = 8 if order == 4 else 32  # big enough for the asymptotic ratio, small enough for float64 to see it
+    err = [(rk_reference(velocity, x_0, scheme, n) - exact(1.0)).abs().max().item() for n in (steps, 2 * steps)]
+    assert err[0] / err[1] == pytest.approx(2.0**order, rel=0.15)
+
+
+def test_reference_grid():
+    assert uniform_grid(4) == [0.0, 0.25, 0.5, 0.75, 1.0]
+    calls = []
+
+    def velocity(t, x):
+        calls.append(t[0].item())
+        return torch.ones_like(x)
+
+    x_1 = rk_reference(velocity, torch.zeros(2, 1), "heun", 2, time_grid=[0.0, 0.3, 1.0])
+    assert calls == pytest.approx([0.0, 0.3, 0.3, 1.0]) and torch.equal(x_1, torch.ones(2, 1, dtype=torch.float64))
 
 
 # ----------------------------------------------------------------------------- eager path (CPU)
@@ -110,31 +209,43 @@ def cpu_backends() -> list[str]:
 
 @pytest.mark.parametrize("solver", SOLVER_NAMES)
 @pytest.mark.parametrize("backend", [None, *cpu_backends()])
-def test_eager_equals_integrate_mlp(solver, backend):
+def test_eager_mlp_matches_reference(solver, backend):
     model = make_mlp()
     steps = 2 if backend == "triton" else 7  # triton runs in its (slow) interpreter on CPU
     x_0 = torch.randn(16, 2, generator=torch.Generator().manual_seed(1))
     sampler = GraphSampler(model, solver=solver, steps=steps, backend=backend)
     got = sampler(x_0)
-    assert torch.equal(got, eager(model, x_0, solver, steps, backend))
+    assert got.dtype == torch.float32
+    assert_reference(got, reference(model, x_0, solver, steps))
     assert sampler.captures == 0 and sampler.num_graphs == 0
     assert not got.requires_grad
 
 
+def test_eager_path_is_integrate_bit_for_bit():
+    """The documented contract of the eager path: exactly what integrate returns (its numbers: the tests above)."""
+    model = make_mlp()
+    x_0 = torch.randn(16, 2, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(GraphSampler(model, solver="rk4", steps=3)(x_0), eager(model, x_0, "rk4", 3))
+
+
 @pytest.mark.parametrize("solver", SOLVER_NAMES)
-def test_eager_equals_integrate_mlp_float64(solver):
+def test_eager_mlp_float64_matches_reference(solver):
     model = make_mlp().double()
     x_0 = torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     got = GraphSampler(model, solver=solver, steps=5)(x_0)
     assert got.dtype == torch.float64
-    assert torch.equal(got, eager(model, x_0, solver, 5))
+    assert_reference(got, reference(model, x_0, solver, 5), FP64)
 
 
 @pytest.mark.parametrize("solver", SOLVER_NAMES)
-def test_eager_equals_integrate_unet(unet, solver):
+def test_eager_unet_matches_reference(unet, solver):
     x_0 = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
     got = GraphSampler(unet, solver=solver, steps=2)(x_0)
-    assert torch.equal(got, eager(unet, x_0, solver, 2))
+    # torchcfm's UNet casts its input to float32 itself: the oracle evaluates it in fp32 (on the
+    # oracle's float64 states rounded to fp32) and does the step arithmetic in float64.
+    want = rk_reference(evaluated_in(unet, torch.float32), x_0, solver, 2)
+    assert_reference(got, want)
+    assert (want - x_0).abs().max() > 0.1  # the field moves the samples: the comparison can fail
 
 
 def test_custom_tableau_and_plain_callable():
@@ -146,17 +257,16 @@ def test_custom_tableau_and_plain_callable():
 
     x_0 = torch.randn(4, 2)
     got = GraphSampler(velocity, solver=ralston, steps=4)(x_0)
-    assert torch.equal(got, eager(model, x_0, ralston, 4))
+    assert_reference(got, reference(model, x_0, ralston_step, 4))
 
 
-def test_sample_equals_randn_then_integrate():
+def test_sample_matches_reference_on_randn_noise():
     model = make_mlp()
     sampler = GraphSampler(model, solver="midpoint", steps=6, sample_shape=(2,))
     g_sampler, g_ref = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     for n in (8, 8, 3):
         got = sampler.sample(n, generator=g_sampler)
-        want = eager(model, torch.randn((n, 2), generator=g_ref), "midpoint", 6)
-        assert torch.equal(got, want)
+        assert_reference(got, reference(model, torch.randn((n, 2), generator=g_ref), "midpoint", 6))
     # the generators advanced alike
     assert torch.equal(torch.randn(3, generator=g_sampler), torch.randn(3, generator=g_ref))
     double = GraphSampler(make_mlp().double(), steps=2, sample_shape=(2,))
@@ -167,11 +277,13 @@ def test_out_argument():
     model = make_mlp()
     sampler = GraphSampler(model, solver="heun", steps=3, sample_shape=(2,))
     x_0 = torch.randn(5, 2)
-    want = eager(model, x_0, "heun", 3)
+    want = reference(model, x_0, "heun", 3)
     buf = torch.empty(5, 2)
-    assert sampler(x_0, out=buf) is buf and torch.equal(buf, want)
+    assert sampler(x_0, out=buf) is buf
+    assert_reference(buf, want)
     x_in_place = x_0.clone()
-    assert sampler(x_in_place, out=x_in_place) is x_in_place and torch.equal(x_in_place, want)
+    assert sampler(x_in_place, out=x_in_place) is x_in_place
+    assert_reference(x_in_place, want)
     with pytest.raises(ValueError, match="out is"):
         sampler(x_0, out=torch.empty(4, 2))
     with pytest.raises(ValueError, match="out is"):
@@ -194,8 +306,7 @@ def test_eval_mode_for_the_call_and_flags_restored():
     got = sampler(x_0)
     assert [m.training for m in model.modules()] == flags
     assert torch.equal(got, sampler(x_0))  # dropout was off: deterministic
-    model.eval()
-    assert torch.equal(got, eager(model, x_0, "rk4", 3))
+    assert_reference(got, reference(model, x_0, "rk4", 3))  # the oracle's copy is in eval mode
 
 
 def test_no_autograd_graph():
@@ -210,7 +321,7 @@ def test_shapes_change_freely_on_cpu():
     sampler = GraphSampler(model, solver="euler", steps=3)
     for shape in [(4, 3), (7, 3), (1, 3), (4, 3)]:
         x_0 = torch.randn(shape)
-        assert torch.equal(sampler(x_0), eager(model, x_0, "euler", 3))
+        assert_reference(sampler(x_0), reference(model, x_0, "euler", 3))
     assert sampler.captures == 0 and sampler.num_graphs == 0
     with pytest.raises(RuntimeError):  # the model itself rejects a wrong sample shape
         sampler(torch.randn(4, 2))
@@ -369,7 +480,8 @@ def test_sim_capture_once_then_replay(simulate):
         y_a = sampler(x_a)
         y_b = sampler(x_b)
     assert sampler.captures == 1 and sampler.num_graphs == 1 and sampler.record_calls == 1
-    assert torch.equal(y_a, eager(model, x_a, "rk4", 4)) and torch.equal(y_b, eager(model, x_b, "rk4", 4))
+    assert_reference(y_a, reference(model, x_a, "rk4", 4))
+    assert_reference(y_b, reference(model, x_b, "rk4", 4))
     entry = next(iter(sampler._graphs.values()))
     assert entry.graph.replays == 2
     # results are fresh tensors: the next replay does not overwrite them
@@ -381,12 +493,15 @@ def test_sim_new_key_per_shape_and_dtype(simulate):
     sampler = simulate(GraphSampler(model, steps=3))
     for shape in [(4, 2), (8, 2), (4, 2), (8, 2)]:
         x_0 = torch.randn(shape)
-        assert torch.equal(sampler(x_0), eager(model, x_0, "euler", 3))
+        assert_reference(sampler(x_0), reference(model, x_0, "euler", 3))
     assert sampler.captures == 2 and sampler.num_graphs == 2
     model.double()  # params replaced by .data swaps: detected, recaptured
+    x_0 = torch.randn(4, 2, dtype=torch.float64)
     with pytest.warns(GraphCaptureWarning, match="replaced"):
-        sampler(torch.randn(4, 2, dtype=torch.float64))
+        got = sampler(x_0)
     assert sampler.num_graphs == 1 and sampler.captures == 3
+    assert got.dtype == torch.float64
+    assert_reference(got, reference(model, x_0, "euler", 3), FP64)
 
 
 def test_sim_full_sampler_drops_all_graphs_and_takes_a_fresh_pool(simulate):
@@ -400,7 +515,7 @@ def test_sim_full_sampler_drops_all_graphs_and_takes_a_fresh_pool(simulate):
         sampler(torch.randn(b, 2))
     assert sampler.captures == 2 and [k[0] for k in sampler._graphs] == [(2, 2), (1, 2)]
     x_0 = torch.randn(3, 2)
-    assert torch.equal(sampler(x_0), eager(model, x_0, "euler", 2))
+    assert_reference(sampler(x_0), reference(model, x_0, "euler", 2))
     assert sampler.captures == 3 and [k[0] for k in sampler._graphs] == [(3, 2)]
     assert torch.device("cpu") not in sampler._pools  # dropped with the graphs: the next _record makes a new one
     sampler(torch.randn(2, 2))
@@ -417,7 +532,8 @@ def test_sim_in_place_update_keeps_graph(simulate):
         warnings.simplefilter("error")
         y_new = sampler(x_0)
     assert sampler.captures == 1
-    assert torch.equal(y_new, eager(model, x_0, "heun", 3)) and not torch.equal(y_new, y_old)
+    assert_reference(y_new, reference(model, x_0, "heun", 3))
+    assert not torch.allclose(y_new, y_old, **FP32)  # the replay used the new weights
 
 
 def test_sim_replaced_parameters_recapture_and_warn_once(simulate):
@@ -428,12 +544,14 @@ def test_sim_replaced_parameters_recapture_and_warn_once(simulate):
     model.net[0].weight = nn.Parameter(torch.randn_like(model.net[0].weight))
     with pytest.warns(GraphCaptureWarning, match="replaced"):
         got = sampler(x_0)
-    assert sampler.captures == 2 and torch.equal(got, eager(model, x_0, "euler", 3))
+    assert sampler.captures == 2
+    assert_reference(got, reference(model, x_0, "euler", 3))
     model.load_state_dict(make_mlp(seed=3).state_dict(), assign=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the warning is given once per sampler
         got = sampler(x_0)
-    assert sampler.captures == 3 and torch.equal(got, eager(model, x_0, "euler", 3))
+    assert sampler.captures == 3
+    assert_reference(got, reference(model, x_0, "euler", 3))
 
 
 def test_sim_capture_failure_falls_back_once(simulate):
@@ -444,7 +562,7 @@ def test_sim_capture_failure_falls_back_once(simulate):
     with pytest.warns(GraphCaptureWarning, match="operation not permitted when stream is capturing") as rec:
         got = sampler(x_0)
     assert len(rec) == 1 and "more details" not in str(rec[0].message)
-    assert torch.equal(got, eager(model, x_0, "midpoint", 3))
+    assert_reference(got, reference(model, x_0, "midpoint", 3))
     assert sampler.fallback_reason == "RuntimeError: CUDA error: operation not permitted when stream is capturing"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -471,7 +589,7 @@ def test_sim_sample_draws_into_static_buffer(simulate):
     g_sampler, g_ref = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
     for _ in range(3):
         got = sampler.sample(16, generator=g_sampler)
-        assert torch.equal(got, eager(model, torch.randn((16, 2), generator=g_ref), "rk4", 3))
+        assert_reference(got, reference(model, torch.randn((16, 2), generator=g_ref), "rk4", 3))
     assert sampler.captures == 1
     assert next(iter(sampler._graphs.values())).graph.replays == 3
 
@@ -481,7 +599,8 @@ def test_sim_clear_and_out(simulate):
     sampler = simulate(GraphSampler(model, steps=2))
     x_0 = torch.randn(3, 2)
     out = torch.empty(3, 2)
-    assert sampler(x_0, out=out) is out and torch.equal(out, eager(model, x_0, "euler", 2))
+    assert sampler(x_0, out=out) is out
+    assert_reference(out, reference(model, x_0, "euler", 2))
     sampler.clear()
     assert sampler.num_graphs == 0
     sampler(x_0)
@@ -498,9 +617,11 @@ def test_sim_inference_mode_then_normal_calls(simulate):
     second = sampler(x_0)  # refills the buffers outside it
     with torch.inference_mode():
         third = sampler.sample(6, generator=torch.Generator().manual_seed(0))
-    want = eager(model, x_0, "heun", 3)
-    assert torch.equal(first, want) and torch.equal(second, want) and sampler.captures == 1
-    assert torch.equal(third, eager(model, torch.randn(6, 2, generator=torch.Generator().manual_seed(0)), "heun", 3))
+    want = reference(model, x_0, "heun", 3)
+    assert_reference(first, want)
+    assert_reference(second, want)
+    assert sampler.captures == 1
+    assert_reference(third, reference(model, torch.randn(6, 2, generator=torch.Generator().manual_seed(0)), "heun", 3))
 
 
 class CondMLP(MLP):
@@ -515,11 +636,6 @@ class CondMLP(MLP):
         return super().forward(t, x) + self.proj(c)
 
 
-def eager_cond(model, x_0, c, solver, steps, time_grid=None):
-    with torch.no_grad():
-        return integrate(lambda t, x: model(t, x, c), x_0, solver=solver, steps=steps, time_grid=time_grid)
-
-
 @pytest.mark.parametrize("grid", [None, [0.0, 0.2, 0.7, 1.0]])
 def test_sim_conditioning_and_time_grid(simulate, grid):
     model = CondMLP().eval()
@@ -528,12 +644,12 @@ def test_sim_conditioning_and_time_grid(simulate, grid):
     c_a, c_b = torch.randn(6, 3), torch.randn(6, 3)
     y_a, y_b = sampler(x_0, c_a), sampler(x_0, c_b)
     assert sampler.captures == 1  # same shapes: one graph, the conditioning refilled
-    assert torch.equal(y_a, eager_cond(model, x_0, c_a, "heun", 3, grid))
-    assert torch.equal(y_b, eager_cond(model, x_0, c_b, "heun", 3, grid))
-    assert not torch.equal(y_a, y_b)
+    assert_reference(y_a, reference(model, x_0, "heun", 3, c_a, time_grid=grid))
+    assert_reference(y_b, reference(model, x_0, "heun", 3, c_b, time_grid=grid))
+    assert not torch.allclose(y_a, y_b, **FP32)
     gen, ref = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
     got = sampler.sample(6, c_b, generator=gen)
-    assert torch.equal(got, eager_cond(model, torch.randn(6, 2, generator=ref), c_b, "heun", 3, grid))
+    assert_reference(got, reference(model, torch.randn(6, 2, generator=ref), "heun", 3, c_b, time_grid=grid))
     sampler(x_0, torch.randn(6, 5)[:, :3].contiguous().double().float())  # same key again
     assert sampler.captures == 1
     with pytest.raises(ValueError, match=r"cond\[0\] must be a \[B = 6"):
@@ -663,6 +779,13 @@ class RecordingMLP(MLP):
         return super().forward(t, x)
 
 
+def plain_mlp(model: RecordingMLP) -> MLP:
+    """An MLP with ``model``'s weights, for the oracle (a RecordingMLP holds the fake runtime: no deepcopy)."""
+    plain = MLP()
+    plain.load_state_dict(model.state_dict())
+    return plain
+
+
 def fake_cuda_sampler(monkeypatch, model, **kw):
     sampler = GraphSampler(model, **kw)
     monkeypatch.setattr(sampler, "_device_supports_graphs", lambda device: True)
@@ -686,8 +809,7 @@ def test_record_flow_on_fake_cuda(monkeypatch):
     assert model.training  # restored
     assert ("capture", side, "thread_local") in rt.log
     assert ("wait", side, rt.default) in rt.log and ("wait", rt.default, side) in rt.log
-    model.eval()
-    assert torch.equal(got, eager(model, x_0, "heun", 1))
+    assert_reference(got, reference(plain_mlp(model), x_0, "heun", 1))
     entry = next(iter(sampler._graphs.values()))
     assert entry.graph.replays == 1 and entry.static_out.data_ptr() != got.data_ptr()
     assert sampler._pools[x_0.device] is not None
@@ -713,7 +835,7 @@ def test_record_failure_on_fake_cuda_restores_stream_and_falls_back(monkeypatch)
     get = rt.log.index(("get_rng_state",))
     put = next(i for i, e in enumerate(rt.log) if e[0] == "set_rng_state")
     assert get < captures[1] < put and torch.equal(rt.log[put][1], rt.rng_state)
-    assert torch.equal(got, eager(model, x_0, "euler", 4))
+    assert_reference(got, reference(plain_mlp(model), x_0, "euler", 4))
     calls = len(model.calls)
     sampler(x_0)
     assert len(model.calls) == calls + 4  # eager from now on: no warm-up, no capture attempt
@@ -746,13 +868,13 @@ def cuda_noise(*shape, seed: int = 0, dtype=torch.float32):
 
 @cuda_test
 @pytest.mark.parametrize("solver", SOLVER_NAMES)
-def test_cuda_graph_matches_eager(solver):
+def test_cuda_graph_matches_reference(solver):
     model = cuda_mlp()
     sampler = GraphSampler(model, solver=solver, steps=10, backend="torch")
     x_0 = cuda_noise(256, 2)
     got = sampler(x_0)
     assert sampler.captures == 1 and sampler.fallback_reason is None
-    torch.testing.assert_close(got, eager(model, x_0, solver, 10, "torch"), rtol=1e-5, atol=1e-5)
+    assert_reference(got, reference(model, x_0, solver, 10))  # fp32 matmuls: TF32 is off for them by default
     got2 = sampler(x_0)
     assert torch.equal(got, got2)  # replays are deterministic
     assert sampler.captures == 1 and sampler.num_graphs == 1
@@ -766,18 +888,23 @@ def test_cuda_graph_each_backend(backend):
     x_0 = cuda_noise(128, 3)
     got = sampler(x_0)
     assert sampler.captures == 1 and sampler.fallback_reason is None
-    torch.testing.assert_close(got, eager(model, x_0, "rk4", 8, backend), rtol=1e-5, atol=1e-5)
+    assert_reference(got, reference(model, x_0, "rk4", 8))
 
 
 @cuda_test
 @pytest.mark.parametrize("solver", ["euler", "heun"])
-def test_cuda_unet_graph_matches_eager(solver):
+def test_cuda_unet_graph_matches_reference(solver):
     model = make_unet().cuda()
     sampler = GraphSampler(model, solver=solver, steps=4, backend="torch")
     x_0 = cuda_noise(8, 1, 8, 8)
     got = sampler(x_0)
     assert sampler.captures == 1 and sampler.fallback_reason is None
-    torch.testing.assert_close(got, eager(model, x_0, solver, 4, "torch"), rtol=1e-4, atol=1e-4)
+    # The oracle calls the same fp32 CUDA UNet (it cannot run in float64) with float64 step arithmetic;
+    # cuDNN convolutions may use TF32 and other algorithms in the graph than in the oracle's eager
+    # calls: 1e-4, the tolerance graph-vs-eager had; Heun's second stage at the wrong time moves
+    # x_1 of this UNet by 4e-3 (measured on the CPU).
+    want = rk_reference(evaluated_in(model, torch.float32), x_0, solver, 4)
+    assert_reference(got, want, dict(rtol=1e-4, atol=1e-4))
     torch.testing.assert_close(sampler(x_0), got, rtol=1e-6, atol=1e-6)  # replays repeat themselves
 
 
@@ -791,7 +918,8 @@ def test_cuda_replays_use_new_inputs_and_return_fresh_tensors():
     y_b = sampler(x_b)
     assert torch.equal(y_a, y_a_copy)  # not overwritten by the second replay
     assert not torch.allclose(y_a, y_b)
-    torch.testing.assert_close(y_b, eager(model, x_b, "midpoint", 5, "torch"), rtol=1e-5, atol=1e-5)
+    assert_reference(y_a, reference(model, x_a, "midpoint", 5))
+    assert_reference(y_b, reference(model, x_b, "midpoint", 5))
     assert sampler.captures == 1
 
 
@@ -806,13 +934,12 @@ def test_cuda_in_place_weight_update_without_recapture():
         warnings.simplefilter("error", GraphCaptureWarning)
         y_new = sampler(x_0)
     assert sampler.captures == 1
-    want = eager(model, x_0, "heun", 6, "torch")
-    torch.testing.assert_close(y_new, want, rtol=1e-5, atol=1e-5)
+    assert_reference(y_new, reference(model, x_0, "heun", 6))
     assert not torch.allclose(y_new, y_old)
     with torch.no_grad():  # an optimizer-style in-place step
         for p in model.parameters():
             p.mul_(0.9)
-    torch.testing.assert_close(sampler(x_0), eager(model, x_0, "heun", 6, "torch"), rtol=1e-5, atol=1e-5)
+    assert_reference(sampler(x_0), reference(model, x_0, "heun", 6))
     assert sampler.captures == 1
 
 
@@ -830,7 +957,7 @@ def test_cuda_replaced_parameters_recapture(how):
     with pytest.warns(GraphCaptureWarning, match="replaced"):
         got = sampler(x_0)
     assert sampler.captures == 2
-    torch.testing.assert_close(got, eager(model, x_0, "euler", 6, "torch"), rtol=1e-5, atol=1e-5)
+    assert_reference(got, reference(model, x_0, "euler", 6))
 
 
 @cuda_test
@@ -844,7 +971,7 @@ def test_cuda_host_sync_falls_back_with_one_warning():
     assert len([w for w in rec if issubclass(w.category, GraphCaptureWarning)]) == 1
     assert torch.cuda.current_stream() == stream_before  # the failed capture left the caller's stream current
     assert sampler.captures == 0 and sampler.fallback_reason
-    torch.testing.assert_close(got, eager(model, x_0, "rk4", 3, "torch"))
+    assert_reference(got, reference(model, x_0, "rk4", 3))
     with warnings.catch_warnings():
         warnings.simplefilter("error", GraphCaptureWarning)
         torch.testing.assert_close(sampler(x_0), got)
@@ -867,34 +994,34 @@ def test_cuda_new_shape_new_graph_and_lru():
     sampler = GraphSampler(model, steps=4, backend="torch", max_graphs=2)
     for b in (32, 16, 32):
         x_0 = cuda_noise(b, 2, seed=b)
-        torch.testing.assert_close(sampler(x_0), eager(model, x_0, "euler", 4, "torch"), rtol=1e-5, atol=1e-5)
+        assert_reference(sampler(x_0), reference(model, x_0, "euler", 4))
     assert sampler.captures == 2 and sampler.num_graphs == 2
     sampler(cuda_noise(8, 2))  # a third key: both graphs dropped together, one new one
     assert sampler.captures == 3 and sampler.num_graphs == 1
     for b in (32, 16):  # recaptured in the fresh pool; eager matmuls after the drop still right
         x_0 = cuda_noise(b, 2, seed=b)
-        torch.testing.assert_close(sampler(x_0), eager(model, x_0, "euler", 4, "torch"), rtol=1e-5, atol=1e-5)
+        assert_reference(sampler(x_0), reference(model, x_0, "euler", 4))
     assert sampler.captures == 5 and sampler.num_graphs == 2
     model.double()  # new parameter storage: detected, all graphs dropped
     x_0 = cuda_noise(32, 2, dtype=torch.float64)
     with pytest.warns(GraphCaptureWarning, match="replaced"):
         got = sampler(x_0)
     assert sampler.captures == 6 and sampler.num_graphs == 1
-    torch.testing.assert_close(got, eager(model, x_0, "euler", 4, "torch"))
+    assert got.dtype == torch.float64
+    assert_reference(got, reference(model, x_0, "euler", 4), FP64)
     sampler.clear()
     assert sampler.num_graphs == 0
 
 
 @cuda_test
-def test_cuda_sample_matches_eager_noise():
+def test_cuda_sample_matches_reference_on_the_same_noise():
     model = cuda_mlp()
     sampler = GraphSampler(model, solver="rk4", steps=5, backend="torch", sample_shape=(2,))
     g_sampler = torch.Generator(device="cuda").manual_seed(3)
     g_ref = torch.Generator(device="cuda").manual_seed(3)
     for _ in range(3):
         got = sampler.sample(100, generator=g_sampler)
-        want = eager(model, torch.randn((100, 2), generator=g_ref, device="cuda"), "rk4", 5, "torch")
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert_reference(got, reference(model, torch.randn((100, 2), generator=g_ref, device="cuda"), "rk4", 5))
     assert sampler.captures == 1
 
 
@@ -903,7 +1030,7 @@ def test_cuda_side_stream_and_out():
     model = cuda_mlp()
     sampler = GraphSampler(model, solver="heun", steps=5, backend="torch")
     x_0 = cuda_noise(64, 2)
-    want = eager(model, x_0, "heun", 5, "torch")
+    want = reference(model, x_0, "heun", 5)
     sampler(x_0)  # capture
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -912,15 +1039,18 @@ def test_cuda_side_stream_and_out():
         got = sampler(x_0, out=out)
     torch.cuda.current_stream().wait_stream(side)
     assert got is out
-    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    assert_reference(out, want)
 
 
 @cuda_test
 def test_cuda_use_graphs_false_is_integrate():
+    """The eager path's contract on CUDA: integrate's result bit for bit, which is the oracle's."""
     model = cuda_mlp()
     x_0 = cuda_noise(64, 2)
     sampler = GraphSampler(model, solver="midpoint", steps=5, backend="torch", use_graphs=False)
-    assert torch.equal(sampler(x_0), eager(model, x_0, "midpoint", 5, "torch"))
+    got = sampler(x_0)
+    assert torch.equal(got, eager(model, x_0, "midpoint", 5, "torch"))
+    assert_reference(got, reference(model, x_0, "midpoint", 5))
     assert sampler.captures == 0
 
 
@@ -933,7 +1063,7 @@ def test_cuda_eval_mode_during_capture():
     got = sampler(x_0)
     assert model.training and sampler.captures == 1
     assert torch.equal(got, sampler(x_0))  # no dropout in the graph
-    torch.testing.assert_close(got, eager(model.eval(), x_0, "euler", 5, "torch"), rtol=1e-5, atol=1e-5)
+    assert_reference(got, reference(model, x_0, "euler", 5))  # the oracle's copy is in eval mode: no dropout
 
 
 class CastBackMLP(MLP):
@@ -943,14 +1073,21 @@ class CastBackMLP(MLP):
         return super().forward(t, x).to(x.dtype)
 
 
-def _check_autocast_tracks_in_place_updates(device: str) -> GraphSampler:
-    """bf16 samples before and after an in-place weight update, each against eager integrate.
+# bf16 autocast against the float64 oracle: inputs, weights and outputs of every Linear are rounded
+# to bf16 (unit roundoff 2^-9 = 2e-3), so each velocity is ~1% off; over the 5 Euler steps the
+# measured distance is <= 9e-3 (CPU, weights doubled). 3e-2 leaves 3x headroom and is 40x below the
+# ~1.2 of a replay that kept the old weights.
+BF16 = dict(rtol=3e-2, atol=3e-2)
 
-    Each expectation is computed in its own autocast block: autocast caches the bf16 copy of
-    every fp32 leaf weight for as long as the (outermost) block is open, and an in-place update
-    (``p.mul_``) does not invalidate that cache, so an eager call after the update *inside the
-    same block* would still use the old weights (about 1.2 off here). The graph itself is
-    captured with the cache off, so it re-casts the weights on every replay.
+
+def _check_autocast_tracks_in_place_updates(device: str) -> GraphSampler:
+    """bf16 samples before and after an in-place weight update, each against the float64 oracle.
+
+    Each sampler call runs in its own autocast block: autocast caches the bf16 copy of every fp32
+    leaf weight for as long as the (outermost) block is open, and an in-place update (``p.mul_``)
+    does not invalidate that cache, so an eager call after the update *inside the same block*
+    would still use the old weights (about 1.2 off here). The graph itself is captured with the
+    cache off, so it re-casts the weights on every replay.
     """
     torch.manual_seed(0)
     model = CastBackMLP().to(device).eval()
@@ -958,16 +1095,17 @@ def _check_autocast_tracks_in_place_updates(device: str) -> GraphSampler:
     x_0 = torch.randn(64, 2, generator=torch.Generator(device=device).manual_seed(0), device=device)
     with torch.autocast(device, dtype=torch.bfloat16):
         y_1 = sampler(x_0)
-        want_1 = eager(model, x_0, "euler", 5, "torch")
+    want_1 = reference(model, x_0, "euler", 5)
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(2.0)
     with torch.autocast(device, dtype=torch.bfloat16):  # a fresh block: no cached casts of the old weights
         y_2 = sampler(x_0)
-        want_2 = eager(model, x_0, "euler", 5, "torch")
-    torch.testing.assert_close(y_1, want_1, rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(y_2, want_2, rtol=2e-2, atol=2e-2)
-    assert not torch.allclose(y_1, y_2, rtol=2e-2, atol=2e-2)
+    want_2 = reference(model, x_0, "euler", 5)
+    assert y_1.dtype == y_2.dtype == torch.float32  # the state keeps x_0's precision
+    assert_reference(y_1, want_1, BF16)
+    assert_reference(y_2, want_2, BF16)
+    assert not torch.allclose(y_1, y_2, **BF16)
     return sampler
 
 
@@ -1001,7 +1139,7 @@ def test_cuda_autocast_graph_tracks_in_place_updates():
     x_0 = cuda_noise(64, 2)
     y_fp32 = sampler(x_0)  # outside autocast: another key, another graph
     assert sampler.captures == 2
-    torch.testing.assert_close(y_fp32, eager(model, x_0, "euler", 5, "torch"), rtol=1e-5, atol=1e-5)
+    assert_reference(y_fp32, reference(model, x_0, "euler", 5))
 
 
 @cuda_test
@@ -1020,7 +1158,7 @@ def test_cuda_default_backend():
     else:
         got = sampler(x_0)
         assert sampler.captures == 1 and sampler.fallback_reason is None
-    torch.testing.assert_close(got, eager(model, x_0, "heun", 4), rtol=1e-5, atol=1e-5)
+    assert_reference(got, reference(model, x_0, "heun", 4))
 
 
 @cuda_test
@@ -1033,7 +1171,8 @@ def test_cuda_seven_stage_tableau_default_backend():
     sampler = GraphSampler(model, solver=tableau, steps=4)
     x_0 = cuda_noise(64, 2)
     got = sampler(x_0)
-    torch.testing.assert_close(got, eager(model, x_0, tableau, 4, "torch"), rtol=1e-5, atol=1e-5)
+    # The oracle's own loop over the coefficients op_cases spells out (test data, not the library's tableaus).
+    assert_reference(got, reference(model, x_0, explicit_rk_step(tableau.a, tableau.b, tableau.c), 4))
 
 
 @cuda_test
@@ -1044,8 +1183,7 @@ def test_cuda_conditioning_refilled_per_call():
     x_0 = cuda_noise(32, 2)
     for seed in (1, 2):
         c = cuda_noise(32, 3, seed=seed)
-        torch.testing.assert_close(sampler(x_0, c), eager_cond(model, x_0, c, "midpoint", 4, grid),
-                                   rtol=1e-5, atol=1e-5)
+        assert_reference(sampler(x_0, c), reference(model, x_0, "midpoint", 4, c, time_grid=grid))
     assert sampler.captures == 1
 
 
@@ -1057,7 +1195,7 @@ def test_cuda_inference_mode_capture_then_normal_calls():
     with torch.inference_mode():
         first = sampler(x_0)
     second = sampler(x_0)
-    want = eager(model, x_0, "rk4", 3, "torch")
-    torch.testing.assert_close(first, want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(second, want, rtol=1e-5, atol=1e-5)
+    want = reference(model, x_0, "rk4", 3)
+    assert_reference(first, want)
+    assert_reference(second, want)
     assert sampler.captures == 1
