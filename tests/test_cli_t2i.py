@@ -182,26 +182,79 @@ def test_text_to_image_run_writes_checkpoint_and_a_lora_diffusers_loads(pipeline
 
 
 def test_flux_folder_in_bf16(tmp_path, capsys, monkeypatch):
-    """The class comes from model_index.json (here FluxPipeline); --dtype bf16 loads bf16 weights."""
+    """The class comes from model_index.json (here FluxPipeline); --dtype bf16 loads bf16 weights. The exported
+    LoRA (lora_alpha 8 at rank 4: scale 2, which diffusers can only learn from the file's metadata) loads into a
+    fresh bf16 pipeline as the trainer's policy: its adapters exactly, and its outputs."""
     from diffusers import FluxPipeline
+    from peft.tuners.lora import LoraLayer
 
+    from orwcfm_fast import ORWCFMTrainer
+    from orwcfm_fast.flows.lora import POLICY
     from orwcfm_fast.flows.tiny import tiny_flux_pipeline
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     tiny_flux_pipeline().save_pretrained(tmp_path / "flux")
     (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps({"prompt": p}) for p in PROMPTS[:3]) + "\n")
+    exported = []  # the CLI's trainer, seen as it exports its LoRA (observed, not changed)
+    real_save_lora = ORWCFMTrainer.save_lora
+
+    def save_lora(self, path):
+        exported.append(self)
+        return real_save_lora(self, path)
+
+    monkeypatch.setattr(ORWCFMTrainer, "save_lora", save_lora)
     out = tmp_path / "out"
     argv = ["train", "--task", "text-to-image", "--pretrained", str(tmp_path / "flux"), "--prompts",
             str(tmp_path / "prompts.jsonl"), "--dtype", "bf16", "--epochs", "1", "--steps-per-epoch", "1",
             "--device", "cpu", "--outdir", str(out), *[a for k, v in TINY.items() for a in ("--set", f"{k}={v}")],
-            "--set", "guidance_scale=3.5"]
+            "--set", "guidance_scale=3.5", "--set", "lora_alpha=8"]
     assert main(argv) == 0
     assert "text-to-image (FluxPipeline, bf16) on cpu: epoch 0 -> 1 of 1" in capsys.readouterr().out
     final = torch.load(out / "final.pt", map_location="cpu", weights_only=True)
     assert {t.dtype for t in final["lora"]["policy"]} == {torch.float32}  # fp32 adapters on the bf16 base
+    (trainer,) = exported
+    policy = trainer.net_model
     pipe = FluxPipeline.from_pretrained(tmp_path / "flux", dtype=torch.bfloat16)
     pipe.load_lora_weights(out / "lora")
-    assert any("lora" in name for name, _ in pipe.transformer.named_parameters())
+    loaded = pipe.transformer
+
+    # The adapters, exactly: diffusers loads them into the bf16 pipeline as bf16, i.e. the trained fp32 policy
+    # rounded to bf16, and at the trained scale alpha / r = 2 (1 if the metadata were lost).
+    ours_layers = {n: m for n, m in policy.named_modules() if isinstance(m, LoraLayer)}
+    their_layers = {n: m for n, m in loaded.named_modules() if isinstance(m, LoraLayer)}
+    assert their_layers and their_layers.keys() == ours_layers.keys()
+    for name, layer in their_layers.items():
+        (adapter,) = layer.active_adapters
+        assert layer.scaling[adapter] == ours_layers[name].scaling[POLICY] == 8 / 4, name
+        for part in ("lora_A", "lora_B"):
+            theirs, ours = getattr(layer, part)[adapter].weight, getattr(ours_layers[name], part)[POLICY].weight
+            assert theirs.dtype == torch.bfloat16 and torch.equal(theirs, ours.detach().to(torch.bfloat16)), (name, part)
+
+    flow = trainer.models.flow
+    cond = flow.encode(["a dog"])
+    t, x = torch.tensor([0.6]), torch.randn(1, *trainer.sample_shape, generator=torch.Generator().manual_seed(0))
+
+    def velocities():
+        with torch.no_grad():
+            with trainer.models.roles.role("reference"):
+                base = flow.transformer_velocity(t, x, cond, policy)
+            return flow.transformer_velocity(t, x, cond, policy), flow.transformer_velocity(t, x, cond, loaded), base
+
+    # The outputs in bf16, the user's path: loosely, bf16 rounds outputs of size ~2 to 2^-7, as large as the
+    # adapters' effect here (measured: 1 ulp between trainer and loaded, 2 ulp between trainer and base).
+    ours, theirs, base = velocities()
+    assert ours.dtype == theirs.dtype == torch.bfloat16
+    torch.testing.assert_close(theirs, ours, rtol=2 ** -7, atol=2 ** -7 * ours.abs().max().item())
+    # The outputs in fp32, sharply: both transformers upcast (their bf16 base weights are exact in fp32), so they
+    # differ by the bf16 rounding of the loaded adapters only (2^-9 relative in A and B): at most about 2^-8 of
+    # the adapters' effect, measured 1.1e-3 (2^-9.8); bound 2^-6. A lost alpha (scale 1) gives 1/2, the
+    # initial adapters (B = 0: the base) 1.
+    policy.float(), loaded.float()
+    ours, theirs, base = velocities()
+    assert ours.dtype == theirs.dtype == torch.float32
+    effect = (ours - base).norm()
+    assert (ours - base).abs().max() > 1e-3  # the adapters move the output far beyond fp32 noise (~1e-6)
+    assert (theirs - ours).norm() <= 2 ** -6 * effect, ((theirs - ours).norm() / effect).item()
 
 
 # ----------------------------------------------------------------------------- torchrun
