@@ -76,6 +76,21 @@ that device (``torch.randn(..., device="cuda")``, dropout in the training forwar
 tiny graph that draws from the default generator on the same device: its successful
 ``capture_end`` ends the generator's capture mode. The generator's seed and offset are saved
 before and restored after, so eager random streams continue exactly as without the failed capture.
+The recovery graph gets a memory pool of its own (a fresh ``graph_pool_handle()``), never the
+sampler's, which the failed capture may have left registered with the allocator.
+
+The failed capture also *ends its pool in the caching allocator* (every torch version, for the
+same reason). ``CUDAGraph::capture_end`` tells the allocator that the capture is over
+(``endAllocateToPool``) only after ``cudaStreamEndCapture`` succeeded; when that raises (the
+capture was invalidated: a host sync, an op that cannot be captured) the allocator believes the
+capture runs for the rest of the process: a block freed after ``record_stream`` (the overlapped
+batches mark every batch's tensors so) waits for the end of the capture and is never reused,
+``empty_cache`` and the out-of-memory retry free nothing, and later captures can allocate into
+the wrong pool. The fallback ends it by hand (``torch._C._cuda_endAllocateToPool``, called
+``_cuda_endAllocateCurrentStreamToPool`` before torch 2.8; both take the capture's device index
+and pool id) and, only when that found the capture still registered, drops the capture's
+reference to the pool (``torch._C._cuda_releasePool``), which the graph never drops after an
+unfinished ``capture_end``. See :func:`_end_allocation_to_pool`.
 """
 
 from __future__ import annotations
@@ -539,6 +554,7 @@ class GraphSampler:
                                 raise
                 except Exception as err:
                     _end_capture_quietly(graph, stream)
+                    _end_allocation_to_pool(pool)  # the allocator's side of the capture (module docs)
                     recovery = _recover_default_generator(device, stream)
                     raise _CaptureFailed(body_error if body_error is not None else err, recovery) from err
             current.wait_stream(stream)
@@ -586,22 +602,66 @@ def _clear_cublas_workspaces() -> None:
         clear()
 
 
+def _end_allocation_to_pool(pool) -> bool:
+    """Tell the caching allocator that a failed capture into ``pool`` on the current device is over.
+
+    Call it where the capture began: inside its ``torch.cuda.device``, whose index is the device
+    ``CUDAGraph::capture_begin`` registered the capture on. ``CUDAGraph::capture_end`` calls the
+    allocator's ``endAllocateToPool`` only after ``cudaStreamEndCapture`` succeeded (see the module
+    docs). This calls it by hand through the binding this torch has:
+    ``torch._C._cuda_endAllocateToPool`` (torch >= 2.8) or ``_cuda_endAllocateCurrentStreamToPool``
+    (2.4 - 2.7), both ``(device index, pool id)``. When it succeeds the capture was still
+    registered, and its reference to the pool (taken by ``beginAllocateToPool``) is dropped too
+    with ``torch._C._cuda_releasePool``: the graph only releases its pool after a completed
+    ``capture_end``. When it raises ("not currently recording to mempool_id") ``capture_end``
+    already ended the allocation and the graph owns that reference; releasing it here as well
+    would free a pool that live graphs may still use.
+
+    Returns:
+        True if this call ended the allocation (the capture had left it registered).
+    """
+    end = getattr(torch._C, "_cuda_endAllocateToPool", None) or getattr(
+        torch._C, "_cuda_endAllocateCurrentStreamToPool", None)
+    if end is None:
+        return False
+    pool_id = getattr(pool, "id", pool)  # a torch.cuda.MemPool, or graph_pool_handle()'s (int, int)
+    try:
+        device_index = torch.cuda.current_device()
+        end(device_index, pool_id)
+    except Exception:  # noqa: BLE001 - ended already (the usual case), or nothing to end
+        return False
+    release = getattr(torch._C, "_cuda_releasePool", None)
+    if release is not None:
+        try:
+            release(device_index, pool_id)
+        except Exception:  # noqa: BLE001 - the pool then stays reserved until the process ends
+            pass
+    return True
+
+
 def _recover_default_generator(device: torch.device, stream) -> str | None:
     """End a failed capture's hold on the default CUDA generator of ``device`` (see the module docs).
 
     Captures one tiny graph that draws from the default generator, on ``stream`` (the failed
-    capture's), with the generator's state saved before and restored after. Returns ``None`` on
-    success, else a sentence for the fallback warning.
+    capture's), into a memory pool of its own, with the generator's state saved before and
+    restored after. Returns ``None`` on success, else a sentence for the fallback warning.
     """
     try:
         with torch.cuda.device(device):
             state = torch.cuda.get_rng_state(device)  # a host-side read: allowed in capture mode
             graph = torch.cuda.CUDAGraph()
+            # Its own pool: never the sampler's, which the failed capture may have left registered.
+            pool = torch.cuda.graph_pool_handle()
             current = torch.cuda.current_stream(device)
             stream.wait_stream(current)
-            with torch.cuda.stream(current):  # put the caller's stream back whatever happens
-                with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
-                    torch.rand(1, device=device)
+            try:
+                with torch.cuda.stream(current):  # put the caller's stream back whatever happens
+                    with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+                        torch.rand(1, device=device)
+            except Exception:
+                _end_capture_quietly(graph, stream)
+                _end_allocation_to_pool(pool)
+                raise
             current.wait_stream(stream)
             torch.cuda.synchronize(device)
             del graph
