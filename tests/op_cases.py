@@ -17,6 +17,7 @@ Tolerances, and why:
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 
@@ -29,6 +30,7 @@ __all__ = [
     "loss_inputs",
     "expected_loss",
     "expected_loss_grad",
+    "expected_model_loss",
     "expected_path",
     "dopri5_fixed_tableau",
     "expected_ode_step",
@@ -129,6 +131,44 @@ def expected_loss_grad(v, u, v_ref, weights, alpha: float, g_loss: float = 1.0, 
     c_w2 = torch.as_tensor(c_w2, dtype=torch.float64).expand(b).reshape(shape) * 2.0 / d
     t_fm, t_w2 = c_fm * (v - u), c_w2 * (v - v_ref)
     return t_fm + t_w2, t_fm.abs() + t_w2.abs()
+
+
+def expected_model_loss(policy, reference, x_0, x_1, t, weights, alpha: float, sigma: float = 0.0, noise=None):
+    """Float64 ORW-CFM-W2 loss of two velocity models ``model(t, x)`` on the straight path, and its policy gradient.
+
+    Everything is recomputed here in float64 from the raw draws: ``x_t``, ``u_t`` by
+    :func:`expected_path`, ``v = policy(t, x_t)`` and ``v_ref = reference(t, x_t)`` by float64
+    copies of the modules (the modules themselves are left untouched), then
+    ``fm[i] = mean_D (v[i] - u_t[i])^2``, ``w2[i] = mean_D (v[i] - v_ref[i])^2`` and
+    ``loss = mean_i (weights[i] fm[i] + alpha w2[i])``, differentiated by autograd in float64.
+
+    Args:
+        policy, reference: CPU modules called as ``module(t, x)``.
+        x_0, x_1: ``[B, ...]`` noise and samples after the coupling.
+        t: ``[B]`` loss times.
+        weights: ``[B]`` per-pair weights.
+        alpha: W2 coefficient.
+        sigma, noise: the path's Gaussian std and its ``[B, ...]`` draws (``noise`` unused for ``sigma == 0``).
+
+    Returns:
+        ``(loss, fm, w2, grads)``: 0-dim ``loss``, ``[B]`` ``fm`` and ``w2`` (detached), and
+        ``grads``, ``{name: gradient}`` of ``loss`` in each of the policy's trainable parameters.
+    """
+    policy64 = copy.deepcopy(policy).double()
+    reference64 = copy.deepcopy(reference).double()
+    x_t, u_t, _ = expected_path(x_0, x_1, t, sigma, noise)
+    t, w = t.detach().double().cpu(), weights.detach().double().cpu()
+    named = [(name, p) for name, p in policy64.named_parameters() if p.requires_grad]
+    with torch.enable_grad():
+        v = policy64(t, x_t)
+    with torch.no_grad():
+        v_ref = reference64(t, x_t)
+    b = v.shape[0]
+    fm = (v - u_t).pow(2).reshape(b, -1).mean(1)
+    w2 = (v - v_ref).pow(2).reshape(b, -1).mean(1)
+    loss = (w * fm + alpha * w2).mean()
+    grads = torch.autograd.grad(loss, [p for _, p in named])
+    return loss.detach(), fm.detach(), w2.detach(), {name: g for (name, _), g in zip(named, grads)}
 
 
 def expected_path(x_0, x_1, t, sigma: float = 0.0, noise=None):
