@@ -11,7 +11,8 @@ import sys
 
 import pytest
 import torch
-from op_cases import assert_elementwise_close, assert_rel_close, expected_loss, expected_ode_step, expected_path
+from op_cases import (assert_elementwise_close, assert_rel_close, expected_loss, expected_model_loss,
+                      expected_ode_step, expected_path)
 
 from orwcfm_fast import ops
 from orwcfm_fast.ops import backends
@@ -134,29 +135,82 @@ def test_non_contiguous_inputs_match_contiguous():
             torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
 
 
-def test_trainer_ops_backend_key():
+class _LinearVelocity(torch.nn.Module):
+    """``v(t, x) = W x + b`` on 2-D points."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(2, 2)
+
+    def forward(self, t, x):
+        return self.lin(x)
+
+
+_TRAINER_BASE = {"sample_shape": (2,), "reward": lambda x: -x.norm(dim=1), "seed": 0, "batch_size": 8,
+                 "ode_steps": 4, "warmup_steps": 0}
+
+
+def test_trainer_ops_backend_key_suggests_a_spelling():
     from orwcfm_fast import ORWCFMTrainer
     from orwcfm_fast.config import ConfigError
 
-    class Velocity(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = torch.nn.Linear(2, 2)
-
-        def forward(self, t, x):
-            return self.lin(x)
-
-    base = {"sample_shape": (2,), "reward": lambda x: -x.norm(dim=1), "seed": 0, "batch_size": 8, "ode_steps": 4,
-            "warmup_steps": 0}
     with pytest.raises(ConfigError, match="'ops_backend'.*did you mean 'cpp'"):
-        ORWCFMTrainer(Velocity(), {**base, "ops_backend": "cp"}, "cpu")
-    losses = {}
-    for backend in CPU_BACKENDS:
-        torch.manual_seed(0)
-        trainer = ORWCFMTrainer(Velocity(), {**base, "ops_backend": backend}, "cpu")
-        x1 = torch.randn(8, 2, generator=torch.Generator().manual_seed(1))
-        losses[backend] = trainer.compute_loss(x1, torch.ones(8))[0].item()
-    assert all(abs(v - losses["torch"]) <= 1e-6 * abs(losses["torch"]) for v in losses.values()), losses
+        ORWCFMTrainer(_LinearVelocity(), {**_TRAINER_BASE, "ops_backend": "cp"}, "cpu")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_trainer_compute_loss_with_each_backend_matches_float64(backend, monkeypatch):
+    """``compute_loss`` under config ``ops_backend`` once the policy has left the reference (W2 > 0): its loss and the
+    policy's gradients match a float64 recomputation from the models on the same ``x_0``, ``x_1``, ``t``.
+
+    ``alpha`` is 0.7 (not the default 1) so a dropped ``alpha`` changes the loss, and the weights are non-uniform.
+    """
+    import orwcfm_fast.trainer as trainer_module
+    from orwcfm_fast import ORWCFMTrainer
+
+    alpha = 0.7
+    torch.manual_seed(0)
+    trainer = ORWCFMTrainer(_LinearVelocity(), {**_TRAINER_BASE, "ops_backend": backend, "w2_coefficient": alpha},
+                            "cpu")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # move the policy (only): a fixed perturbation of the size of the weights themselves
+        for p in trainer.net_model.parameters():
+            p.add_(torch.randn(p.shape, generator=g))
+    x1 = torch.randn(8, 2, generator=g)
+    weights = 0.5 + torch.rand(8, generator=g)
+
+    paths = []  # the trainer's draws, recorded on their way into the path op
+    real_path = trainer_module.conditional_path
+
+    def recording_path(x_0, x_1, t, sigma=0.0, noise=None, backend=None):
+        paths.append((x_0.clone(), x_1.clone(), t.clone(), sigma, noise))
+        return real_path(x_0, x_1, t, sigma, noise, backend=backend)
+
+    monkeypatch.setattr(trainer_module, "conditional_path", recording_path)
+    loss, metrics = trainer.compute_loss(x1, weights, cond=())
+    loss.backward()
+
+    (x_0, x_1, t, sigma, noise), = paths
+    torch.testing.assert_close(x_1, x1, rtol=0, atol=0)  # independent coupling: the samples as given
+    e_loss, e_fm, e_w2, e_grads = expected_model_loss(trainer.net_model, trainer.ref_model, x_0, x_1, t, weights,
+                                                      alpha, sigma, noise)
+    # W2 clearly nonzero: with the perturbation above, alpha * mean w2 = 0.43 against mean w fm = 2.70 (measured);
+    # a W2 term that takes the policy, or the reference, for both sides gives exactly 0.
+    assert alpha * e_w2.mean() > 0.1 * (weights.double() * e_fm).mean(), (e_w2, e_fm)
+    # Measured on every backend: loss, fm_loss and w2_loss within 7e-8 relative of float64 (float32 forwards and sums
+    # over 8 x 2 elements). A dropped alpha (1 in its place) moves the loss by 6%, a zero W2 term by 14%; 1e-5 sits
+    # 150x above the rounding and 6000x below the smaller bug.
+    assert_rel_close(loss, e_loss, 1e-5, f"{backend} loss")
+    assert_rel_close(metrics["w2_loss"], e_w2.mean(), 1e-5, f"{backend} w2_loss")
+    assert_rel_close(metrics["fm_loss"], (weights.double() * e_fm).mean(), 1e-5, f"{backend} fm_loss")
+    # Gradients: sums of 8 per-sample terms that can partly cancel, so the bound is relative to the gradient's norm.
+    # Measured: max error 6e-8 of the norm; the W2 part is 45% of the norm here, so a dropped alpha moves the gradient
+    # by 11% of the norm and a zero W2 term by 26%.
+    grad_scale = torch.cat([grad.flatten() for grad in e_grads.values()]).norm()
+    for name, p in trainer.net_model.named_parameters():
+        err = (p.grad.double() - e_grads[name]).abs().max()
+        assert err <= 1e-5 * grad_scale, f"{backend}: gradient of {name} off by {float(err):.3g} " \
+                                         f"(norm {float(grad_scale):.3g}): {p.grad} vs {e_grads[name]}"
 
 
 @pytest.mark.parametrize("backend", [None, *CPU_BACKENDS])
