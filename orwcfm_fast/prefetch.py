@@ -16,6 +16,16 @@ This module is the mechanism, independent of the trainer:
 
 Grad mode and autocast are thread-local in PyTorch: the callable sets what it needs itself.
 Exceptions raised in the background come back from :meth:`Pending.result` unchanged.
+
+CUDA graphs: the background thread never captures one. Its work runs inside
+:func:`orwcfm_fast.sampling.graph.defer_capture`, so a :class:`~orwcfm_fast.sampling.GraphSampler`
+called there replays the graphs it has and samples a key it has no graph for (a new batch shape
+mid-epoch) eagerly; the submitter's thread captures it at its next call with that key (in
+``train``: the first batch of an epoch). A capture registers the default CUDA generator with
+the graph, and the submitter keeps drawing from that generator meanwhile (dropout masks,
+``torch.randn``, activation checkpointing's replayed dropout in the backward). Holding the
+submitter during a background capture instead would need every random op of user code to wait
+on a lock; deferring costs one eager sampling per new key and epoch.
 """
 
 from __future__ import annotations
@@ -25,6 +35,8 @@ from typing import Any, Callable
 
 import torch
 from torch.utils._pytree import tree_flatten
+
+from orwcfm_fast.sampling.graph import defer_capture
 
 __all__ = ["BackgroundWorker", "Pending"]
 
@@ -112,14 +124,16 @@ class BackgroundWorker:
         return Pending(self._executor.submit(self._run, fn, args, ready), self.device)
 
     def _run(self, fn, args, ready):
-        if ready is None:
-            return fn(*args), None
-        with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
-            self._stream.wait_event(ready)
-            out = fn(*args)
-            done = torch.cuda.Event()
-            done.record(self._stream)
-        return out, done
+        # No CUDA graph capture on this thread: it runs beside the submitter's random ops (module docs).
+        with defer_capture():
+            if ready is None:
+                return fn(*args), None
+            with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
+                self._stream.wait_event(ready)
+                out = fn(*args)
+                done = torch.cuda.Event()
+                done.record(self._stream)
+            return out, done
 
     def close(self) -> None:
         """Finish the submitted work and stop the thread (a later submit starts a new one)."""

@@ -91,6 +91,13 @@ the wrong pool. The fallback ends it by hand (``torch._C._cuda_endAllocateToPool
 and pool id) and, only when that found the capture still registered, drops the capture's
 reference to the pool (``torch._C._cuda_releasePool``), which the graph never drops after an
 unfinished ``capture_end``. See :func:`_end_allocation_to_pool`.
+
+Threads: a capture registers the default CUDA generator of its device with the graph, which
+every thread draws from; a capture on a thread that runs beside the one drawing dropout masks or
+``torch.randn`` noise would take those draws into its capture. :func:`defer_capture` marks a
+thread as such a background thread: calls there replay the graphs that exist and run eagerly
+(same results) for a key that has none, and the next call for that key on a thread that may
+capture captures it. :class:`orwcfm_fast.prefetch.BackgroundWorker` runs all its work so.
 """
 
 from __future__ import annotations
@@ -98,6 +105,7 @@ from __future__ import annotations
 import contextlib
 import math
 import operator
+import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -114,10 +122,39 @@ from orwcfm_fast.sampling.solvers import (
     integrate,
 )
 
-__all__ = ["GraphSampler", "GraphCaptureWarning"]
+__all__ = ["GraphSampler", "GraphCaptureWarning", "defer_capture"]
 
 #: Model calls the warm-up makes at least (PyTorch's docs warm up with a few iterations).
 _MIN_WARMUP_CALLS = 3
+
+
+_THREAD = threading.local()  # .defer: GraphSampler calls on this thread never capture (defer_capture)
+
+
+@contextlib.contextmanager
+def defer_capture():
+    """In the block, :class:`GraphSampler` calls on this thread capture no new graph (nestable).
+
+    A key that already has a graph is replayed; one that has none runs eagerly (same results) and
+    is captured at its next call on a thread that may capture. Why: a capture registers the
+    default CUDA generator of its device with the graph, and that generator is shared by every
+    thread; a capture on a background thread while another thread draws dropout masks or
+    ``torch.randn`` noise from it would take those draws into the capture (before torch 2.14 they
+    raise "Offset increment outside graph capture"). Deferring costs one eager call per new key;
+    the alternative, holding the other thread for the whole capture, would need every random op
+    of user code to wait on a lock.
+    """
+    previous = getattr(_THREAD, "defer", False)
+    _THREAD.defer = True
+    try:
+        yield
+    finally:
+        _THREAD.defer = previous
+
+
+def _capture_deferred() -> bool:
+    """Whether this thread is inside :func:`defer_capture`."""
+    return getattr(_THREAD, "defer", False)
 
 
 class GraphCaptureWarning(RuntimeWarning):
@@ -486,8 +523,8 @@ class GraphSampler:
         if entry is not None:
             self._graphs.move_to_end(key)
             return entry
-        if x_0 is None:
-            return None
+        if x_0 is None or _capture_deferred():
+            return None  # look-up only, or a background thread: the caller runs eagerly (defer_capture)
         return self._capture(key, x_0, cond)
 
     def _capture(self, key: tuple, x_0: torch.Tensor, cond: tuple[torch.Tensor, ...] = ()) -> _Graph | None:
