@@ -19,10 +19,14 @@ Policy implemented here:
   (:func:`float_bits`, decoded by :func:`bits_to_float`): exact in every mode.
 - **Rounding.** The interpreter converts float32 to bfloat16 by truncation; :func:`round_to`
   rounds to nearest even by hand so results are identical on the GPU and in the interpreter.
+- **Device.** Triton launches on the *current* CUDA device and its current stream, not on the
+  device of the tensors it is given; every launch runs inside :func:`device_guard` of its
+  tensors, as flash-attention's Triton ops do (``with torch.cuda.device(x.device.index)``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import struct
 
 import torch
@@ -34,6 +38,7 @@ __all__ = [
     "MAX_TILE",
     "bits_to_float",
     "check_runnable",
+    "device_guard",
     "elementwise_block",
     "float_bits",
     "is_interpreted",
@@ -153,6 +158,21 @@ def check_runnable(op_name: str, kernel, *tensors: torch.Tensor) -> None:
                 "CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before the first Triton op "
                 "call of the process (the kernels are defined then), or use another backend."
             )
+
+
+def device_guard(t: torch.Tensor):
+    """A context in which ``t``'s CUDA device is the current one (a no-op for other devices).
+
+    Triton compiles for, and launches on, the current device and its current stream: tensors on
+    ``cuda:1`` launched while device 0 is current would run on device 0 (reading memory of another
+    device, or failing). The CUDA extension's ops guard the device in C++; the Triton launchers
+    wrap each launch in this. Entering it when the device is already current costs a device
+    query. CPU tensors (the interpreter) need no guard, and a CPU-only torch has no CUDA device
+    to select.
+    """
+    if t.device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
 
 
 def should_launch(kernel, *tensors: torch.Tensor) -> bool:

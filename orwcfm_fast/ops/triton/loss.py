@@ -24,6 +24,7 @@ from torch.library import triton_op, wrap_triton
 from orwcfm_fast.ops.reference import accumulation_dtype
 from orwcfm_fast.ops.triton._common import (
     check_runnable,
+    device_guard,
     keep_opaque_if_interpreted,
     require_mode,
     round_to,
@@ -194,10 +195,11 @@ def orw_cfm_w2_loss_op(
         w2 = torch.empty((b, splits), dtype=acc, device=v.device)
         if b > 0 and should_launch(_orw_cfm_w2_loss_fwd_kernel, v):
             rows, block_d, num_warps = row_tile(d)
-            wrap_triton(_orw_cfm_w2_loss_fwd_kernel)[(triton.cdiv(b, rows), splits)](
-                v, u, v_ref, fm, w2, b, d, split_d, splits,
-                ACC_F64=acc == torch.float64, MEAN=splits == 1, ROWS=rows, BLOCK_D=block_d, num_warps=num_warps,
-            )
+            with device_guard(v):  # Triton launches on the current device: make it the tensors'
+                wrap_triton(_orw_cfm_w2_loss_fwd_kernel)[(triton.cdiv(b, rows), splits)](
+                    v, u, v_ref, fm, w2, b, d, split_d, splits,
+                    ACC_F64=acc == torch.float64, MEAN=splits == 1, ROWS=rows, BLOCK_D=block_d, num_warps=num_warps,
+                )
         if splits == 1:
             fm, w2 = fm.reshape(b), w2.reshape(b)
         else:  # float64 sums of the pieces (deterministic: a fixed-shape reduction), then the mean
@@ -233,10 +235,11 @@ def orw_cfm_w2_loss_backward_op(
     if grad.numel() > 0 and should_launch(_orw_cfm_w2_loss_bwd_kernel, v):
         rows, block_d, num_warps = row_tile(d)
         grid = (triton.cdiv(b, rows) * triton.cdiv(d, block_d),)
-        wrap_triton(_orw_cfm_w2_loss_bwd_kernel)[grid](
-            v, u, v_ref, c_fm, c_w2, grad, b, d,
-            ACC_F64=acc == torch.float64, ROWS=rows, BLOCK_D=block_d, num_warps=num_warps,
-        )
+        with device_guard(v):  # Triton launches on the current device: make it the tensors'
+            wrap_triton(_orw_cfm_w2_loss_bwd_kernel)[grid](
+                v, u, v_ref, c_fm, c_w2, grad, b, d,
+                ACC_F64=acc == torch.float64, ROWS=rows, BLOCK_D=block_d, num_warps=num_warps,
+            )
     return grad
 
 

@@ -22,6 +22,7 @@ from orwcfm_fast.ops.reference import accumulation_dtype
 from orwcfm_fast.ops.triton._common import (
     bits_to_float,
     check_runnable,
+    device_guard,
     elementwise_block,
     float_bits,
     keep_opaque_if_interpreted,
@@ -120,10 +121,11 @@ def _launch(source: torch.Tensor, ks: list[torch.Tensor], scales: list[float], o
     ptrs = ks + [source] * (MAX_STAGES - len(ks))
     bits = [float_bits(s) for s in scales] + [0] * (MAX_STAGES - len(scales))
     block, num_warps = elementwise_block(n)
-    wrap_triton(_ode_step_kernel)[(triton.cdiv(n, block),)](
-        source, ptrs[0], ptrs[1], ptrs[2], ptrs[3], out, n, bits[0], bits[1], bits[2], bits[3],
-        NUM_K=len(ks), ACC_F64=acc == torch.float64, BLOCK=block, num_warps=num_warps,
-    )
+    with device_guard(out):  # Triton launches on the current device: make it the tensors'
+        wrap_triton(_ode_step_kernel)[(triton.cdiv(n, block),)](
+            source, ptrs[0], ptrs[1], ptrs[2], ptrs[3], out, n, bits[0], bits[1], bits[2], bits[3],
+            NUM_K=len(ks), ACC_F64=acc == torch.float64, BLOCK=block, num_warps=num_warps,
+        )
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -24,6 +24,7 @@ from orwcfm_fast.ops.reference import accumulation_dtype
 from orwcfm_fast.ops.triton._common import (
     bits_to_float,
     check_runnable,
+    device_guard,
     float_bits,
     keep_opaque_if_interpreted,
     require_mode,
@@ -127,11 +128,12 @@ def conditional_path_op(
     if x_1.numel() > 0 and should_launch(_conditional_path_kernel, x_1):
         rows, block_d, num_warps = row_tile(d)
         grid = (triton.cdiv(b, rows) * triton.cdiv(d, block_d),)
-        wrap_triton(_conditional_path_kernel)[grid](
-            x_0, x_1, noise_arg, t, x_t, u_t, b, d, float_bits(sigma),
-            HAS_NOISE=has_noise, ACC_F64=acc == torch.float64,
-            ROWS=rows, BLOCK_D=block_d, num_warps=num_warps,
-        )
+        with device_guard(x_1):  # Triton launches on the current device: make it the tensors'
+            wrap_triton(_conditional_path_kernel)[grid](
+                x_0, x_1, noise_arg, t, x_t, u_t, b, d, float_bits(sigma),
+                HAS_NOISE=has_noise, ACC_F64=acc == torch.float64,
+                ROWS=rows, BLOCK_D=block_d, num_warps=num_warps,
+            )
     return x_t, u_t
 
 
