@@ -1,48 +1,82 @@
-"""``make gpu-check``: validate the library on a fresh GPU machine and record every figure, in one run.
+"""``make gpu-check``: validate the library on a fresh GPU machine and record every figure.
 
-Steps, each a subprocess with a time limit, all inside one budget (``--budget-s``, default 8 minutes):
+A lent GPU machine runs one command for at most 600 s and has about 15 minutes in all, start-up
+included, so the work is split in two stages (``--stage``, ``make gpu-check GPU_CHECK_STAGE=...``),
+one command each, every step a subprocess with its own time limit inside the stage's budget
+(``--budget-s``; :data:`DEFAULT_BUDGET_S`):
+
+- ``check`` (the default; 540 s): wheels, build, backends, pytest, memcheck;
+- ``bench`` (300 s): wheels, build, backends, op_benchmarks, throughput; on the machine the first
+  call left warm, the wheels and the build are reused (stamps), so it spends its time measuring;
+  on a fresh one it installs and builds again (give it ``--budget-s 540`` then);
+- ``all``: every step in one command (a machine of your own; the dry run's default).
+
+Steps:
 
 1. ``wheels``: install the wheels carried in ``.whl/`` (``../shared/device/fetch-wheels.sh``:
-   torchcfm, POT, open_clip, ... which the GPU image lacks) into ``--site`` (default
-   ``/tmp/site``), put on ``PYTHONPATH`` of every later step; skipped when already installed.
+   torchcfm, POT, open_clip, diffusers, ... which the GPU image lacks) into ``--site`` (default
+   ``/tmp/site``), put on ``PYTHONPATH`` of every later step; no pip run when the same set is
+   installed already. Then every module in :data:`NEEDED_MODULES` must be found: a missing one is a
+   **setup error** that names the modules and says whether ``.whl/`` was empty or lacked them.
 2. ``build``: ``python setup.py build_ext --inplace`` with ``MAX_JOBS`` = the CPU count, so
-   ``orwcfm_fast/_C*.so`` is built against this python's torch, inside this tree.
+   ``orwcfm_fast/_C*.so`` is built against this python's torch, inside this tree; not run again
+   when ``build/gpu-check-build.json`` says the present ``.so`` was built from the same sources
+   with the same torch (a copied tree's new file times would make ninja rebuild everything).
 3. ``backends``: ``orwcfm_fast.ops.available_backends()`` under ``TRITON_INTERPRET=0`` must list
    ``cuda`` for ``cpp`` and ``triton`` (compiled, not interpreted), and ``orwcfm_fast._C`` must
    be loaded from this tree; otherwise the check stops here.
-4. ``pytest``: ``python -m pytest -q -m cuda`` (counts from its JUnit XML; at least one test must run).
+4. ``pytest``: ``python -m pytest -q -m cuda FILE`` once per file with CUDA tests
+   (:func:`cuda_test_files`), each with its own limit (:data:`CUDA_TEST_FILES`), so one slow file
+   cannot eat the others' time and one file that fails to import does not stop the rest. Counts
+   from each file's JUnit XML, or, for a file killed at its limit, from pytest's progress output.
+   At least one test must pass. A file that cannot be collected is a **collection error** naming
+   the file and the error (e.g. ``ModuleNotFoundError: No module named 'torchcfm'``).
 5. ``memcheck``: ``compute-sanitizer --tool memcheck`` over ``benchmarks/memcheck_cases.py``
    (large, misaligned and graph-captured cases of every op on both backends; two processes: one
    with ``PYTORCH_NO_CUDA_MEMORY_CACHING=1`` so overruns leave their allocation, one with the
    caching allocator that capture needs). Pass: exit status 0 and ``ERROR SUMMARY: 0 errors``.
-   Skipped (not passed) when compute-sanitizer is not found or cannot run on this device.
+   Skipped (not passed) when compute-sanitizer is not found or refuses this device ("Device not
+   supported", e.g. a sandboxed runtime; :func:`memcheck_verdict`).
 6. ``op_benchmarks``: ``bench_loss.py``, ``bench_path.py``, ``bench_ode_step.py`` (one process):
    each provider's time and fraction of the device's copy bandwidth.
 7. ``throughput``: ``benchmarks/throughput.py`` at its GPU default, the paper's configuration
    (CIFAR UNet, batch 128, Euler 100, CLIP ViT-B/32 with random weights): seconds per step of the
    reference-style baseline and each fast mode, and the speedups.
 
+A step that runs past its limit, or that the budget leaves no time to start, is **timed out** /
+**not run**: the run is incomplete, which says nothing about the code, and the report keeps what
+had finished (e.g. the tests that ran before the limit).
+
 It writes ``<out>/<device>.json`` (every step and figure; default ``benchmarks/results/``, the
 device name slugified, e.g. ``nvidia-h200.json``) and a report, ``benchmarks/RESULTS.md`` (or
 ``<out>/RESULTS.md`` with ``--out-dir``), with device, date, commit, torch, driver (nvidia-smi) and
 every figure; logs and each step's raw output go to ``--work-dir`` (default ``build/gpu-check``).
-The last line printed is ``gpu-check: pass`` (with ``(skipped: ...)`` when a step could not run
-here) or ``gpu-check: fail (...)``; the exit status is 0 only on pass. Without a CUDA device it
-stops at once with exit status 2.
+A stage's report also carries the other stage's steps and figures from an earlier call at the same
+commit when that call's record is in the work folder (the machine stayed warm) or is given with
+``--merge FILE``. The last line printed is one of (exit status in brackets):
+
+- ``gpu-check: pass`` [0], with ``(skipped: ...)`` when a step could not run here;
+- ``gpu-check: fail (...)`` [1]: a step found a fault (a test, memcheck, the build, a benchmark);
+- ``gpu-check: incomplete (timed out: ...; not run: ...)`` [3]: nothing failed, but not all ran;
+- ``gpu-check: setup error (...)`` [4]: the machine lacks what the check needs (modules, wheels);
+- ``gpu-check: collection error (...)`` [5]: pytest could not import a test file.
+
+Without a CUDA device it stops at once with exit status 2.
 
 ``--dry-run`` (``make gpu-check DRY_RUN=1``, CI): the same steps on the CPU, tiny sizes, under
-``TRITON_INTERPRET=1`` and with no GPU visible: no wheels or build (the ``.venv``'s editable
-install), the ``cpp`` CPU backend required, ``-m cuda`` on ``tests/test_ops_cpp.py`` (which skips them all),
-the memcheck cases on the CPU without the sanitizer, ``--quick`` CPU benchmarks. Its outputs go
-to ``--out-dir`` (default: a new temporary folder), never to ``benchmarks/results/``: its numbers
-measure nothing.
+``TRITON_INTERPRET=1`` and with no GPU visible: no wheels installed or build (the ``.venv``'s
+editable install; the needed modules are still looked for), the ``cpp`` CPU backend required,
+``-m cuda`` on ``tests/test_ops_cpp.py`` (which skips them all), the memcheck cases on the CPU
+without the sanitizer, ``--quick`` CPU benchmarks. Its outputs go to ``--out-dir`` (default: a new
+temporary folder), never to ``benchmarks/results/``: its numbers measure nothing.
 
-Run: ``python benchmarks/gpu_check.py [--dry-run] [--out-dir DIR] [--skip STEP,...]``.
+Run: ``python benchmarks/gpu_check.py [--dry-run] [--stage check|bench|all] [--out-dir DIR] [--skip STEP,...]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -63,20 +97,64 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(BENCH))
 
 STEPS = ("wheels", "build", "backends", "pytest", "memcheck", "op_benchmarks", "throughput")
-#: Each step's own limit in seconds (GPU run); a step also stops when the whole budget is spent.
-STEP_LIMIT_S = {"wheels": 120, "build": 300, "backends": 90, "pytest": 240, "memcheck": 240, "op_benchmarks": 240,
-                "throughput": 300}
-#: Time kept back for each later step: a slow step times out rather than starve the ones after it.
-STEP_RESERVE_S = {"wheels": 10, "build": 45, "backends": 10, "pytest": 60, "memcheck": 45, "op_benchmarks": 60,
+#: the steps of each stage (one command of a lent machine each; see the module docstring)
+STAGES = {"check": ("wheels", "build", "backends", "pytest", "memcheck"),
+          "bench": ("wheels", "build", "backends", "op_benchmarks", "throughput"),
+          "all": STEPS}
+#: each stage's default budget: "check" fills a 600 s command less ~60 s for the python start, the report and the
+#: transfers; "bench" is what ~15 minutes of device time leaves after the machine's start-up and the first call
+DEFAULT_BUDGET_S = {"check": 540, "bench": 300, "all": 840}
+# Time estimates on an H100/H200 host (16 CPUs). No GPU run has been timed yet: these are reasoned from what each
+# step does; each limit is ~1.5-2x its estimate, so a slow step reads "timed out" instead of starving the later ones.
+#   wheels         cold ~15 s: pip --no-index --no-deps of 11 wheels (diffusers, ~3 MB, the largest), no bytecode;
+#                  warm ~1 s: the site folder's stamp matches, no pip; then a find_spec of NEEDED_MODULES (~1 s)
+#   build          cold ~90-150 s: nvcc of 3 .cu files (ATen headers, one arch: the visible GPU's) and g++ of 5 .cpp
+#                  files in parallel (MAX_JOBS=16): the slowest nvcc file sets the time; warm ~0 s (source stamp)
+#   backends       ~10-20 s: python, torch and triton imports, CUDA initialisation, the extension's load
+#   pytest         ~300 s cold (CUDA_TEST_FILES: per file), less when warm (Triton's and Inductor's caches)
+#   memcheck       ~60-120 s: two sanitizer processes (MEMCHECK_PROCESS_S); memcheck slows kernels 10-100x and
+#                  tracks every allocation, and Triton compiles its kernels again under it
+#   op_benchmarks  ~60-120 s: 3 ops x 6 shapes x 4 providers at ~0.3 s of timing each, plus one Inductor compile
+#                  (torch.compile provider) per op and shape and the Triton JIT
+#   throughput     ~120-180 s: 4-5 modes x (1 untimed + 5 timed) steps of batch 128 x Euler 100 on the CIFAR UNet
+#                  (~1-3 s a step), CUDA-graph captures, the random-weight CLIP
+# So "check" cold: ~15 + 120 + 15 + 300 + 90 = ~540 s, the budget: the last test files may time out on a fresh
+# machine (reported as such, with the files and tests that finished); "bench" warm: ~20 + 90 + 150 = ~260 s.
+#: each step's own limit in seconds (GPU run); a step also stops when its stage's budget is spent
+STEP_LIMIT_S = {"wheels": 60, "build": 240, "backends": 60, "pytest": 480, "memcheck": 150, "op_benchmarks": 150,
+                "throughput": 240}
+#: time kept back for each later step of the stage (the least it is useful with): a slow step times out rather than
+#: starve the ones after it
+STEP_RESERVE_S = {"wheels": 5, "build": 60, "backends": 15, "pytest": 120, "memcheck": 120, "op_benchmarks": 45,
                   "throughput": 90}
-DEFAULT_BUDGET_S = 480
 #: memcheck's two sanitizer processes, each with its own limit inside the step's: the first (no caching
 #: allocator, large and misaligned cases) must not spend the time of the second (graph-captured cases)
-MEMCHECK_PROCESS_S = {"large,misaligned": 150, "captured": 90}
+MEMCHECK_PROCESS_S = {"large,misaligned": 90, "captured": 60}
+#: the files of CUDA tests (``pytest.mark.cuda``) in the order they run, the library's own ops first, each with its
+#: limit in seconds (~1.5x the estimate; every file also pays ~5-10 s of python, torch and collection); a file not
+#: listed that has CUDA tests runs after these with :data:`PYTEST_FILE_DEFAULT_S`
+CUDA_TEST_FILES = {
+    "tests/test_ops_cpp.py": 90,        # 257 tests, kernels prebuilt, fp64 references on the CPU, 1 Inductor: ~45 s
+    "tests/test_ops_triton.py": 150,    # 126 tests, ~40-60 Triton JIT compiles cold (~1-2 s each), 1 Inductor: ~90 s
+    "tests/test_graph_sampler.py": 60,  # 22 tests: small models, CUDA-graph captures: ~30 s
+    "tests/test_overlap.py": 60,        # 3 tests: short overlapped training runs: ~30 s
+    "tests/test_t2i_cuda.py": 150,      # 12 tests: tiny SD3.5 / Flux written once, 2 Inductor-compiled LoRA: ~100 s
+}
+PYTEST_FILE_DEFAULT_S = 60
+#: the dry run's limit for every step: tiny sizes, but a loaded 2-core CI machine (imports alone can take a minute)
+DRY_RUN_LIMIT_S = 300
+#: a test file holds CUDA tests when its source applies this marker (the ``cuda`` marker of pyproject.toml)
+CUDA_MARK = re.compile(r"\bpytest\.mark\.cuda\b")
 #: op name -> benchmark script (module in benchmarks/)
 OP_BENCHES = {"orw_cfm_w2_loss": "bench_loss", "conditional_path": "bench_path", "ode_step": "bench_ode_step"}
-#: what the tests and benchmarks import beyond torch; the GPU image lacks the first ones (carry .whl/)
-NEEDED_MODULES = ("torchcfm", "ot", "open_clip", "ftfy", "pytest", "hypothesis", "torchdiffeq", "tqdm", "sklearn",
+#: the wheels ../shared/device/fetch-wheels.sh carries (the GPU image lacks them): distribution -> import name
+CARRIED_WHEELS = {"torchcfm": "torchcfm", "torchdyn": "torchdyn", "torchsde": "torchsde", "torchcde": "torchcde",
+                  "trampoline": "trampoline", "POT": "ot", "open_clip_torch": "open_clip", "ftfy": "ftfy",
+                  "wcwidth": "wcwidth", "diffusers": "diffusers", "importlib_metadata": "importlib_metadata"}
+#: what the tests and benchmarks import beyond torch: first what the carried wheels provide, then what the GPU image
+#: has itself (fetch-wheels.sh's list; the test extra and the text-to-image extra included)
+NEEDED_MODULES = ("torchcfm", "ot", "open_clip", "ftfy", "diffusers",
+                  "pytest", "hypothesis", "torchdiffeq", "transformers", "peft", "safetensors", "tqdm", "sklearn",
                   "PIL", "scipy", "matplotlib")
 #: the dry run's ``-m cuda`` subset: a file of CUDA tests (each skips on the CPU); the JUnit path is what it checks
 DRY_RUN_TESTS = ("tests/test_ops_cpp.py",)
@@ -85,6 +163,11 @@ DRY_RUN_THROUGHPUT = ["--device", "cpu", "--quick", "--batch-size", "2", "--ode-
 DRY_RUN_OP_BENCH = ["--device", "cpu", "--quick", "--providers", "torch,cpp"]
 MEMCHECK_EXIT = 86  # compute-sanitizer's exit status when it found errors (--error-exitcode)
 PROBE_TAG = "GPU_CHECK_PROBE "
+MODULES_TAG = "GPU_CHECK_MISSING_MODULES "
+#: the last line's verdict -> exit status (2: no CUDA device, before any step)
+EXIT_STATUS = {"pass": 0, "fail": 1, "incomplete": 3, "setup error": 4, "collection error": 5}
+#: where the build step records what the present orwcfm_fast/_C*.so was built from
+BUILD_STAMP = Path("build") / "gpu-check-build.json"
 
 
 def slugify(name: str) -> str:
@@ -142,6 +225,11 @@ class Runner:
                 "log": str(log)}
 
 
+def step_limit(name: str, dry_run: bool) -> float:
+    """A step's own time limit: :data:`STEP_LIMIT_S` on a GPU, :data:`DRY_RUN_LIMIT_S` in the dry run."""
+    return DRY_RUN_LIMIT_S if dry_run else STEP_LIMIT_S[name]
+
+
 def _tail(text: str, n: int = 25) -> str:
     return "\n".join(text.rstrip().splitlines()[-n:])
 
@@ -164,47 +252,145 @@ def _failed_run(result: dict, what: str) -> str:
 # ----------------------------------------------------------------------------- step 1: wheels
 
 
-def install_wheels(runner: Runner, python: str, wheel_dir: Path, site: Path) -> dict:
-    """Install ``wheel_dir/*.whl`` into ``site`` (``--no-index --no-deps``), unless the same set already is."""
-    wheels = sorted(wheel_dir.glob("*.whl")) if wheel_dir.is_dir() else []
-    if not wheels:
-        return {"status": "skipped", "detail": f"no wheels in {wheel_dir}: using this python's packages"}
-    listing = [[w.name, w.stat().st_size] for w in wheels]
-    stamp = site / ".gpu-check-wheels.json"
-    if stamp.is_file():
+def missing_modules() -> list[str]:
+    """:data:`NEEDED_MODULES` that this process cannot find (``importlib.util.find_spec``; nothing is imported)."""
+    import importlib.util
+
+    return [m for m in NEEDED_MODULES if importlib.util.find_spec(m) is None]
+
+
+def wheels_verdict(missing: list[str], wheels: list[str], wheel_dir: Path, done: str | None = None,
+                   dry_run: bool = False) -> tuple[str, str]:
+    """``(status, detail)`` of the wheels step from the modules still missing after it and the wheels it had.
+
+    Missing modules are a setup error, never "skipped": the tests that need them would skip or fail to
+    import, and the run would report the code for what the machine lacks. ``done``: what the step did.
+    """
+    if done is None:
+        done = f"{len(wheels)} wheels from {wheel_dir}" if wheels else f"no wheels ({wheel_dir} is empty or absent)"
+    if not missing:
+        return "pass", f"{done}; all {len(NEEDED_MODULES)} needed modules found"
+    carried = [m for m in missing if m in CARRIED_WHEELS.values()]
+    image = [m for m in missing if m not in carried]
+    parts = [f"modules missing after the wheels step: {', '.join(missing)}"]
+    if dry_run:
+        parts.append("the .venv lacks them (make venv installs them)")
+    elif wheels:
+        parts.append(f"{wheel_dir} has {len(wheels)} wheels but none provides them")
+    else:
+        parts.append(f"{wheel_dir} was empty or absent")
+    if carried and not dry_run:
+        parts.append(f"{', '.join(carried)}: the GPU image lacks them; fetch their wheels with "
+                     "../shared/device/fetch-wheels.sh into .whl/ and carry .whl")
+    if image and not dry_run:
+        parts.append(f"{', '.join(image)}: expected in this python's image; add their wheels to .whl/")
+    return "setup error", "; ".join(parts) + f" ({done})"
+
+
+def find_missing_modules(runner: Runner, python: str, env: dict | None = None) -> tuple[list[str] | None, dict]:
+    """:func:`missing_modules` in a fresh process with the steps' environment (``env`` on top): ``(missing, run)``;
+    ``missing`` is None when the process did not say."""
+    result = runner.run("wheels_modules", [python, str(Path(__file__).resolve()), "--missing-modules"], 60, env=env)
+    lines = [line for line in result["output"].splitlines() if line.startswith(MODULES_TAG)]
+    return (json.loads(lines[-1][len(MODULES_TAG):]) if lines else None), result
+
+
+def install_wheels(runner: Runner, python: str, wheel_dir: Path, site: Path, dry_run: bool = False) -> dict:
+    """Install ``wheel_dir/*.whl`` into ``site`` (``--no-index --no-deps``) unless the same set already is, then
+    check that every needed module is found (:func:`wheels_verdict`). The dry run installs nothing and checks."""
+    wheels = [] if dry_run else (sorted(wheel_dir.glob("*.whl")) if wheel_dir.is_dir() else [])
+    step: dict = {"wheels": [w.name for w in wheels], "seconds": 0.0}
+    note = "dry run: nothing installed (the .venv's packages)" if dry_run else ""
+    env = None
+    if wheels:
+        step["site"] = str(site)
+        env = {"PYTHONPATH": os.pathsep.join([str(ROOT), str(site), *runner.env.get("PYTHONPATH", "").split(
+            os.pathsep)[1:]])}
+        listing = [[w.name, w.stat().st_size] for w in wheels]
+        stamp = site / ".gpu-check-wheels.json"
         try:
-            if json.loads(stamp.read_text()) == listing:
-                return {"status": "pass", "detail": f"{len(wheels)} wheels already installed in {site}",
-                        "site": str(site), "wheels": [w.name for w in wheels]}
+            same = stamp.is_file() and json.loads(stamp.read_text()) == listing
         except json.JSONDecodeError:
-            pass
-    result = runner.run("wheels", [python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                                   "--no-cache-dir", "--upgrade", "--target", str(site), *map(str, wheels)],
-                        STEP_LIMIT_S["wheels"])
-    step = {"seconds": result["seconds"], "log": result["log"], "site": str(site), "wheels": [w.name for w in wheels]}
-    if result["rc"] != 0 or result["timed_out"]:
-        return {**step, "status": "fail", "detail": _failed_run(result, "pip install"), "tail": _tail(result["output"])}
-    stamp.write_text(json.dumps(listing) + "\n")
-    return {**step, "status": "pass", "detail": f"{len(wheels)} wheels installed into {site}"}
+            same = False
+        if same:
+            note = f"{len(wheels)} wheels already installed in {site}"
+        else:
+            result = runner.run("wheels", [python, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+                                           "--no-compile", "--no-cache-dir", "--upgrade", "--target", str(site),
+                                           *map(str, wheels)], STEP_LIMIT_S["wheels"])
+            step.update(seconds=result["seconds"], log=result["log"])
+            if result["rc"] != 0 or result["timed_out"]:
+                return {**step, "status": "setup error", "detail": _failed_run(result, "pip install") +
+                        f" (installing {len(wheels)} wheels from {wheel_dir} into {site})",
+                        "tail": _tail(result["output"])}
+            stamp.write_text(json.dumps(listing) + "\n")
+            note = f"{len(wheels)} wheels installed into {site}"
+    missing, result = find_missing_modules(runner, python, env)
+    step["seconds"] += result["seconds"]
+    if missing is None:
+        return {**step, "status": "setup error", "detail": _failed_run(result, "the module check") +
+                f" ({note or 'no wheels'})", "tail": _tail(result["output"])}
+    status, detail = wheels_verdict(missing, step["wheels"], wheel_dir, note or None, dry_run)
+    return {**step, "status": status, "detail": detail, "missing_modules": missing}
 
 
 # ----------------------------------------------------------------------------- step 2: build
 
 
-def build_extension(runner: Runner, python: str) -> dict:
-    """``setup.py build_ext --inplace`` (ninja: incremental), ``MAX_JOBS`` = CPU count."""
+def source_digest(root: Path = ROOT) -> str:
+    """sha256 of what ``orwcfm_fast._C`` is built from: setup.py and every file under csrc/ and kernels/."""
+    h = hashlib.sha256()
+    files = [root / "setup.py", *sorted(p for d in ("csrc", "kernels") for p in (root / d).rglob("*") if p.is_file())]
+    for path in files:
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _built(root: Path) -> list[list]:
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sorted((root / "orwcfm_fast").glob("_C*.so"))]
+
+
+def build_extension(runner: Runner, python: str, toolchain: dict | None = None, root: Path = ROOT) -> dict:
+    """``setup.py build_ext --inplace`` (``MAX_JOBS`` = CPU count), unless :data:`BUILD_STAMP` says the present
+    ``orwcfm_fast/_C*.so`` was built from the same sources (:func:`source_digest`) with the same ``toolchain``
+    (python, torch, CUDA, GPU)."""
     jobs = str(os.cpu_count() or 2)
+    stamp_path = root / BUILD_STAMP
+    wanted = {"sources": source_digest(root), **(toolchain or {})}
+    try:
+        stamp = json.loads(stamp_path.read_text()) if stamp_path.is_file() else {}
+    except json.JSONDecodeError:
+        stamp = {}
+    built = _built(root)
+    if built and stamp.get("built_from") == wanted and stamp.get("so") == built:
+        return {"status": "pass", "seconds": 0.0, "max_jobs": int(jobs), "rebuilt": False,
+                "detail": f"{', '.join(b[0] for b in built)} already built from these sources with this torch "
+                          f"({stamp_path.relative_to(root)}): not rebuilt"}
     result = runner.run("build", [python, "setup.py", "build_ext", "--inplace"], STEP_LIMIT_S["build"],
                         env={"MAX_JOBS": jobs})
-    step = {"seconds": result["seconds"], "log": result["log"], "max_jobs": int(jobs)}
-    if result["rc"] != 0 or result["timed_out"]:
+    step = {"seconds": result["seconds"], "log": result["log"], "max_jobs": int(jobs), "rebuilt": True}
+    if result["timed_out"]:
+        return {**step, "status": "timed out", "detail": _failed_run(result, "setup.py build_ext --inplace"),
+                "tail": _tail(result["output"])}
+    if result["rc"] != 0:
         return {**step, "status": "fail", "detail": _failed_run(result, "setup.py build_ext --inplace"),
                 "tail": _tail(result["output"])}
-    built = sorted(p.name for p in (ROOT / "orwcfm_fast").glob("_C*.so"))
+    built = _built(root)
     if not built:
         return {**step, "status": "fail", "detail": "setup.py build_ext --inplace left no orwcfm_fast/_C*.so",
                 "tail": _tail(result["output"])}
-    return {**step, "status": "pass", "detail": f"built {', '.join(built)} with MAX_JOBS={jobs}"}
+    stamp_path.parent.mkdir(parents=True, exist_ok=True)
+    stamp_path.write_text(json.dumps({"built_from": wanted, "so": built}, indent=1) + "\n")
+    return {**step, "status": "pass", "detail": f"built {', '.join(b[0] for b in built)} with MAX_JOBS={jobs}"}
+
+
+def toolchain_identity(torch) -> dict:
+    """What a built extension depends on besides its sources: python, torch and its CUDA, the GPU, the arch list."""
+    gpu = None
+    if torch.cuda.is_available():
+        gpu = "%s sm_%d%d" % (torch.cuda.get_device_name(0), *torch.cuda.get_device_capability(0))
+    return {"python": sys.executable, "torch": torch.__version__, "torch_cuda": torch.version.cuda, "gpu": gpu,
+            "TORCH_CUDA_ARCH_LIST": os.environ.get("TORCH_CUDA_ARCH_LIST")}
 
 
 # ----------------------------------------------------------------------------- step 3: backends
@@ -278,11 +464,12 @@ def backend_verdict(info: dict, dry_run: bool) -> tuple[str, str]:
 
 def check_backends(runner: Runner, python: str, dry_run: bool) -> dict:
     """Run :func:`probe` in a fresh process (the steps' environment) and check it (:func:`backend_verdict`)."""
-    result = runner.run("backends", [python, str(Path(__file__).resolve()), "--probe"], STEP_LIMIT_S["backends"])
+    result = runner.run("backends", [python, str(Path(__file__).resolve()), "--probe"], step_limit("backends", dry_run))
     step = {"seconds": result["seconds"], "log": result["log"]}
     lines = [line for line in result["output"].splitlines() if line.startswith(PROBE_TAG)]
     if result["rc"] != 0 or not lines:
-        return {**step, "status": "fail", "detail": _failed_run(result, "the backend probe"),
+        return {**step, "status": "timed out" if result["timed_out"] else "fail",
+                "detail": _failed_run(result, "the backend probe"),
                 "tail": _tail(result["output"])}
     info = json.loads(lines[-1][len(PROBE_TAG):])
     status, detail = backend_verdict(info, dry_run)
@@ -292,55 +479,196 @@ def check_backends(runner: Runner, python: str, dry_run: bool) -> dict:
 # ----------------------------------------------------------------------------- step 4: pytest
 
 
+def cuda_test_files(root: Path = ROOT) -> list[str]:
+    """``tests/test_*.py`` whose source applies the ``cuda`` marker: :data:`CUDA_TEST_FILES` order, then by name.
+
+    Read from the sources, not from a pytest collection, which would import every test module (and
+    the optional packages they use) and take as long as a small test file run.
+    """
+    found = sorted(str(p.relative_to(root)) for p in (root / "tests").glob("test_*.py")
+                   if CUDA_MARK.search(p.read_text(errors="replace")))
+    order = list(CUDA_TEST_FILES)
+    return sorted(found, key=lambda f: (order.index(f) if f in order else len(order), f))
+
+
+def _module_file(dotted: str) -> str:
+    """JUnit's name of an uncollectable module, ``tests.test_trainer``, -> ``tests/test_trainer.py``."""
+    return dotted.replace(".", "/") + ".py"
+
+
 def parse_junit(path: Path) -> dict:
-    """Counts (``tests``, ``passed``, ``failed``, ``errors``, ``skipped``) and failing test ids from JUnit XML."""
+    """Counts (``tests``, ``passed``, ``failed``, ``errors``, ``skipped``), failing test ids, skip reasons and
+    collection errors (``[{file, reason}]``, not counted as tests) from JUnit XML."""
     root = ET.parse(path).getroot()
     counts = {"tests": 0, "passed": 0, "failed": 0, "errors": 0, "skipped": 0}
-    failing = []
+    failing, collection_errors, skip_reasons = [], [], {}
     for case in root.iter("testcase"):
+        children = {child.tag: child for child in case}
+        error = children.get("error")
+        if error is not None and error.get("message") == "collection failure":
+            lines = [ln[1:].strip() for ln in (error.text or "").splitlines() if ln.startswith("E ")]
+            collection_errors.append({"file": _module_file(case.get("name", "")),
+                                      "reason": lines[-1] if lines else (error.text or "").strip()[-200:]})
+            continue
         counts["tests"] += 1
-        kinds = {child.tag for child in case}
         name = f"{case.get('classname', '')}::{case.get('name', '')}"
-        if "failure" in kinds:
+        if "failure" in children:
             counts["failed"] += 1
             failing.append(name)
-        elif "error" in kinds:
+        elif error is not None:
             counts["errors"] += 1
             failing.append(name)
-        elif "skipped" in kinds:
+        elif "skipped" in children:
             counts["skipped"] += 1
+            why = children["skipped"].get("message", "")
+            skip_reasons[why] = skip_reasons.get(why, 0) + 1
         else:
             counts["passed"] += 1
-    return {**counts, "failing": failing}
+    return {**counts, "failing": failing, "collection_errors": collection_errors, "skip_reasons": skip_reasons}
 
 
-def run_pytest(runner: Runner, python: str, dry_run: bool) -> dict:
-    """``pytest -q -m cuda`` (the dry run: on :data:`DRY_RUN_TESTS`); at least one test must pass on a GPU."""
-    xml = runner.work_dir / "pytest_cuda.xml"
-    if xml.exists():
-        xml.unlink()
-    cmd = [python, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", f"--junitxml={xml}"]
-    if dry_run:
-        cmd += list(DRY_RUN_TESTS)
-    result = runner.run("pytest", cmd, STEP_LIMIT_S["pytest"])
-    step = {"seconds": result["seconds"], "log": result["log"], "rc": result["rc"]}
-    if not xml.is_file():
-        return {**step, "status": "fail", "detail": _failed_run(result, "pytest") + " (no JUnit XML written)",
-                "tail": _tail(result["output"])}
-    counts = parse_junit(xml)
-    step.update(counts)
-    step["failing"] = counts["failing"][:30]
-    detail = (f"{counts['passed']} passed, {counts['failed']} failed, {counts['errors']} errors, "
-              f"{counts['skipped']} skipped")
-    if result["timed_out"]:
-        return {**step, "status": "fail", "detail": f"ran past its {result['limit_s']:.0f} s limit ({detail} so far)"}
-    if counts["failed"] or counts["errors"] or result["rc"] != 0:
-        first = f"; first: {counts['failing'][0]}" if counts["failing"] else ""
-        return {**step, "status": "fail", "detail": f"{detail}{first} (pytest status {result['rc']})",
-                "tail": _tail(result["output"])}
+#: pytest -q's progress lines: one character per finished test (then ``[ NN%]``, absent on a line cut short)
+_PROGRESS = re.compile(r"^([.FEsxX]+)(?:\s+\[\s*\d+%\])?\s*$")
+_PROGRESS_KIND = {".": "passed", "F": "failed", "E": "errors", "s": "skipped", "x": "skipped", "X": "passed"}
+
+
+def progress_counts(output: str) -> dict:
+    """What ``pytest -q`` had finished, from its progress characters (before its first ``====`` section): the
+    counts of a run killed before it could write its JUnit XML."""
+    counts = {"tests": 0, "passed": 0, "failed": 0, "errors": 0, "skipped": 0}
+    for line in output.splitlines():
+        if line.startswith("====="):
+            break
+        m = _PROGRESS.match(line)
+        if m:
+            for ch in m.group(1):
+                counts[_PROGRESS_KIND[ch]] += 1
+                counts["tests"] += 1
+    return counts
+
+
+_COLLECTING = re.compile(r"^_+ ERROR collecting (\S+) _+$")
+_SUMMARY_ERROR = re.compile(r"^ERROR (\S+\.py)(?: - (.+))?$")
+
+
+def collection_errors(output: str) -> list[dict]:
+    """``[{file, reason}]`` of the test files pytest could not collect, from its output: each ``ERROR collecting
+    FILE`` section's last ``E`` line (e.g. ``ModuleNotFoundError: No module named 'torchcfm'``), and any file only
+    the short summary names (``ERROR tests/x.py - reason``)."""
+    found: dict[str, str] = {}
+    current = None
+    for line in output.splitlines():
+        m = _COLLECTING.match(line)
+        if m:
+            current = m.group(1)
+            found[current] = ""
+            continue
+        if line.startswith("=" * 5) or re.match(r"^_{5,} ", line):
+            current = None
+        elif current and line.startswith("E "):
+            found[current] = line[1:].strip()
+        s = _SUMMARY_ERROR.match(line)
+        if s and "::" not in s.group(1) and not found.get(s.group(1)):
+            found[s.group(1)] = s.group(2) or found.get(s.group(1), "")
+    return [{"file": f, "reason": why or "(no error line)"} for f, why in found.items()]
+
+
+def pytest_file_result(file: str, result: dict, xml: Path | None) -> dict:
+    """One file's ``pytest -q -m cuda`` from its run (:meth:`Runner.run`) and JUnit XML: status and counts.
+
+    pass; ``fail`` (a test failed or errored, also before a time-out); ``collection error`` (the file
+    could not be imported: :func:`collection_errors`); ``timed out`` (killed at its limit: the counts
+    are what had finished, from the progress output).
+    """
+    row = {"file": file, "seconds": round(result["seconds"], 1), "limit_s": round(result["limit_s"]),
+           "rc": result["rc"]}
+    junit = parse_junit(xml) if xml is not None and xml.is_file() and not result["timed_out"] else None
+    counts = junit or progress_counts(result["output"])
+    row.update({k: counts[k] for k in ("tests", "passed", "failed", "errors", "skipped")})
+    row["failing"] = (junit or {}).get("failing", [])[:30]
+    row["skip_reasons"] = (junit or {}).get("skip_reasons", {})
+    errors = (junit or {}).get("collection_errors") or []
+    from_output = collection_errors(result["output"])
+    by_file = {e["file"]: e for e in errors}
+    for e in from_output:  # the output's E line is the telling one; JUnit may only say "collection failure"
+        if e["reason"] != "(no error line)" or e["file"] not in by_file:
+            by_file[e["file"]] = e
+    row["collection_errors"] = list(by_file.values())
+    done = f"{row['passed']} passed, {row['failed']} failed, {row['errors']} errors, {row['skipped']} skipped"
+    if row["failed"] or row["errors"]:
+        first = f"; first: {row['failing'][0]}" if row["failing"] else ""
+        cut = f", then ran past its {row['limit_s']} s limit" if result["timed_out"] else ""
+        row.update(status="fail", detail=f"{file}: {done}{first}{cut}")
+    elif row["collection_errors"]:
+        row.update(status="collection error", detail="; ".join(
+            f"collection error in {e['file']}: {e['reason']}" for e in row["collection_errors"]))
+    elif result["timed_out"]:
+        row.update(status="timed out", detail=f"{file} ran past its {row['limit_s']} s limit after {row['tests']} "
+                                              f"tests ({done})")
+    elif result["rc"] not in (0, 5):  # 5: no test collected (the file's CUDA tests were all deselected)
+        row.update(status="fail", detail=f"{file}: pytest exited with status {result['rc']} ({done}): "
+                                         f"{_last_error_line(result['output'])}")
+    else:
+        row.update(status="pass", detail=f"{file}: {done}")
+    if row["status"] != "pass":
+        row["tail"] = _tail(result["output"])
+    return row
+
+
+def _files(n: int) -> str:
+    return f"{n} file" + ("" if n == 1 else "s")
+
+
+def pytest_step(files: list[dict], dry_run: bool) -> dict:
+    """The pytest step from its files' rows (:func:`pytest_file_result`; ``status: not run`` for a file the budget
+    left no time for): fail > collection error > timed out > pass; on a GPU at least one test must pass."""
+    counts = {k: sum(f.get(k, 0) for f in files) for k in ("tests", "passed", "failed", "errors", "skipped")}
+    done = (f"{counts['passed']} passed, {counts['failed']} failed, {counts['errors']} errors, "
+            f"{counts['skipped']} skipped in {_files(sum(f['status'] != 'not run' for f in files))}")
+    by_status = {}
+    for f in files:
+        by_status.setdefault(f["status"], []).append(f)
+    problems = [f["detail"] for status in ("fail", "collection error", "timed out") for f in by_status.get(status, [])]
+    if by_status.get("not run"):
+        problems.append("not run (budget spent): " + ", ".join(f["file"] for f in by_status["not run"]))
+    step = {**counts, "seconds": sum(f.get("seconds", 0.0) for f in files), "files": files,
+            "failing": [t for f in files for t in f.get("failing", [])][:30],
+            "collection_errors": [e for f in files for e in f.get("collection_errors", [])]}
+    for status in ("fail", "collection error"):
+        if by_status.get(status):
+            tail = next(f["tail"] for f in by_status[status] if f.get("tail"))
+            return {**step, "status": status, "detail": "; ".join(problems) + f" ({done})", "tail": tail}
+    if by_status.get("timed out") or by_status.get("not run"):
+        return {**step, "status": "timed out", "detail": "; ".join(problems) + f" ({done})"}
     if not dry_run and counts["passed"] == 0:
-        return {**step, "status": "fail", "detail": f"no CUDA test ran ({detail})"}
-    return {**step, "status": "pass", "detail": detail}
+        return {**step, "status": "fail", "detail": f"no CUDA test ran ({done})"}
+    all_skipped = [f["file"] for f in files if f["tests"] and f["skipped"] == f["tests"]]
+    note = f"; every test skipped in {', '.join(all_skipped)}" if all_skipped and not dry_run else ""
+    return {**step, "status": "pass", "detail": done + note}
+
+
+def run_pytest(runner: Runner, python: str, dry_run: bool, files: list[str] | None = None) -> dict:
+    """``pytest -q -m cuda FILE`` for each of ``files`` (default :func:`cuda_test_files`; the dry run:
+    :data:`DRY_RUN_TESTS`), one process each with its own limit, then :func:`pytest_step`."""
+    if files is None:
+        files = list(DRY_RUN_TESTS) if dry_run else cuda_test_files()
+    rows, t_step = [], time.monotonic()
+    for file in files:
+        left = step_limit("pytest", dry_run) - (time.monotonic() - t_step)
+        if runner.remaining() - runner.reserve_s < 10 or left < 10:
+            rows.append({"file": file, "status": "not run", "detail": f"{file}: no time left in the budget",
+                         "tests": 0, "passed": 0, "failed": 0, "errors": 0, "skipped": 0})
+            continue
+        tag = Path(file).stem
+        xml = runner.work_dir / f"pytest_{tag}.xml"
+        if xml.exists():
+            xml.unlink()
+        cmd = [python, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", f"--junitxml={xml}", file]
+        # the dry run's files skip every CUDA test, but a loaded CI machine may take a while to import them
+        limit = left if dry_run else min(left, CUDA_TEST_FILES.get(file, PYTEST_FILE_DEFAULT_S))
+        result = runner.run(f"pytest_{tag}", cmd, limit)
+        rows.append({**pytest_file_result(file, result, xml), "log": result["log"]})
+    return pytest_step(rows, dry_run)
 
 
 # ----------------------------------------------------------------------------- step 5: memcheck
@@ -357,29 +685,63 @@ def find_sanitizer() -> str | None:
     return None
 
 
+#: what compute-sanitizer prints (``========= Error: ...``) when it cannot instrument this device or setup; it then
+#: counts the refused first CUDA call (e.g. ``cudaErrorNoDevice`` on ``cudaMalloc``) in its ERROR SUMMARY
+SANITIZER_REFUSALS = (
+    "Device not supported",  # ... Please refer to the "Supported Devices" section of the sanitizer documentation
+    "Failed to initialize WDDM debugger interface",  # WSL without the debugger interface enabled
+    "Unable to find injection library",  # a toolkit without the sanitizer's libsanitizer-collection.so
+)
+#: the sanitizer's line when the program never made a CUDA call it could instrument (exit status 255)
+SANITIZER_NOTHING_RAN = "Target application terminated before first instrumented API call"
+_REFUSAL = re.compile(r"^=*\s*Error: .*(?:%s).*$" % "|".join(map(re.escape, SANITIZER_REFUSALS)), re.MULTILINE)
+#: an access error memcheck found in a kernel: a real finding, whatever else the output says
+_ACCESS_ERROR = re.compile(r"^=========\s+(Invalid (?:__global__|__shared__|__local__|__generic__)? ?\w+ .*"
+                           r"|.*(?:is out of bounds|is misaligned|Misaligned).*)$", re.MULTILINE)
+_CASE_LINE = re.compile(r"^\s+(ok|FAIL)\s", re.MULTILINE)
+
+
 def memcheck_verdict(rc: int, output: str, timed_out: bool = False) -> tuple[str, str]:
     """``(status, detail)`` of one compute-sanitizer run from its exit status and output.
 
-    pass: status 0 and ``ERROR SUMMARY: 0 errors``; skipped: the sanitizer cannot run on this
-    device (e.g. "Device not supported" in a sandboxed runtime) and found nothing; else fail.
+    In this order: an access error in a kernel (``Invalid __global__ read``, out of bounds,
+    misaligned) is ``fail``; the sanitizer refusing the device or setup (:data:`SANITIZER_REFUSALS`)
+    is ``skipped``, although its ERROR SUMMARY counts the refused first call as an error; a program
+    that made no CUDA call under it (:data:`SANITIZER_NOTHING_RAN`) is ``skipped`` unless it crashed
+    (a traceback: ``fail``); a case that did not match the reference is ``fail``; killed at its limit
+    is ``timed out`` (with the cases done); ``pass`` needs status 0 and ``ERROR SUMMARY: 0 errors``.
     """
     summary = re.findall(r"ERROR SUMMARY: (\d+) errors?", output)
     errors = int(summary[-1]) if summary else None
+    access = _ACCESS_ERROR.search(output)
+    if access:
+        count = f"{errors} memcheck errors" if errors else "memcheck errors"
+        return "fail", f"{count} (first: {access.group(1).strip()[:200]})"
+    refusal = _REFUSAL.search(output)
+    if refusal:
+        counted = f"; its ERROR SUMMARY counts the refused calls: {errors}" if errors else ""
+        return "skipped", f"compute-sanitizer cannot run here: {refusal.group(0).strip(' =')[:200]}{counted}"
+    cases = _CASE_LINE.findall(output)
+    failed_cases = cases.count("FAIL")
+    if SANITIZER_NOTHING_RAN in output:
+        own = [ln.strip() for ln in output.splitlines() if ln.strip() and not ln.startswith("=====")]
+        if "Traceback" in output:
+            return "fail", f"the cases stopped before their first CUDA call: {_last_error_line(chr(10).join(own))}"
+        return "skipped", (f"compute-sanitizer checked nothing: {SANITIZER_NOTHING_RAN}"
+                           + (f" (the program's last line: {own[-1][:200]})" if own else ""))
+    if failed_cases:
+        return "fail", f"{failed_cases} of {len(cases)} cases did not match the reference"
     if timed_out:
-        return "fail", "ran past its time limit"
+        return "timed out", (f"ran past its time limit after {len(cases)} cases (no access error before; "
+                             "ERROR SUMMARY not reached)")
     if errors:
-        first = re.search(r"^=========\s+(Invalid .*|.*(?:out of bounds|misaligned|Program hit).*)$", output,
-                          re.MULTILINE)
+        first = re.search(r"^=========\s+(Program hit .*|Error: .*)$", output, re.MULTILINE)
         return "fail", f"{errors} memcheck errors" + (f" (first: {first.group(1).strip()[:200]})" if first else "")
     if rc == 0 and errors == 0:
         return "pass", "ERROR SUMMARY: 0 errors"
-    unsupported = re.search(r"^.*(?:Device not supported|not supported on this|Unable to find injection).*$", output,
-                            re.MULTILINE | re.IGNORECASE)
-    if unsupported:
-        return "skipped", f"compute-sanitizer cannot run here: {unsupported.group(0).strip()[:200]}"
-    cases = re.search(r"^memcheck cases: .*$", output, re.MULTILINE)
+    summary_line = re.search(r"^memcheck cases: .*$", output, re.MULTILINE)
     if errors == 0:
-        what = cases.group(0) if cases else _last_error_line(output)
+        what = summary_line.group(0) if summary_line else _last_error_line(output)
         return "fail", f"no memcheck errors, but the cases failed (status {rc}): {what}"
     return "fail", f"no ERROR SUMMARY (status {rc}): {_last_error_line(output)}"
 
@@ -390,10 +752,13 @@ def run_memcheck(runner: Runner, python: str, dry_run: bool) -> dict:
     if dry_run:
         out = runner.work_dir / "memcheck_cases.json"
         result = runner.run("memcheck", [python, script, "--device", "cpu", "--small", "--json", str(out)],
-                            STEP_LIMIT_S["memcheck"])
+                            step_limit("memcheck", dry_run))
         step = {"seconds": result["seconds"], "log": result["log"], "sanitizer": None}
         n = len(json.loads(out.read_text())["cases"]) if out.is_file() else 0
-        if result["rc"] != 0 or result["timed_out"]:
+        if result["timed_out"]:
+            return {**step, "status": "timed out", "detail": _failed_run(result, "memcheck_cases.py") +
+                    f" after {len(_CASE_LINE.findall(result['output']))} cases"}
+        if result["rc"] != 0:
             return {**step, "status": "fail", "detail": _failed_run(result, "memcheck_cases.py"),
                     "tail": _tail(result["output"])}
         return {**step, "status": "pass", "cases": n,
@@ -423,7 +788,7 @@ def run_memcheck(runner: Runner, python: str, dry_run: bool) -> dict:
         if status == "skipped":  # the device refuses the sanitizer: the second run would say the same
             break
     statuses = {r["status"] for r in runs}
-    status = "fail" if "fail" in statuses else ("skipped" if "skipped" in statuses else "pass")
+    status = next(s for s in ("fail", "timed out", "skipped", "pass") if s in statuses)
     detail = "; ".join(f"{r['cases']} ({r['n_cases']} cases): {r['detail']}" for r in runs)
     step = {"status": status, "detail": detail, "seconds": seconds, "sanitizer": sanitizer,
             "sanitizer_version": version[-1] if version else None, "runs": runs}
@@ -460,7 +825,7 @@ def run_op_benchmarks(runner: Runner, python: str, dry_run: bool) -> dict:
         if stale.exists():
             stale.unlink()
     cmd = [python, str(Path(__file__).resolve()), "--op-benchmarks-child", "--work-dir", str(runner.work_dir)]
-    result = runner.run("op_benchmarks", cmd + (["--dry-run"] if dry_run else []), STEP_LIMIT_S["op_benchmarks"])
+    result = runner.run("op_benchmarks", cmd + (["--dry-run"] if dry_run else []), step_limit("op_benchmarks", dry_run))
     step = {"seconds": result["seconds"], "log": result["log"], "ops": {}}
     problems = []
     for op in OP_BENCHES:
@@ -475,6 +840,12 @@ def run_op_benchmarks(runner: Runner, python: str, dry_run: bool) -> dict:
         wanted = {"torch", "cpp"} if dry_run else {"torch", "triton", "cpp"}
         if not wanted <= ran:
             problems.append(f"{op}: {', '.join(sorted(wanted - ran))} did not run ({data['skipped']})")
+    if result["timed_out"]:  # the ops that finished keep their figures
+        problems = [p for p in problems if not p.endswith(": no results")]
+        if not problems:
+            unfinished = [op for op in OP_BENCHES if op not in step["ops"]]
+            return {**step, "status": "timed out", "detail": _failed_run(result, "the op benchmarks") +
+                    f"; finished: {', '.join(step['ops']) or 'none'}; not finished: {', '.join(unfinished)}"}
     if result["rc"] != 0 or result["timed_out"]:
         problems.insert(0, _failed_run(result, "the op benchmarks"))
     if problems:
@@ -507,9 +878,12 @@ def run_throughput(runner: Runner, python: str, dry_run: bool, steps: int | None
         cmd += DRY_RUN_THROUGHPUT
     if steps:
         cmd += ["--steps", str(steps)]
-    result = runner.run("throughput", cmd, STEP_LIMIT_S["throughput"])
+    result = runner.run("throughput", cmd, step_limit("throughput", dry_run))
     step = {"seconds": result["seconds"], "log": result["log"]}
-    if result["rc"] != 0 or result["timed_out"] or not out.is_file():
+    if result["timed_out"]:
+        return {**step, "status": "timed out", "detail": _failed_run(result, "throughput.py") + " (no figures)",
+                "tail": _tail(result["output"])}
+    if result["rc"] != 0 or not out.is_file():
         return {**step, "status": "fail", "detail": _failed_run(result, "throughput.py"),
                 "tail": _tail(result["output"])}
     data = json.loads(out.read_text())
@@ -551,20 +925,46 @@ def nvidia_smi() -> dict | None:
 
 
 def verdict(steps: dict) -> tuple[str, str]:
-    """``("pass"|"fail", last line)`` from the steps' statuses."""
-    failed = [name for name, s in steps.items() if s["status"] == "fail"]
-    not_run = [name for name, s in steps.items() if s["status"] == "not run"]
-    skipped = [name for name, s in steps.items() if s["status"] == "skipped"]
-    if failed or not_run:
-        parts = [f"{name}: {steps[name]['detail']}" for name in failed]
-        if not_run:
-            parts.append(f"not run: {', '.join(not_run)}")
-        return "fail", f"gpu-check: fail ({'; '.join(parts)})"
+    """``(status, last line)`` from the steps' statuses: the first of ``setup error``, ``fail``,
+    ``collection error``, ``incomplete`` (a step timed out, or was not run) and ``pass``; the last line
+    names every other step that did not pass (exit statuses: :data:`EXIT_STATUS`)."""
+    by_status: dict[str, list[str]] = {}
+    for name, step in steps.items():
+        by_status.setdefault(step["status"], []).append(name)
+    unfinished = [f"{status}: {', '.join(by_status[status])}" for status in ("timed out", "not run")
+                  if by_status.get(status)]
+    problems = ("setup error", "fail", "collection error")
+    for status in problems:
+        if by_status.get(status):
+            parts = [f"{name}: {steps[name]['detail']}" for name in by_status[status]]
+            parts += [f"also {other}: {', '.join(by_status[other])}" for other in problems
+                      if other != status and by_status.get(other)]
+            return status, f"gpu-check: {status} ({'; '.join(parts + unfinished)})"
+    if unfinished:
+        return "incomplete", f"gpu-check: incomplete ({'; '.join(unfinished)})"
+    skipped = by_status.get("skipped")
     return "pass", "gpu-check: pass" + (f" (skipped: {', '.join(skipped)})" if skipped else "")
 
 
 def _fmt(x, spec: str = ".3f") -> str:
     return "" if x is None else format(x, spec)
+
+
+def _steps_table(steps: dict) -> list[str]:
+    """A markdown table of the steps, then one of the CUDA test files when the pytest step has them."""
+    lines = ["| step | status | seconds | detail |", "|---|---|---|---|"]
+    for name, step in steps.items():
+        detail = str(step.get("detail", "")).replace("|", "\\|")
+        lines.append(f"| {name} | {step['status']} | {_fmt(step.get('seconds'), '.1f')} | {detail} |")
+    files = (steps.get("pytest") or {}).get("files") or []
+    if files:
+        lines += ["", "| CUDA test file | status | passed | failed | errors | skipped | seconds (limit) |",
+                  "|---|---|---|---|---|---|---|"]
+        for f in files:
+            cells = [str(f.get(k, "")) for k in ("passed", "failed", "errors", "skipped")]
+            lines.append(f"| {f['file']} | {f['status']} | " + " | ".join(cells) +
+                         f" | {_fmt(f.get('seconds'), '.0f')} ({_fmt(f.get('limit_s'), '.0f')}) |")
+    return lines
 
 
 def render_markdown(result: dict, json_name: str) -> str:
@@ -579,8 +979,8 @@ def render_markdown(result: dict, json_name: str) -> str:
                   "No figure below measures a GPU.", ""]
     else:
         lines += [f"# GPU check: {result['device']}", ""]
-    lines += [f"`make gpu-check` (`benchmarks/gpu_check.py`) on {result['date']} at commit {result['commit']}: "
-              f"**{result['status']}**. Raw numbers: `{json_name}`.", "",
+    lines += [f"`make gpu-check` (`benchmarks/gpu_check.py`, stage `{result.get('stage', 'all')}`) on {result['date']} "
+              f"at commit {result['commit']}: **{result['status']}**. Raw numbers: `{json_name}`.", "",
               "| | |", "|---|---|",
               f"| device | {result['device']}" + (f" ({gpu.get('memory_GiB')} GiB, {gpu.get('multiprocessors')} SMs, "
                                                   f"compute capability {gpu.get('capability')})" if gpu else "") + " |",
@@ -591,13 +991,18 @@ def render_markdown(result: dict, json_name: str) -> str:
               f"| compute-sanitizer | {env.get('sanitizer') or 'n/a'} |",
               f"| host | {env.get('host_cpus')} CPUs |",
               f"| wall time | {result['wall_s']:.0f} s (budget {result['budget_s']:.0f} s) |", "",
-              "## Steps", "", "| step | status | seconds | detail |", "|---|---|---|---|"]
-    for name, step in result["steps"].items():
-        detail = str(step.get("detail", "")).replace("|", "\\|")
-        lines.append(f"| {name} | {step['status']} | {_fmt(step.get('seconds'), '.1f')} | {detail} |")
+              "## Steps", ""]
+    lines += _steps_table(result["steps"])
+    for stage, earlier in (result.get("earlier") or {}).items():
+        lines += ["", f"## Steps of the earlier `--stage {stage}` call ({earlier.get('date')}, "
+                      f"{earlier.get('wall_s', 0):.0f} s): **{earlier.get('status')}**", ""]
+        lines += _steps_table(earlier.get("steps") or {})
+        lines += ["", f"Its last line: `{earlier.get('last_line')}`"]
+    figures_from = result.get("figures_from") or {}
     ops = result["figures"].get("ops") or {}
     if ops:
-        lines += ["", "## Fused ops: fraction of the device's copy bandwidth", "",
+        lines += ["", "## Fused ops: fraction of the device's copy bandwidth" +
+                  (f" (the earlier `{figures_from['ops']}` call)" if "ops" in figures_from else ""), "",
                   "Each cell: fraction of a device-to-device copy's bandwidth (bytes the op must move / time, "
                   "against `dst.copy_(src)` measured in the same process), then ms per call. "
                   "`benchmarks/bench_<op>.py`; minimum traffic as each script's docstring counts it."]
@@ -622,7 +1027,8 @@ def render_markdown(result: dict, json_name: str) -> str:
     if tp:
         cfg = tp.get("config") or {}
         unet = cfg.get("unet_parameters")
-        lines += ["", "## Training-step throughput (`benchmarks/throughput.py`)", "",
+        lines += ["", "## Training-step throughput (`benchmarks/throughput.py`)" +
+                  (f" (the earlier `{figures_from['throughput']}` call)" if "throughput" in figures_from else ""), "",
                   f"UNet {unet / 1e6:.1f}M parameters, batch {cfg.get('batch_size')}, Euler {cfg.get('ode_steps')}, "
                   f"{cfg.get('reward')}; {cfg.get('timed_steps')} timed steps per mode after "
                   f"{cfg.get('warmup_steps_untimed')} untimed; matmul peak {_fmt(tp.get('matmul_peak_TFLOPs'), '.1f')} "
@@ -650,9 +1056,15 @@ def render_markdown(result: dict, json_name: str) -> str:
 
 def summary_lines(result: dict) -> list[str]:
     """The short summary printed at the end (the last line comes after these)."""
-    lines = [f"gpu-check on {result['device']} ({'dry run, ' if result['dry_run'] else ''}{result['wall_s']:.0f} s):"]
+    lines = [f"gpu-check on {result['device']} (stage "
+             f"{result.get('stage', 'all')}, {result['wall_s']:.0f} s of {result['budget_s']:.0f}):"]
     for name, step in result["steps"].items():
-        lines.append(f"  {name:<14} {step['status']:<8} {step.get('detail', '')}")
+        lines.append(f"  {name:<14} {step['status']:<9} {step.get('detail', '')}")
+        for f in step.get("files") or []:
+            if f["status"] != "pass" or len(step["files"]) > 1:
+                lines.append(f"    {f['status']:<9} {f.get('detail', f['file'])} ({_fmt(f.get('seconds'), '.0f')} s)")
+    for stage, earlier in (result.get("earlier") or {}).items():
+        lines.append(f"  earlier --stage {stage} call ({earlier.get('date')}): {earlier.get('last_line')}")
     tp = result["figures"].get("throughput")
     if tp and tp.get("speedup") is not None:
         lines.append(f"  throughput: reference {tp['reference_s_per_step']:.3f} s/step, fast_fp32 "
@@ -673,35 +1085,79 @@ def _no_gpu(message: str) -> int:
     return 2
 
 
+def earlier_calls(stage: str, commit: str, device: str, paths: list[Path]) -> tuple[dict, list[str]]:
+    """The records of other stages' calls (``{stage: record}``) at this ``commit`` on this ``device``, from ``paths``
+    (a call's own ``stage-<stage>.json`` in the work folder, or a report's JSON, with the calls it merged), and notes
+    on what was not merged."""
+    earlier: dict[str, dict] = {}
+    notes = []
+    if stage == "all":
+        return earlier, notes
+    for path in paths:
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            notes.append(f"{path}: not merged, unreadable ({err})")
+            continue
+        for record in [data, *(data.get("earlier") or {}).values()]:
+            other = record.get("stage")
+            if other in (None, stage, "all") or other in earlier:
+                continue
+            if record.get("commit") != commit or record.get("device") != device:
+                notes.append(f"{path}: stage {other} not merged: commit {record.get('commit')} on "
+                             f"{record.get('device')}, this call {commit} on {device}")
+                continue
+            earlier[other] = {k: record.get(k) for k in ("stage", "date", "commit", "device", "status", "last_line",
+                                                         "wall_s", "budget_s", "steps", "figures")}
+    return earlier, notes
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="the CPU version: tiny sizes, outputs to --out-dir")
+    parser.add_argument("--stage", choices=list(STAGES), default=None,
+                        help="check: wheels, build, backends, pytest, memcheck (the GPU default); bench: wheels, "
+                             "build, backends, op_benchmarks, throughput; all: every step (the dry run's default)")
     parser.add_argument("--out-dir", type=Path, default=None,
                         help="where <device>.json and RESULTS.md go (default: benchmarks/results/ and "
                              "benchmarks/RESULTS.md; dry run: a new temporary folder)")
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="logs and raw outputs (default: build/gpu-check; dry run: <out-dir>/work)")
-    parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S, help="time for all steps together")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="time for all the stage's steps together (default: " +
+                             ", ".join(f"{k} {v:.0f} s" for k, v in DEFAULT_BUDGET_S.items()) + ")")
     parser.add_argument("--wheels", type=Path, default=ROOT / ".whl", help="folder of carried wheels")
     parser.add_argument("--site", type=Path, default=Path(os.environ.get("GPU_CHECK_SITE", "/tmp/site")),
                         help="where the wheels are installed (put on PYTHONPATH)")
     parser.add_argument("--throughput-steps", type=int, default=None, help="timed steps per throughput mode")
     parser.add_argument("--commit", default=None,
                         help="commit to record, for a copied tree that is not a git checkout (default: git's)")
+    parser.add_argument("--merge", type=Path, action="append", default=[],
+                        help="a JSON of an earlier call (other stage, same commit and device) to report with this one; "
+                             "the work folder's records of earlier calls are merged without it")
     parser.add_argument("--skip", default="", help=f"comma-separated steps not to run (reported as skipped): "
                                                    f"{', '.join(STEPS)}")
     parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--missing-modules", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--op-benchmarks-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.probe:
         print(PROBE_TAG + json.dumps(probe()), flush=True)
         return 0
+    if args.missing_modules:
+        print(MODULES_TAG + json.dumps(missing_modules()), flush=True)
+        return 0
     if args.op_benchmarks_child:
         return op_benchmarks_child(args.work_dir, args.dry_run)
     skip = {s for s in args.skip.split(",") if s}
     if skip - set(STEPS):
         parser.error(f"--skip: unknown steps {', '.join(sorted(skip - set(STEPS)))} (known: {', '.join(STEPS)})")
+    stage = args.stage or ("all" if args.dry_run else "check")
+    stage_steps = STAGES[stage]
+    budget_s = args.budget_s if args.budget_s is not None else DEFAULT_BUDGET_S[stage]
 
     t_start = time.monotonic()
     try:  # here, not at the top: a python without torch gets the message, not a traceback
@@ -728,29 +1184,28 @@ def main(argv=None) -> int:
         env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU path everywhere, also on a machine with a GPU
     paths = [str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(paths)
-    runner = Runner(work_dir, args.budget_s, env)
-    print(f"gpu-check{' (dry run on the CPU)' if args.dry_run else ''}: python {python}, torch {torch.__version__}; "
-          f"budget {args.budget_s:.0f} s; logs in {work_dir}", flush=True)
+    runner = Runner(work_dir, budget_s, env)
+    print(f"gpu-check{' (dry run on the CPU)' if args.dry_run else ''}, stage {stage} ({', '.join(stage_steps)}): "
+          f"python {python}, torch {torch.__version__}; budget {budget_s:.0f} s; logs in {work_dir}", flush=True)
 
     steps: dict[str, dict] = {}
     stop_reason = None
-    for i, name in enumerate(STEPS, 1):
+    for i, name in enumerate(stage_steps, 1):
         t0 = time.monotonic()
-        runner.reserve_s = 0.0 if args.dry_run else sum(STEP_RESERVE_S[s] for s in STEPS[i:] if s not in skip)
+        runner.reserve_s = 0.0 if args.dry_run else sum(STEP_RESERVE_S[s] for s in stage_steps[i:] if s not in skip)
         if stop_reason:
             step = {"status": "not run", "detail": stop_reason}
         elif name in skip:
             step = {"status": "skipped", "detail": "--skip"}
-        elif runner.remaining() < 5:
-            step = {"status": "not run", "detail": f"the {args.budget_s:.0f} s budget was spent"}
+        elif runner.remaining() - runner.reserve_s < 5:
+            step = {"status": "not run", "detail": f"the {budget_s:.0f} s budget was spent"}
         elif name == "wheels":
-            step = ({"status": "skipped", "detail": "dry run: the .venv has the packages"} if args.dry_run
-                    else install_wheels(runner, python, args.wheels, args.site))
-            if step["status"] == "pass":
-                runner.env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(args.site)] + paths[1:])
+            step = install_wheels(runner, python, args.wheels, args.site, args.dry_run)
+            if step.get("site"):  # also after a setup error: what was installed is used
+                runner.env["PYTHONPATH"] = os.pathsep.join([str(ROOT), step["site"]] + paths[1:])
         elif name == "build":
             step = ({"status": "skipped", "detail": "dry run: the .venv's editable install built orwcfm_fast._C"}
-                    if args.dry_run else build_extension(runner, python))
+                    if args.dry_run else build_extension(runner, python, toolchain_identity(torch)))
         elif name == "backends":
             step = check_backends(runner, python, args.dry_run)
         elif name == "pytest":
@@ -763,12 +1218,12 @@ def main(argv=None) -> int:
             step = run_throughput(runner, python, args.dry_run, args.throughput_steps)
         step.setdefault("seconds", time.monotonic() - t0)
         steps[name] = step
-        print(f"[{i}/{len(STEPS)}] {name}: {step['status']} ({step['seconds']:.1f} s) {step.get('detail', '')}",
+        print(f"[{i}/{len(stage_steps)}] {name}: {step['status']} ({step['seconds']:.1f} s) {step.get('detail', '')}",
               flush=True)
-        if step["status"] == "fail" and step.get("tail"):
+        if step["status"] != "pass" and step.get("tail"):
             print("    " + step["tail"].replace("\n", "\n    "), flush=True)
-        if step["status"] == "fail" and name in ("wheels", "build", "backends"):
-            stop_reason = f"stopped: {name} failed"
+        if step["status"] in ("fail", "timed out") and name in ("build", "backends"):
+            stop_reason = f"stopped: {name} {'failed' if step['status'] == 'fail' else 'timed out'}"
 
     probe_info = steps.get("backends", {}).get("probe") or {}
     smi = None if args.dry_run else nvidia_smi()
@@ -780,10 +1235,12 @@ def main(argv=None) -> int:
     memcheck = steps.get("memcheck", {})
     result = {
         **provenance(device),
+        "stage": stage,
         "status": status,
         "last_line": last_line,
+        "exit_status": EXIT_STATUS[status],
         "dry_run": args.dry_run,
-        "budget_s": args.budget_s,
+        "budget_s": budget_s,
         "wall_s": time.monotonic() - t_start,
         "environment": {"python": probe_info.get("python", platform.python_version()), "python_executable": python,
                         "torch_cuda": torch.version.cuda, "triton": probe_info.get("triton"),
@@ -797,6 +1254,18 @@ def main(argv=None) -> int:
     }
     if args.commit:
         result["commit"] = args.commit
+    (work_dir / f"stage-{stage}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    candidates = [work_dir / f"stage-{other}.json" for other in STAGES if other != stage] + list(args.merge)
+    earlier, notes = earlier_calls(stage, result["commit"], device, candidates)
+    if earlier:
+        result["earlier"] = earlier
+        for record in earlier.values():  # figures this call did not measure come from the earlier one
+            for key in ("ops", "throughput"):
+                if not result["figures"][key] and (record.get("figures") or {}).get(key):
+                    result["figures"][key] = record["figures"][key]
+                    result.setdefault("figures_from", {})[key] = record["stage"]
+    if notes:
+        result["merge_notes"] = notes
     json_path = out_dir / f"{slugify(device)}.json"
     result["json_path"], result["md_path"] = str(json_path), str(md_path)
     json_path.write_text(json.dumps(result, indent=2, default=str) + "\n")
@@ -805,10 +1274,10 @@ def main(argv=None) -> int:
     except ValueError:
         json_name = json_path.name
     md_path.write_text(render_markdown(result, json_name))
-    for line in summary_lines(result):
+    for line in summary_lines(result) + [f"  note: {n}" for n in notes]:
         print(line)
     print(last_line, flush=True)
-    return 0 if status == "pass" else 1
+    return EXIT_STATUS[status]
 
 
 if __name__ == "__main__":
