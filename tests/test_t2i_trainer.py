@@ -89,7 +89,8 @@ def test_lora_training_on_sd35(saved, tmp_path):
 
 
 def test_save_lora_loads_into_a_fresh_pipeline(saved, tmp_path):
-    trainer = ORWCFMTrainer(load(saved), config(tmp_path), "cpu")
+    # lora_alpha 8 at rank 4 (scale 2): with alpha equal to the rank a lost alpha would load unnoticed
+    trainer = ORWCFMTrainer(load(saved), config(tmp_path, lora_alpha=8), "cpu")
     trainer.train(1, 2)
     trainer.save_lora(tmp_path / "lora")
     fresh = load(saved)
