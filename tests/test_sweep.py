@@ -129,10 +129,17 @@ def test_table_and_pareto_from_a_record(tmp_path):
     assert save_pareto(record, tmp_path / "p.png").stat().st_size > 1000
 
 
-def test_digits_sweep(tmp_path):
+@pytest.fixture(scope="module")
+def digits_cache(tmp_path_factory):
+    """One ``--cache-dir`` for the two digits tasks' sweeps: their reward, the digits classifier, is trained once
+    (about 40 s on one CPU thread) and loaded by the other, as a second run with the same cache would."""
+    return tmp_path_factory.mktemp("digits_cache")
+
+
+def test_digits_sweep(tmp_path, digits_cache):
     code = main(["sweep", "--task", "digits", "--alphas", "1", "--epochs", "1", "--steps-per-epoch", "1",
                  "--samples-per-prompt", "8", "--outdir", str(tmp_path / "sweep"), "--cache-dir",
-                 str(tmp_path / "cache"), "--pretrain-steps", "5", "--set", "batch_size=8", "--set", "ode_steps=2",
+                 str(digits_cache), "--pretrain-steps", "5", "--set", "batch_size=8", "--set", "ode_steps=2",
                  "--quiet"])
     assert code == 0
     record = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
@@ -166,12 +173,12 @@ def test_text_to_image_sweep_per_prompt(tmp_path, monkeypatch):
     assert grids == ["000_a_dog.png", "001_a_cat.png"]
 
 
-def test_prompted_digits_sweep(tmp_path, monkeypatch):
+def test_prompted_digits_sweep(tmp_path, monkeypatch, digits_cache):
     pytest.importorskip("diffusers")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code = main(["sweep", "--task", "prompted-digits", "--alphas", "1", "--epochs", "1", "--steps-per-epoch", "1",
                  "--samples-per-prompt", "2", "--outdir", str(tmp_path / "sweep"), "--cache-dir",
-                 str(tmp_path / "cache"), "--pretrain-steps", "3", "--quiet", "--set", "batch_size=4",
+                 str(digits_cache), "--pretrain-steps", "3", "--quiet", "--set", "batch_size=4",
                  "--set", "images_per_prompt=2", "--set", "ode_steps=2",
                  "--set", 'prompts=["a handwritten 1", "a handwritten 7"]'])
     assert code == 0
@@ -180,25 +187,143 @@ def test_prompted_digits_sweep(tmp_path, monkeypatch):
     assert 0.0 <= record["settings"][0]["reward"] <= 1.0
 
 
-def test_torchrun_sweep_two_ranks(tmp_path):
+# Runs `orwcfm-fast sweep` as torchrun's workers run it (orwcfm_fast.cli.main, unchanged), watched from outside
+# the library: each rank works in its own folder (nodes without a shared file system: only rank 0's files say
+# which settings are done), and writes to WATCH_DIR/rank<r>.jsonl which settings it trains and evaluates and,
+# once the command has returned on that rank, what rank 0's sweep.json holds. (The sweep logs on rank 0 only.)
+RANK_WATCH = r"""
+import json, os, sys, time
+from pathlib import Path
+
+from orwcfm_fast import sweep
+from orwcfm_fast.cli import main
+from orwcfm_fast.trainer import ORWCFMTrainer
+
+RANK = int(os.environ["RANK"])
+RECORD = Path(os.environ["RANK0_RECORD"])
+EVENTS = Path(os.environ["WATCH_DIR"]) / f"rank{RANK}.jsonl"
+
+
+def say(event, **data):
+    with EVENTS.open("a") as f:
+        f.write(json.dumps({"event": event, **data}) + "\n")
+
+
+train, evaluate, write_json = ORWCFMTrainer.train, ORWCFMTrainer.evaluate, sweep._write_json
+
+
+def watched_train(self, *args, **kwargs):
+    say("train", alpha=self.alpha)
+    return train(self, *args, **kwargs)
+
+
+def watched_evaluate(self, *args, **kwargs):
+    where = Path(kwargs["outdir"])
+    say("evaluate", setting=where.name if where.name == "pretrained" else where.parent.name)
+    return evaluate(self, *args, **kwargs)
+
+
+def late_record(path, data):
+    if RANK == 0 and Path(path).name == "sweep.json":
+        # 1 s late: without the closing barrier every other rank, with nothing left to do, has returned and
+        # read the record by then (the old one, or none)
+        time.sleep(1.0)
+    write_json(path, data)
+
+
+ORWCFMTrainer.train, ORWCFMTrainer.evaluate, sweep._write_json = watched_train, watched_evaluate, late_record
+folder = Path(f"rank{RANK}")
+folder.mkdir(exist_ok=True)
+os.chdir(folder)
+code = main(sys.argv[1:])
+record = json.loads(RECORD.read_text()) if RECORD.is_file() else None
+say("returned", code=code, record=None if record is None else [e["alpha"] for e in record["settings"]])
+sys.exit(code)
+"""
+
+
+def _torchrun_sweep(tmp_path, alphas: str) -> tuple[int, str, dict[int, list[dict]]]:
+    """One two-rank gaussians sweep into ``rank<r>/sweep`` (per rank), the smallest one the command accepts.
+
+    Ranks that call different collectives wait for each other (gloo's timeout is 30 minutes): after 240 s
+    torchrun is stopped, and the watch events say where each rank was.
+
+    Returns:
+        ``(torchrun's exit status, the output of both ranks, each rank's watch events {rank: [{"event", ...}]})``.
+    """
     import socket
 
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    (tmp_path / "rank_watch.py").write_text(RANK_WATCH)
+    watch = tmp_path / f"watch-{alphas}"
+    watch.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WATCH_DIR": str(watch),
+           "RANK0_RECORD": str(tmp_path / "rank0" / "sweep" / "sweep.json")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), "rank_watch.py",
+           "sweep", "--task", "gaussians", "--alphas", alphas, "--epochs", "1", "--steps-per-epoch", "1",
+           "--samples-per-prompt", "2", "--outdir", "sweep", "--cache-dir", str(tmp_path / "cache"),
+           "--pretrain-steps", "1", "--set", "batch_size=2", "--set", "ode_steps=1", "--device", "cpu"]
+    log = tmp_path / f"torchrun-{alphas}.log"
+    with log.open("w") as sink:  # a file, not a pipe: nothing to drain if a worker outlives torchrun
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            proc.wait(timeout=240)
+        except subprocess.TimeoutExpired:
+            proc.terminate()  # torchrun stops its workers (SIGTERM, then SIGKILL after its grace period)
+            proc.wait(timeout=60)
+    output = log.read_text()
+    events = {}
+    for r in (0, 1):
+        lines = (watch / f"rank{r}.jsonl").read_text().splitlines() if (watch / f"rank{r}.jsonl").exists() else []
+        events[r] = [json.loads(line) for line in lines]
+    return proc.returncode, output, events
+
+
+def _per_rank(events: dict[int, list[dict]], *kinds: str) -> dict[int, list[str]]:
+    """Each rank's watch events of ``kinds``, in order, as ``"train alpha 2"`` / ``"evaluate pretrained"`` /
+    ``"returned 0 with record [0.0, 1.0]"``."""
+    text = {"train": lambda e: f"train alpha {e['alpha']:g}", "evaluate": lambda e: f"evaluate {e['setting']}",
+            "returned": lambda e: f"returned {e['code']} with record {e['record']}"}
+    return {r: [text[e["event"]](e) for e in events[r] if e["event"] in kinds] for r in (0, 1)}
+
+
+def test_torchrun_sweep_two_ranks_resumes_the_same_settings_on_every_rank(tmp_path):
+    """Two ranks, each with its own folder: a first sweep, then the same sweep with one more alpha. Rank 0's
+    files decide which settings are done (broadcast), so both ranks skip the finished ones and the pretrained
+    evaluation and train only the new alpha; a rank that decided from its own (empty) folder would evaluate and
+    train again, and the ranks' collectives would no longer match (they hang). Every rank returns only after
+    rank 0 has written the record (the closing barrier)."""
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port),
-           "-m", "orwcfm_fast.cli", "sweep", "--task", "gaussians", "--alphas", "0,1", "--epochs", "1",
-           "--steps-per-epoch", "2", "--samples-per-prompt", "20", "--outdir", str(tmp_path / "sweep"),
-           "--cache-dir", str(tmp_path / "cache"), "--pretrain-steps", "30", "--set", "batch_size=16",
-           "--set", "ode_steps=2", "--device", "cpu"]
-    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
-    record = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
-    assert record["world_size"] == 2 and len(record["settings"]) == 2
-    assert result.stdout.count("[sweep] 2 settings") == 1  # rank 0 reports and writes
+    record_file = tmp_path / "rank0" / "sweep" / "sweep.json"
+
+    code, output, events = _torchrun_sweep(tmp_path, "0,1")
+    tail = output[-4000:]
+    every = ["evaluate pretrained", "train alpha 0", "evaluate alpha0_temp0.5", "train alpha 1",
+             "evaluate alpha1_temp0.5"]
+    assert _per_rank(events, "train", "evaluate") == {0: every, 1: every}, tail
+    assert code == 0, tail
+    # each rank returned after rank 0 had written the record (written 1 s late on purpose: a rank that left
+    # without waiting would find none)
+    assert _per_rank(events, "returned") == {r: ["returned 0 with record [0.0, 1.0]"] for r in (0, 1)}, tail
+    before = json.loads(record_file.read_text())
+    assert before["world_size"] == 2 and output.count("[sweep] 2 settings") == 1  # rank 0 reports and writes
+    assert not (tmp_path / "rank1" / "sweep" / "sweep.json").exists()
+
+    code, output, events = _torchrun_sweep(tmp_path, "0,1,2")
+    tail = output[-4000:]
+    # both ranks skip the finished settings and the pretrained evaluation: only the new alpha trains
+    new = ["train alpha 2", "evaluate alpha2_temp0.5"]
+    assert _per_rank(events, "train", "evaluate") == {0: new, 1: new}, tail
+    assert code == 0, tail
+    assert output.count("done before") == 2 and "evaluating the pretrained model" not in output  # rank 0's log
+    assert _per_rank(events, "returned") == {r: ["returned 0 with record [0.0, 1.0, 2.0]"] for r in (0, 1)}, tail
+    after = json.loads(record_file.read_text())
+    assert [e["alpha"] for e in after["settings"]] == [0.0, 1.0, 2.0]  # every alpha once, in order
+    assert after["settings"][:2] == before["settings"]  # the finished ones as they were, not trained again
+    assert after["pretrained"] == before["pretrained"]
