@@ -1,12 +1,12 @@
 """Data-parallel training under torch.distributed: two CPU processes on gloo.
 
-Each test spawns two processes that join a process group (file rendezvous, no ports) and build an
-``ORWCFMTrainer``; the trainer notices the group and runs data-parallel. Checked: the ranks start
-from rank 0's weights even when their own initialisations differ, end with identical weights,
-draw different samples, write files only on rank 0, resume exactly from a checkpoint at the
-same world size, and average (not sum) the gradients: one step's gradient on two ranks, each with
-half of a batch, is a single process's gradient on the whole batch. (The torchrun + CLI path is
-tested in tests/test_cli_train.py.)
+Two processes join a process group (file rendezvous, no ports) and build ``ORWCFMTrainer`` s, one
+scenario after another (one spawn, shared by the tests that read its results); the trainer notices
+the group and runs data-parallel. Checked: the ranks start from rank 0's weights even when their own
+initialisations differ, end with identical weights, draw different samples, write files only on
+rank 0, resume exactly from a checkpoint at the same world size, and average (not sum) the
+gradients: one step's gradient on two ranks, each with half of a batch, is a single process's
+gradient on the whole batch. (The torchrun + CLI path is tested in tests/test_cli_train.py.)
 """
 
 from __future__ import annotations
@@ -97,7 +97,8 @@ def _scenario(rank: int, outdir: str, scenario: str) -> None:
                         "history": trainer.history}, out / "result.pt")
     elif scenario == "gradient":
         half = BATCH // WORLD
-        grads = _gather(_step_gradient(_trainer(outdir, grad_clip=None), slice(rank * half, (rank + 1) * half)))
+        trainer = _trainer(str(out / "gradient"), grad_clip=None)
+        grads = _gather(_step_gradient(trainer, slice(rank * half, (rank + 1) * half)))
         if rank == 0:
             torch.save(grads, out / "gradient.pt")
     elif scenario in ("straight", "resumed"):
@@ -134,15 +135,30 @@ def _spawn(tmp_path: Path, *scenarios: str) -> None:
     mp.spawn(_worker, args=(str(init_file), str(tmp_path), scenarios), nprocs=WORLD, join=True)
 
 
+def _children_import_this_module(patch: pytest.MonkeyPatch) -> None:
+    # spawned children import this module by name: make tests/ importable there
+    patch.syspath_prepend(str(Path(__file__).parent))
+    patch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), *sys.path]))
+
+
 @pytest.fixture(autouse=True)
 def _importable_from_children(monkeypatch):
-    # spawned children import this module by name: make tests/ importable there
-    monkeypatch.syspath_prepend(str(Path(__file__).parent))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), *sys.path]))
+    _children_import_this_module(monkeypatch)
 
 
-def test_two_ranks_train_in_lockstep_and_only_rank0_writes(tmp_path):
-    _spawn(tmp_path, "train")
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> Path:
+    """The folder of one spawn shared by two tests: the ranks train (scenario ``train``), then take one step on
+    their halves of a fixed batch (``gradient``, in its own savedir)."""
+    out = tmp_path_factory.mktemp("two_ranks")
+    with pytest.MonkeyPatch.context() as patch:
+        _children_import_this_module(patch)
+        _spawn(out, "train", "gradient")
+    return out
+
+
+def test_two_ranks_train_in_lockstep_and_only_rank0_writes(two_ranks):
+    tmp_path = two_ranks
     result = torch.load(tmp_path / "result.pt", weights_only=True)
     assert torch.equal(result["start"][0], result["start"][1])  # rank 0's weights were broadcast
     assert not torch.equal(result["samples"][0], result["samples"][1])  # each rank samples its own batch
@@ -166,14 +182,13 @@ def test_resume_at_the_same_world_size_is_exact(tmp_path):
     assert straight["history"] == resumed["history"]
 
 
-def test_two_ranks_average_the_gradient_of_the_combined_batch(tmp_path):
+def test_two_ranks_average_the_gradient_of_the_combined_batch(two_ranks, tmp_path):
     """DDP averages: the step's gradient on two ranks, each with its half of a batch, equals a single process's
     gradient on the whole batch. The loss is a mean over each rank's batch, so the average over ranks of the
     halves' means is the whole batch's mean because the halves are equal (4 + 4 rows). Summing over ranks
     instead would leave the ranks identical (and Adam would hide the factor 2 in their weights)."""
-    _spawn(tmp_path, "gradient")
-    ranks = torch.load(tmp_path / "gradient.pt", weights_only=True)
-    single = _step_gradient(_trainer(str(tmp_path / "single"), grad_clip=None), slice(0, BATCH))
+    ranks = torch.load(two_ranks / "gradient.pt", weights_only=True)
+    single = _step_gradient(_trainer(str(tmp_path), grad_clip=None), slice(0, BATCH))
     assert single.abs().max() > 1e-2  # a gradient to compare (not zeros)
     # float32: only the order of the batch reductions differs (8 rows at once, or 4 per rank then the 2 ranks);
     # measured: at most 1.2e-7 apart (one ulp of the largest entry, ~1.3), a tenth of atol. Summing over ranks
