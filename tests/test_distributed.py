@@ -1,8 +1,8 @@
 """Data-parallel training under torch.distributed: two CPU processes on gloo.
 
 Two processes join a process group (file rendezvous, no ports) and build ``ORWCFMTrainer`` s, one
-scenario after another (one spawn, shared by the tests that read its results); the trainer notices
-the group and runs data-parallel. Checked: the ranks start from rank 0's weights even when their own
+scenario after another (one spawn for the module: starting the processes is most of the cost); the
+trainer notices the group and runs data-parallel. Checked: the ranks start from rank 0's weights even when their own
 initialisations differ, end with identical weights, draw different samples, write files only on
 rank 0, resume exactly from a checkpoint at the same world size, and average (not sum) the
 gradients: one step's gradient on two ranks, each with half of a batch, is a single process's
@@ -148,12 +148,13 @@ def _importable_from_children(monkeypatch):
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> Path:
-    """The folder of one spawn shared by two tests: the ranks train (scenario ``train``), then take one step on
-    their halves of a fixed batch (``gradient``, in its own savedir)."""
+    """The folder of the one spawn the tests read: the ranks train (scenario ``train``, savedir the folder), take
+    one step on their halves of a fixed batch (``gradient``), then train straight and resumed from a checkpoint
+    (``straight``, ``resumed``); each scenario builds its own trainers, with their own savedirs."""
     out = tmp_path_factory.mktemp("two_ranks")
     with pytest.MonkeyPatch.context() as patch:
         _children_import_this_module(patch)
-        _spawn(out, "train", "gradient")
+        _spawn(out, "train", "gradient", "straight", "resumed")
     return out
 
 
@@ -172,10 +173,9 @@ def test_two_ranks_train_in_lockstep_and_only_rank0_writes(two_ranks):
     assert [m["epoch"] for m in result["history"]] == [1, 2]
 
 
-def test_resume_at_the_same_world_size_is_exact(tmp_path):
-    _spawn(tmp_path, "straight", "resumed")
-    straight = torch.load(tmp_path / "straight.pt", weights_only=True)
-    resumed = torch.load(tmp_path / "resumed.pt", weights_only=True)
+def test_resume_at_the_same_world_size_is_exact(two_ranks):
+    straight = torch.load(two_ranks / "straight.pt", weights_only=True)
+    resumed = torch.load(two_ranks / "resumed.pt", weights_only=True)
     for rank in range(WORLD):  # weights and each rank's own generator state
         assert torch.equal(straight["final"][rank], resumed["final"][rank]), rank
     assert not torch.equal(straight["final"][0][-64:], straight["final"][1][-64:])  # per-rank generators differ
