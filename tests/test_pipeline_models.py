@@ -5,7 +5,8 @@ averaging over ranks.
   pipeline's ``load_lora_weights`` reproduces an adapter trained with ``lora_alpha != lora_rank``
   (without it diffusers assumes ``alpha = r``); also for the EMA's weights.
 - ``reduce_gradients`` all-reduces the same size on every rank when one rank has a parameter without
-  a gradient (two gloo processes; a mismatch fails or hangs the collective).
+  a gradient (two gloo processes; a mismatch fails or hangs the collective), and averages: one step's
+  LoRA gradient on two ranks, each with half of a batch, is a single process's on the whole batch.
 
 The diffusers tests use tiny random-init pipelines written by ``save_pretrained`` and loaded back
 (``HF_HUB_OFFLINE=1``). diffusers is imported inside them only: the spawned gloo workers import this
@@ -158,3 +159,65 @@ def test_reduce_gradients_with_a_gradient_missing_on_one_rank(tmp_path):
         torch.testing.assert_close(g0, torch.full((3,), 1.5), rtol=0, atol=0)  # averaged
         torch.testing.assert_close(g1, torch.full((2, 2), 2.0), rtol=0, atol=0)  # (4 + 0) / 2 on both ranks
         assert g2 is None  # no rank had one: stays None, as in a single process
+
+
+PIPELINE_BATCH = 4  # the combined batch of the LoRA gradient test; rank r trains rows [2 r, 2 r + 2)
+
+
+def _lora_step_gradient(trainer, rows: slice) -> torch.Tensor:
+    """One training step's LoRA gradient, flattened: ``rows`` of a fixed batch through the trainer's loss and
+    ``_optimize`` (backward, ``reduce_gradients``, clipping off), read after the step.
+
+    The adapter's weights and the batch (prompts, x_0, x_1, weights, loss times t) are the same in every process:
+    the weights are set (B != 0, so the policy is off the reference and the W2 term has a gradient too), the
+    conditioning is the whole batch's, sliced, and ``_loss_times`` returns the rows' times (the trainer would
+    draw them per rank).
+    """
+    gen = torch.Generator().manual_seed(7)
+    params = trainer.models.trainable_parameters()
+    with torch.no_grad():
+        for p in params:
+            p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    shape = (PIPELINE_BATCH, *trainer.sample_shape)
+    x0, x1 = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    weights, t = 0.5 + torch.rand(PIPELINE_BATCH, generator=gen), torch.rand(PIPELINE_BATCH, generator=gen)
+    cond = trainer.models.encode(PROMPTS * (PIPELINE_BATCH // len(PROMPTS)), PIPELINE_BATCH)
+    trainer._loss_times = lambda n, like: t[rows]
+    loss, metrics = trainer._coupled_loss(x0[rows], x1[rows], weights[rows], tuple(c[rows] for c in cond))
+    trainer._optimize(loss, metrics, weights[rows], weights[rows])
+    return torch.cat([p.grad.flatten() for p in params])
+
+
+def _lora_gradient_worker(rank: int, init_file: str, outdir: str, saved_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=60))
+    try:
+        trainer = lora_trainer(Path(saved_dir), "sd3", Path(outdir), grad_clip=None)
+        half = PIPELINE_BATCH // WORLD
+        grad = _lora_step_gradient(trainer, slice(rank * half, (rank + 1) * half))
+        torch.save(grad, Path(outdir) / f"lora-grad-{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@needs_diffusers
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+@pytest.mark.usefixtures("_importable_from_children")
+def test_two_ranks_average_the_lora_gradient_of_the_combined_batch(saved, tmp_path):
+    """``reduce_gradients`` averages: the LoRA gradient of one step on two ranks, each with its half of a batch,
+    equals a single process's on the whole batch. The loss is a mean over each rank's batch, so the average
+    over ranks of the halves' means is the whole batch's mean because the halves are equal (2 + 2 rows).
+    Summing instead would leave the ranks identical (and Adam would hide the factor 2 in their weights)."""
+    mp.spawn(_lora_gradient_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path), str(saved)), nprocs=WORLD,
+             join=True)
+    single = _lora_step_gradient(lora_trainer(saved, "sd3", tmp_path, grad_clip=None), slice(0, PIPELINE_BATCH))
+    scale = float(single.abs().max())
+    assert scale > 1e-2  # a gradient to compare (not zeros)
+    # float32: the transformer runs the rows in batches of 2 or 4 (twice that with guidance), whose matmuls
+    # round differently in the last bits, and the batch means are taken in another order; measured: at most
+    # 1.3e-6 * scale apart, an eighth of atol. Summing over ranks instead would double every entry (an error of
+    # `scale` on the largest).
+    for rank in range(WORLD):
+        torch.testing.assert_close(torch.load(tmp_path / f"lora-grad-{rank}.pt", weights_only=True), single,
+                                   rtol=1e-5, atol=1e-5 * scale)
