@@ -28,6 +28,7 @@ import pytest
 import torch
 from torch import nn
 
+from _fake_cuda import patch_checked
 from orwcfm_fast.sampling import GraphCaptureWarning, GraphSampler, integrate
 
 SAMPLER_DEVICE = 1  # the index the fake torch.cuda.device makes current for the sampler's (CPU) tensors
@@ -67,15 +68,6 @@ class FakeAllocatorRuntime:
         self._pools = 0
         rt = self
         real = torch.cuda
-
-        def checked(name, fake):
-            signature = inspect.signature(getattr(real, name))
-
-            def call(*args, **kwargs):
-                signature.bind(*args, **kwargs)
-                return fake(*args, **kwargs)
-
-            monkeypatch.setattr(torch.cuda, name, call)
 
         class Stream:
             def __init__(self, device=None, priority=0):
@@ -154,16 +146,16 @@ class FakeAllocatorRuntime:
         self.default = self.stream = Stream()
         monkeypatch.setattr(torch.cuda, "Stream", Stream)
         monkeypatch.setattr(torch.cuda, "CUDAGraph", CUDAGraph)
-        checked("stream", stream)
-        checked("device", device)
-        checked("graph", GraphContext)
-        checked("current_device", lambda: rt.current_device)
-        checked("current_stream", lambda device=None: rt.stream)
-        checked("graph_pool_handle", graph_pool_handle)
-        checked("synchronize", lambda device=None: None)
-        checked("is_current_stream_capturing", lambda: rt.capturing)
-        checked("get_rng_state", lambda device="cuda": torch.zeros(16, dtype=torch.uint8))
-        checked("set_rng_state", lambda new_state, device="cuda": None)
+        patch_checked(monkeypatch, "stream", stream)
+        patch_checked(monkeypatch, "device", device)
+        patch_checked(monkeypatch, "graph", GraphContext)
+        patch_checked(monkeypatch, "current_device", lambda: rt.current_device)
+        patch_checked(monkeypatch, "current_stream", lambda device=None: rt.stream)
+        patch_checked(monkeypatch, "graph_pool_handle", graph_pool_handle)
+        patch_checked(monkeypatch, "synchronize", lambda device=None: None)
+        patch_checked(monkeypatch, "is_current_stream_capturing", lambda: rt.capturing)
+        patch_checked(monkeypatch, "get_rng_state", lambda device="cuda": torch.zeros(16, dtype=torch.uint8))
+        patch_checked(monkeypatch, "set_rng_state", lambda new_state, device="cuda": None)
         for name in ("_cuda_endAllocateToPool", "_cuda_endAllocateCurrentStreamToPool"):
             monkeypatch.delattr(torch._C, name, raising=False)
         monkeypatch.setattr(torch._C, end_binding, end, raising=False)

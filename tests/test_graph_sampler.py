@@ -30,6 +30,7 @@ import pytest
 import torch
 from torch import nn
 
+from _fake_cuda import patch_checked
 from _rk_reference import (
     TEXTBOOK_SCHEMES,
     evaluated_in,
@@ -690,15 +691,6 @@ class FakeCudaRuntime:
         rt = self
         real = torch.cuda
 
-        def checked(name, fake):
-            signature = inspect.signature(getattr(real, name))
-
-            def call(*args, **kwargs):
-                signature.bind(*args, **kwargs)
-                return fake(*args, **kwargs)
-
-            monkeypatch.setattr(torch.cuda, name, call)
-
         class Stream:
             def __init__(self, device=None, priority=0):
                 inspect.signature(real.Stream).bind(device, priority=priority)
@@ -744,13 +736,13 @@ class FakeCudaRuntime:
         self.default = self.current = Stream()
         monkeypatch.setattr(torch.cuda, "Stream", Stream)
         monkeypatch.setattr(torch.cuda, "CUDAGraph", CUDAGraph)
-        checked("stream", StreamContext)
-        checked("graph", GraphContext)
-        checked("device", lambda device: __import__("contextlib").nullcontext())
-        checked("current_stream", lambda device=None: rt.current)
-        checked("graph_pool_handle", lambda: object())
-        checked("synchronize", lambda device=None: None)
-        checked("is_current_stream_capturing", lambda: rt.capturing)
+        patch_checked(monkeypatch, "stream", StreamContext)
+        patch_checked(monkeypatch, "graph", GraphContext)
+        patch_checked(monkeypatch, "device", lambda device: __import__("contextlib").nullcontext())
+        patch_checked(monkeypatch, "current_stream", lambda device=None: rt.current)
+        patch_checked(monkeypatch, "graph_pool_handle", lambda: object())
+        patch_checked(monkeypatch, "synchronize", lambda device=None: None)
+        patch_checked(monkeypatch, "is_current_stream_capturing", lambda: rt.capturing)
         self.rng_state = torch.tensor([7], dtype=torch.uint8)
 
         def get_rng_state(device="cuda"):
@@ -760,8 +752,8 @@ class FakeCudaRuntime:
         def set_rng_state(new_state, device="cuda"):
             rt.log.append(("set_rng_state", new_state.clone()))
 
-        checked("get_rng_state", get_rng_state)
-        checked("set_rng_state", set_rng_state)
+        patch_checked(monkeypatch, "get_rng_state", get_rng_state)
+        patch_checked(monkeypatch, "set_rng_state", set_rng_state)
 
 
 class RecordingMLP(MLP):
