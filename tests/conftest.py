@@ -55,3 +55,23 @@ def saved(tmp_path_factory):
     tiny_flux_pipeline().save_pretrained(root / "flux")
     yield root
     mp.undo()
+
+
+@pytest.fixture
+def exported_trainers(monkeypatch):
+    """The ``ORWCFMTrainer`` objects whose ``save_lora`` runs during the test, in call order.
+
+    For tests of commands that build their trainer inside (the CLI, the demos): the export is observed, not
+    changed (the real ``save_lora`` runs), so the test can compare the exported file with that trainer's policy.
+    """
+    from orwcfm_fast import ORWCFMTrainer
+
+    trainers = []
+    real_save_lora = ORWCFMTrainer.save_lora
+
+    def save_lora(self, path):
+        trainers.append(self)
+        return real_save_lora(self, path)
+
+    monkeypatch.setattr(ORWCFMTrainer, "save_lora", save_lora)
+    return trainers

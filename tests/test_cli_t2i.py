@@ -181,28 +181,19 @@ def test_text_to_image_run_writes_checkpoint_and_a_lora_diffusers_loads(pipeline
     assert not _same_tensors(saved.values(), resumed["lora"]["policy"])
 
 
-def test_flux_folder_in_bf16(tmp_path, capsys, monkeypatch):
+def test_flux_folder_in_bf16(tmp_path, capsys, monkeypatch, exported_trainers):
     """The class comes from model_index.json (here FluxPipeline); --dtype bf16 loads bf16 weights. The exported
     LoRA (lora_alpha 8 at rank 4: scale 2, which diffusers can only learn from the file's metadata) loads into a
     fresh bf16 pipeline as the trainer's policy: its adapters exactly, and its outputs."""
     from diffusers import FluxPipeline
     from peft.tuners.lora import LoraLayer
 
-    from orwcfm_fast import ORWCFMTrainer
     from orwcfm_fast.flows.lora import POLICY
     from orwcfm_fast.flows.tiny import tiny_flux_pipeline
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     tiny_flux_pipeline().save_pretrained(tmp_path / "flux")
     (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps({"prompt": p}) for p in PROMPTS[:3]) + "\n")
-    exported = []  # the CLI's trainer, seen as it exports its LoRA (observed, not changed)
-    real_save_lora = ORWCFMTrainer.save_lora
-
-    def save_lora(self, path):
-        exported.append(self)
-        return real_save_lora(self, path)
-
-    monkeypatch.setattr(ORWCFMTrainer, "save_lora", save_lora)
     out = tmp_path / "out"
     argv = ["train", "--task", "text-to-image", "--pretrained", str(tmp_path / "flux"), "--prompts",
             str(tmp_path / "prompts.jsonl"), "--dtype", "bf16", "--epochs", "1", "--steps-per-epoch", "1",
@@ -212,7 +203,7 @@ def test_flux_folder_in_bf16(tmp_path, capsys, monkeypatch):
     assert "text-to-image (FluxPipeline, bf16) on cpu: epoch 0 -> 1 of 1" in capsys.readouterr().out
     final = torch.load(out / "final.pt", map_location="cpu", weights_only=True)
     assert {t.dtype for t in final["lora"]["policy"]} == {torch.float32}  # fp32 adapters on the bf16 base
-    (trainer,) = exported
+    (trainer,) = exported_trainers  # the run's trainer, seen as it exported its LoRA
     policy = trainer.net_model
     pipe = FluxPipeline.from_pretrained(tmp_path / "flux", dtype=torch.bfloat16)
     pipe.load_lora_weights(out / "lora")

@@ -48,10 +48,9 @@ def test_reward_scores_the_prompts_digit():
         reward(images[:1], ["a handwritten cat"])
 
 
-def test_prompted_digits_end_to_end(tmp_path, monkeypatch):
+def test_prompted_digits_end_to_end(tmp_path, monkeypatch, exported_trainers):
     from diffusers import StableDiffusion3Pipeline
 
-    from orwcfm_fast import ORWCFMTrainer
     from orwcfm_fast.tasks import digits as digits_task
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -61,14 +60,6 @@ def test_prompted_digits_end_to_end(tmp_path, monkeypatch):
     real_classifier = digits_task.load_or_train_digits_classifier
     monkeypatch.setattr(digits_task, "load_or_train_digits_classifier",
                         lambda cache_dir, device: real_classifier(cache_dir, device, steps=60))
-    exported = []  # the demo's trainer, seen as it exports its LoRA (observed, not changed)
-    real_save_lora = ORWCFMTrainer.save_lora
-
-    def save_lora(self, path):
-        exported.append(self)
-        return real_save_lora(self, path)
-
-    monkeypatch.setattr(ORWCFMTrainer, "save_lora", save_lora)
     cache = tmp_path / "cache"
     lines = []
     metrics = run_prompted_digits_demo(
@@ -93,7 +84,7 @@ def test_prompted_digits_end_to_end(tmp_path, monkeypatch):
 
     # The exported LoRA, loaded into a fresh pipeline from the cached base, is the trained policy: the same
     # velocity as the demo's trainer on the same inputs, and not the base model's.
-    (trainer,) = exported
+    (trainer,) = exported_trainers  # the run's trainer, seen as it exported its LoRA
     fresh = StableDiffusion3Pipeline.from_pretrained(path)
     fresh.load_lora_weights(out / "lora")
     flow = trainer.models.flow
