@@ -10,7 +10,7 @@ import inspect
 
 import torch
 
-__all__ = ["patch_checked"]
+__all__ = ["fake_stream_class", "patch_checked"]
 
 
 def patch_checked(monkeypatch, name: str, fake) -> None:
@@ -25,3 +25,23 @@ def patch_checked(monkeypatch, name: str, fake) -> None:
         return fake(*args, **kwargs)
 
     monkeypatch.setattr(torch.cuda, name, call)
+
+
+def fake_stream_class(on_wait=None) -> type:
+    """A stand-in class for ``torch.cuda.Stream``: built with what the real constructor accepts.
+
+    The real signature is read here, before a test installs the class as ``torch.cuda.Stream``
+    (read later, it would be the fake's own). ``on_wait(stream, other)``, if given, is called by
+    ``wait_stream``.
+    """
+    signature = inspect.signature(torch.cuda.Stream)
+
+    class Stream:
+        def __init__(self, device=None, priority=0):
+            signature.bind(device, priority=priority)
+
+        def wait_stream(self, other):
+            if on_wait is not None:
+                on_wait(self, other)
+
+    return Stream

@@ -21,14 +21,13 @@ pool; the tiny graph that recovers the default generator gets a pool of its own.
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections import Counter
 
 import pytest
 import torch
 from torch import nn
 
-from _fake_cuda import patch_checked
+from _fake_cuda import fake_stream_class, patch_checked
 from orwcfm_fast.sampling import GraphCaptureWarning, GraphSampler, integrate
 
 SAMPLER_DEVICE = 1  # the index the fake torch.cuda.device makes current for the sampler's (CPU) tensors
@@ -67,14 +66,7 @@ class FakeAllocatorRuntime:
         self.calls: list[tuple] = []  # ("end" | "release", device, pool)
         self._pools = 0
         rt = self
-        real = torch.cuda
-
-        class Stream:
-            def __init__(self, device=None, priority=0):
-                inspect.signature(real.Stream).bind(device, priority=priority)
-
-            def wait_stream(self, other):
-                pass
+        Stream = fake_stream_class()
 
         @contextlib.contextmanager
         def stream(s):

@@ -30,7 +30,7 @@ import pytest
 import torch
 from torch import nn
 
-from _fake_cuda import patch_checked
+from _fake_cuda import fake_stream_class, patch_checked
 from _rk_reference import (
     TEXTBOOK_SCHEMES,
     evaluated_in,
@@ -684,19 +684,10 @@ class FakeCudaRuntime:
     """
 
     def __init__(self, monkeypatch):
-        import inspect
-
         self.capturing = False
         self.log: list[tuple] = []
         rt = self
-        real = torch.cuda
-
-        class Stream:
-            def __init__(self, device=None, priority=0):
-                inspect.signature(real.Stream).bind(device, priority=priority)
-
-            def wait_stream(self, other):
-                rt.log.append(("wait", self, other))
+        Stream = fake_stream_class(on_wait=lambda stream, other: rt.log.append(("wait", stream, other)))
 
         class StreamContext:
             def __init__(self, stream):
