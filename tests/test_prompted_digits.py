@@ -14,6 +14,7 @@ import torch
 
 pytest.importorskip("diffusers", reason="the prompted-digits task needs the 'diffusers' extra")
 
+from _lora_velocities import policy_loaded_and_base  # noqa: E402
 from orwcfm_fast.tasks.prompted_digits import (  # noqa: E402
     digit_prompt,
     load_or_pretrain_prompted_digits,
@@ -87,14 +88,9 @@ def test_prompted_digits_end_to_end(tmp_path, monkeypatch, exported_trainers):
     (trainer,) = exported_trainers  # the run's trainer, seen as it exported its LoRA
     fresh = StableDiffusion3Pipeline.from_pretrained(path)
     fresh.load_lora_weights(out / "lora")
-    flow = trainer.models.flow
-    cond = flow.encode(saved["prompts"])
+    cond = trainer.models.flow.encode(saved["prompts"])
     t, x = torch.tensor([0.3, 0.8]), torch.randn(2, *trainer.sample_shape, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ours = flow.transformer_velocity(t, x, cond, trainer.net_model)  # the policy's conditional velocity
-        theirs = flow.transformer_velocity(t, x, cond, fresh.transformer)
-        with trainer.models.roles.role("reference"):
-            base = flow.transformer_velocity(t, x, cond, trainer.net_model)
+    ours, theirs, base = policy_loaded_and_base(trainer, fresh.transformer, t, x, cond)
     # fp32, the same weights through the same layers: equal up to summation order (measured: bit-equal)
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-6)
     # two steps at learning rate 2e-3 move the output (values up to ~1.4) by 1.5e-2 (measured), 1e4 x that

@@ -16,6 +16,7 @@ import torch
 pytest.importorskip("diffusers", reason="the text-to-image path needs the 'diffusers' extra")
 pytest.importorskip("peft", reason="the text-to-image path needs the 'diffusers' extra")
 
+from _lora_velocities import policy_loaded_and_base  # noqa: E402
 from orwcfm_fast import ORWCFMTrainer  # noqa: E402
 from orwcfm_fast.checkpoints import CheckpointError  # noqa: E402
 from orwcfm_fast.config import ConfigError  # noqa: E402
@@ -97,12 +98,7 @@ def test_save_lora_loads_into_a_fresh_pipeline(saved, tmp_path):
     fresh.load_lora_weights(tmp_path / "lora")
     cond = trainer.models.flow.encode(["a dog", "a tree"])
     t, x = torch.tensor([0.3, 0.8]), torch.randn(2, *trainer.sample_shape)
-    flow = trainer.models.flow
-    with torch.no_grad():
-        ours = flow.transformer_velocity(t, x, cond, trainer.net_model)  # the policy's conditional velocity
-        theirs = flow.transformer_velocity(t, x, cond, fresh.transformer)
-        with trainer.models.roles.role("reference"):
-            base = flow.transformer_velocity(t, x, cond, trainer.net_model)
+    ours, theirs, base = policy_loaded_and_base(trainer, fresh.transformer, t, x, cond)
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(ours, base, rtol=1e-5, atol=1e-6)
 
