@@ -141,6 +141,8 @@ class RewardServer(ThreadingHTTPServer):
         self.max_connections = int(max_connections)
         self._slots = threading.BoundedSemaphore(self.max_connections)  # connections being served
         self._busy_slots = threading.BoundedSemaphore(self.max_connections)  # connections being told 503
+        self._open = {"served": 0, "refused": 0}  # connections holding a slot of each kind (GET /health)
+        self._open_lock = threading.Lock()
         self.lock = threading.Lock()  # one reward forward at a time
         rng = getattr(reward, "input_range", None)
         self.info = {
@@ -158,26 +160,47 @@ class RewardServer(ThreadingHTTPServer):
 
     def process_request(self, request, client_address) -> None:
         """Serves the connection in a thread if one of ``max_connections`` slots is free; else answers 503
-        in a thread if as many refusals are not already under way; else closes it at once."""
+        in a thread if as many refusals are not already under way; else closes it at once.
+
+        A served connection's slot is free again before its socket is closed, so a client that has read
+        its answer to the end can count on that slot; ``GET /health`` reports the slots in use."""
         if self._slots.acquire(blocking=False):
-            target, slots = self._serve_connection, self._slots
+            target, slots, kind = self._serve_connection, self._slots, "served"
         elif self._busy_slots.acquire(blocking=False):
-            target, slots = self._refuse_connection, self._busy_slots
+            target, slots, kind = self._refuse_connection, self._busy_slots, "refused"
         else:
             self.shutdown_request(request)
             return
+        self._count(kind, +1)
         try:
             threading.Thread(target=target, args=(request, client_address), daemon=True).start()
         except BaseException:  # no thread: nothing will release the slot or close the socket
-            slots.release()
+            self._release(slots, kind)
             self.shutdown_request(request)
             raise
 
+    def open_connections(self) -> dict:
+        """``{"served": n, "refused": m}``: connections holding a serving slot (the asking one included) and
+        connections being told 503, at this moment."""
+        with self._open_lock:
+            return dict(self._open)
+
+    def _count(self, kind: str, step: int) -> None:
+        with self._open_lock:
+            self._open[kind] += step
+
+    def _release(self, slots: threading.BoundedSemaphore, kind: str) -> None:
+        self._count(kind, -1)
+        slots.release()
+
     def _serve_connection(self, request, client_address) -> None:
-        try:
-            self.process_request_thread(request, client_address)
+        try:  # ThreadingMixIn.process_request_thread, with the slot freed before the close
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
         finally:
-            self._slots.release()
+            self._release(self._slots, "served")
+            self.shutdown_request(request)
 
     def _refuse_connection(self, request, client_address) -> None:
         """Answers 503 to a connection over ``max_connections``, within about ``2 * _LINGER_S`` seconds."""
@@ -193,8 +216,8 @@ class RewardServer(ThreadingHTTPServer):
         except OSError:
             pass
         finally:
+            self._release(self._busy_slots, "refused")
             self.shutdown_request(request)
-            self._busy_slots.release()
         if self.verbose:
             print(f"reward-server: refused a connection from {client_address[0]} (503, busy)", file=sys.stderr)
 
@@ -330,7 +353,7 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/info":
             self._send(200, self.server.info)
         elif path == "/health":
-            self._send(200, {"ok": True})
+            self._send(200, {"ok": True, "connections": self.server.open_connections()})
         elif path == "/score":
             self._send(405, {"error": "POST /score with an .npz body (samples float32 [B, ...], optional prompts)"})
         else:

@@ -46,6 +46,8 @@ from _reward_server_rewards import PromptBrightness  # noqa: E402
 _STARTUP_S = 60.0
 _SLOTS = 3  # the jpeg server's --max-connections
 _NPZ = {"Content-Type": "application/x-npz"}
+#: GET /health after every earlier connection was read to its close: only the asking one holds a slot
+_HEALTHY = {"ok": True, "connections": {"served": 1, "refused": 0}}
 
 
 def _start(tmp_dir: Path, *args: str):
@@ -139,7 +141,8 @@ def test_info_mirrors_the_served_reward(jpeg_server, prompt_server, monkeypatch)
     info = _get(url + "/info")
     assert info["reward"] == "jpeg_compressibility" and info["pid"] == proc.pid
     assert info["input_range"] == [-1.0, 1.0] and info["takes_prompts"] is False
-    assert _get(url + "/health") == {"ok": True}
+    health = _get(url + "/health")  # the /info connection may still be closing: served is 1 or 2
+    assert health["ok"] is True and health["connections"]["refused"] == 0 and health["connections"]["served"] >= 1
     monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")  # a cluster's proxy: not used for loopback servers
     jpeg = HTTPReward(url + "/")
     assert (jpeg.name, jpeg.input_range, jpeg.takes_prompts, jpeg.url) == ("jpeg_compressibility", (-1.0, 1.0), False, url)
@@ -401,7 +404,7 @@ def test_host_header_must_be_loopback(jpeg_server):
     assert code == 403
     for host in (f"localhost:{port}", f"127.0.0.1:{port}", "127.0.0.2", f"[::1]:{port}", "LOCALHOST"):
         code, answer = _raw(url, "GET", "/health", {"Host": host})
-        assert (code, answer) == (200, {"ok": True}), host
+        assert (code, answer) == (200, _HEALTHY), host
     _score_ok(url)
     assert host_header_is_loopback("[::1]") and host_header_is_loopback("::1")
     assert not host_header_is_loopback("[::1]:x") and not host_header_is_loopback("127.0.0.1:80:80")
@@ -414,7 +417,7 @@ def test_allow_remote_accepts_any_host():
     thread.start()
     try:
         code, answer = _raw(server.url, "GET", "/health", {"Host": "rebound.example:80"})
-        assert (code, answer) == (200, {"ok": True})
+        assert (code, answer) == (200, _HEALTHY)
     finally:
         server.shutdown()
         server.server_close()
@@ -449,20 +452,37 @@ def test_body_over_the_cap_is_413_before_it_is_read(jpeg_server):
     _score_ok(url)
 
 
+def _wait_until_idle(url, timeout=10.0):
+    """Returns once the server holds no connection but the asking one (earlier tests' have left)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        code, answer = _raw(url, "GET", "/health", {"Host": _host(url)})
+        if code == 200 and answer["connections"] == {"served": 1, "refused": 0}:
+            return  # _raw read to the close, and a served slot is free before its close: all slots are free
+        assert time.monotonic() < deadline, f"the server still holds connections: {code} {answer}"
+        time.sleep(0.05)
+
+
 def test_excess_connections_get_503_and_the_server_stays_up(jpeg_server):
+    """max_connections served, as many more told 503, any beyond closed at once; then it serves again.
+
+    The server takes connections in the order they arrive. The state is set up, not waited for: every
+    slot is free at the start (asked), and the 503 probe keeps its socket open, so its slot stays taken
+    while the server lingers on it (2 s), far longer than the next connection takes to arrive."""
     url, _ = jpeg_server
-    time.sleep(0.3)  # the previous tests' connections have left their slots
-    held = [socket.create_connection(_address(url), timeout=10) for _ in range(_SLOTS)]  # silent: they hold slots
+    _wait_until_idle(url)
+    held = [socket.create_connection(_address(url), timeout=10) for _ in range(_SLOTS)]  # silent: served slots
+    held += [socket.create_connection(_address(url), timeout=10) for _ in range(_SLOTS - 1)]  # silent: 503 slots
     try:
-        code, answer = _raw(url, "GET", "/health", {"Host": _host(url)}, timeout=5)
+        probe = socket.create_connection(_address(url), timeout=5)  # the last 503 slot
+        held.append(probe)
+        probe.sendall(f"GET /health HTTP/1.1\r\nHost: {_host(url)}\r\n\r\n".encode("latin-1"))
+        code, answer = _parse(_read_answer(probe, timeout=5))  # the answer, then the server's half-close
         assert code == 503 and "--max-connections" in answer["error"]
-        # as many again being told 503 (silent ones): any further connection is closed at once, unanswered
-        held += [socket.create_connection(_address(url), timeout=10) for _ in range(_SLOTS)]
-        time.sleep(0.2)
         start = time.monotonic()
         with socket.create_connection(_address(url), timeout=5) as extra:
             assert _read_answer(extra, timeout=5) == b""
-        assert time.monotonic() - start < 1
+        assert time.monotonic() - start < 1, "a connection beyond both limits was not closed at once"
     finally:
         for sock in held:
             sock.close()
