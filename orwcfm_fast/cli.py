@@ -194,8 +194,9 @@ def _add_train_parser(sub) -> None:
             "  cifar10    the paper's torchcfm UNet, weights from --pretrained; reward from the config\n"
             "             (default 'clip', which needs text_prompts)\n"
             "  text-to-image\n"
-            "             a diffusers StableDiffusion3Pipeline or FluxPipeline folder (--pretrained DIR,\n"
-            "             written by save_pretrained), prompts from --prompts FILE, LoRA (config lora_rank,\n"
+            "             a diffusers pipeline folder of a supported family (--pretrained DIR, written by\n"
+            "             save_pretrained: SD3/3.5, FLUX.1, FLUX.2/klein, Qwen-Image, Z-Image, Wan), prompts from\n"
+            "             --prompts FILE, LoRA (config lora_rank,\n"
             "             default 32) written to OUTDIR/lora; reward --reward (default\n"
             "             'jpeg_compressibility': no download), on the decoded images\n"
             "Under torchrun every process runs this same command and the trainer trains data-parallel\n"
@@ -211,7 +212,7 @@ def _add_train_parser(sub) -> None:
     train.add_argument("--pretrained", metavar="PATH", default=None,
                        help="pretrained weights (torchcfm checkpoint, ours, or a state dict); required for cifar10; "
                             "for text-to-image (required) the diffusers pipeline folder (save_pretrained; "
-                            "model_index.json names StableDiffusion3Pipeline or FluxPipeline); "
+                            "its model_index.json names the family: any pipeline of orwcfm_fast.flows.PIPELINE_FLOWS); "
                             "default: the config's ref_path, else gaussians/digits pretrain into --cache-dir")
     train.add_argument("--prompts", metavar="FILE", default=None,
                        help="text-to-image: config prompts, a .txt file (one prompt a line; # comments) or .jsonl "

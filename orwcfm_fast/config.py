@@ -330,7 +330,11 @@ OPTIONS: dict[str, Option] = {
     "resolution": Option(None, _resolution, "pipelines: image size, int or [h, w] (None: the model's default)"),
     "time_shift": Option(None, _float(0.0, low_inclusive=False, allow_none=True),
                          "pipelines: static sampling-time shift (None: the scheduler's, Flux's dynamic shift included)"),
-    "max_sequence_length": Option(256, _int(1), "pipelines: T5 tokens per prompt"),
+    "max_sequence_length": Option(256, _int(1), "pipelines: text tokens per prompt (T5 for SD3/Flux; the LLM encoders of the newer families)"),
+    "num_frames": Option(None, _optional_int(1), "video pipelines (Wan): frames per video (None: the family's default)"),
+    "video_frame_reduction": Option("mean", _choice(("mean", "min")),
+                                    "video pipelines: an image reward scores every decoded frame; one score per "
+                                    "video is their mean, or their min (every frame must pass)"),
     # 32 fits a 24 GB card beside SD3.5-medium (bf16: transformer 4.5 GB, T5-XXL 9.5 GB, CLIPs 1.6 GB):
     # under no_grad T5-XXL holds one layer's activations, per prompt at L = max_sequence_length tokens
     # about 3 x 64 heads x L^2 x 2 B of eager attention scores + 4 x L x 10240 x 2 B of gated FF,

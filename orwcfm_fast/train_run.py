@@ -56,6 +56,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from orwcfm_fast.flows import PIPELINE_FLOWS
+
 __all__ = [
     "TASKS",
     "PAPER_UNET",
@@ -121,8 +123,8 @@ TASKS: dict[str, dict[str, Any]] = {
     },
 }
 
-#: The text-to-image task's pipelines: ``model_index.json``'s ``_class_name`` -> the diffusers class.
-PIPELINE_CLASSES = ("StableDiffusion3Pipeline", "FluxPipeline")
+#: The text-to-image task's pipelines (``model_index.json``'s ``_class_name``): the registered families'.
+PIPELINE_CLASSES = tuple(PIPELINE_FLOWS)
 _T2I = "text-to-image"
 _PROMPTED = "prompted-digits"
 

@@ -57,6 +57,27 @@ def saved(tmp_path_factory):
     mp.undo()
 
 
+@pytest.fixture(scope="session")
+def tiny_dir(saved, tmp_path_factory):
+    """``tiny_dir(name) -> Path``: the folder of tiny pipeline ``name`` (``orwcfm_fast.flows.tiny.TINY_PIPELINES``),
+    written by ``save_pretrained`` at its first use in the session and shared from then on (``HF_HUB_OFFLINE=1``
+    as for :func:`saved`, whose three pipelines it returns as they are)."""
+    from orwcfm_fast.flows.tiny import build_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("tiny_families")
+    built = {}
+
+    def get(name: str):
+        if (saved / name).is_dir():
+            return saved / name
+        if name not in built:
+            build_tiny_pipeline(name).save_pretrained(root / name)
+            built[name] = root / name
+        return built[name]
+
+    return get
+
+
 @pytest.fixture
 def exported_trainers(monkeypatch):
     """The ``ORWCFMTrainer`` objects whose ``save_lora`` runs during the test, in call order.

@@ -1,8 +1,11 @@
 """Model families behind one velocity contract, in torchcfm's convention (t = 0 noise, t = 1 data).
 
 - :mod:`~orwcfm_fast.flows.conventions`: the one mapping of diffusers' time and sign conventions;
-- :mod:`~orwcfm_fast.flows.sd3`: Stable Diffusion 3 / 3.5 (``StableDiffusion3Pipeline``);
-- :mod:`~orwcfm_fast.flows.flux`: Flux (``FluxPipeline``);
+- one file per model family, each a :class:`~orwcfm_fast.flows.diffusers_base.PipelineFlow` registered in
+  :data:`PIPELINE_FLOWS` by its pipeline's class name (nothing else in the library names a family):
+  :mod:`~orwcfm_fast.flows.sd3` (SD3 / SD3.5), :mod:`~orwcfm_fast.flows.flux` (FLUX.1),
+  :mod:`~orwcfm_fast.flows.qwen_image` (Qwen-Image), :mod:`~orwcfm_fast.flows.flux2` (FLUX.2, FLUX.2-klein),
+  :mod:`~orwcfm_fast.flows.z_image` (Z-Image), :mod:`~orwcfm_fast.flows.wan` (Wan 2.1 / 2.2 text-to-video);
 - :mod:`~orwcfm_fast.flows.lora`: policy / last policy / reference as one LoRA-adapted transformer;
 - :mod:`~orwcfm_fast.flows.tiny`: tiny random-init pipelines for tests, demos and CPU benchmarks.
 
@@ -12,12 +15,19 @@ nothing here imports them before a pipeline is used (:func:`flow_for_pipeline`).
 
 from __future__ import annotations
 
-__all__ = ["MissingExtraError", "flow_for_pipeline", "is_pipeline", "require_diffusers"]
+__all__ = ["PIPELINE_FLOWS", "MissingExtraError", "flow_for_pipeline", "is_pipeline", "require_diffusers"]
 
-_PIPELINE_FLOWS = {
+#: diffusers pipeline class name -> (module, flow class) of its family; a new family adds one line here
+PIPELINE_FLOWS: dict[str, tuple[str, str]] = {
     "StableDiffusion3Pipeline": ("orwcfm_fast.flows.sd3", "SD3Flow"),
     "FluxPipeline": ("orwcfm_fast.flows.flux", "FluxFlow"),
+    "QwenImagePipeline": ("orwcfm_fast.flows.qwen_image", "QwenImageFlow"),
+    "Flux2Pipeline": ("orwcfm_fast.flows.flux2", "Flux2Flow"),
+    "Flux2KleinPipeline": ("orwcfm_fast.flows.flux2", "Flux2Flow"),
+    "ZImagePipeline": ("orwcfm_fast.flows.z_image", "ZImageFlow"),
+    "WanPipeline": ("orwcfm_fast.flows.wan", "WanFlow"),
 }
+_PIPELINE_FLOWS = PIPELINE_FLOWS
 
 
 class MissingExtraError(ImportError):
@@ -45,7 +55,7 @@ def is_pipeline(model) -> bool:
 
 
 def flow_for_pipeline(pipe, **kwargs):
-    """The flow adapter of a ``StableDiffusion3Pipeline`` or ``FluxPipeline`` (kwargs: :class:`PipelineFlow`'s)."""
+    """The flow adapter of a pipeline of a registered family (:data:`PIPELINE_FLOWS`; kwargs: :class:`PipelineFlow`'s)."""
     import importlib
 
     require_diffusers()

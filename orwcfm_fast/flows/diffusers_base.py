@@ -5,12 +5,25 @@ scheduler; the pipeline's own ``__call__`` is never used) to the library's veloc
 
     flow.velocity(t, x, cond) -> v      # torchcfm's convention: t = 0 noise, t = 1 data, v = x_1 - x_0
 
-with ``x`` ``[B, *flow.sample_shape]`` latents in the transformer's native layout and ``cond`` the
-tuple of per-sample prompt tensors from :meth:`PipelineFlow.encode`. The family subclasses
-(:mod:`~orwcfm_fast.flows.sd3`, :mod:`~orwcfm_fast.flows.flux`) supply the transformer call,
-the latent layout and the scheduler's time grid; :mod:`~orwcfm_fast.flows.conventions` holds the
-sign and time mapping. The transformer's adapter state (policy / last policy / reference) is
-set by the caller (:class:`~orwcfm_fast.flows.lora.LoraRoles`).
+with ``x`` ``[B, *flow.sample_shape]`` latents in the transformer's native layout (``[C, F, h, w]`` for
+video families) and ``cond`` the tuple of per-sample prompt tensors from :meth:`PipelineFlow.encode`.
+The family subclasses (one file each, registered in :data:`orwcfm_fast.flows.PIPELINE_FLOWS`) supply
+the transformer call, the latent layout, the text encoding, the scheduler's time grid and the VAE's
+latent normalisation; :mod:`~orwcfm_fast.flows.conventions` holds the sign and time mapping. The
+transformer's adapter state (policy / last policy / reference) is set by the caller
+(:class:`~orwcfm_fast.flows.lora.LoraRoles`).
+
+What a family may rely on, and must provide:
+
+- prompt rows of different lengths (text encoders that drop padding, e.g. Qwen's) are zero-padded at the
+  end of their first (sequence) dimension to the longest row of the batch; such a family returns its
+  attention mask among its conditioning tensors (1 = token, 0 = padding), so the padding is masked;
+- classifier-free guidance combines the library-convention velocities with :meth:`PipelineFlow._combine_guidance`
+  (plain ``v_u + g (v_c - v_u)`` unless the family's pipeline rescales), in one ``2B`` forward unless the
+  family sets ``cfg_batched = False`` (two forwards, as pipelines with true CFG run them);
+- :meth:`PipelineFlow.decode` returns images ``[B, 3, H, W]``, or videos ``[B, 3, F, H, W]`` when the family
+  sets ``video``; rewards score video frames (:func:`orwcfm_fast.rewards.score_terms`);
+- :meth:`PipelineFlow.default_lora_targets` names the attention projections LoRA adapts by default.
 """
 
 from __future__ import annotations
@@ -24,7 +37,21 @@ import torch
 from orwcfm_fast.flows.conventions import cfg_combine, shifted_time_grid
 from orwcfm_fast.sampling import integrate
 
-__all__ = ["PipelineFlow", "parse_resolution"]
+__all__ = ["PipelineFlow", "pad_rows", "parse_resolution"]
+
+
+def pad_rows(rows: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``rows`` (per-sample tensors, no batch dimension) zero-padded at the end of dimension 0 to the longest.
+
+    Rows that already agree are returned as they are. Only the first dimension may differ.
+    """
+    rows = list(rows)
+    longest = max(r.shape[0] for r in rows) if rows and rows[0].dim() else None
+    if longest is None or all(r.shape[0] == longest for r in rows):
+        return rows
+    if any(r.shape[1:] != rows[0].shape[1:] for r in rows):
+        raise ValueError(f"prompt rows differ beyond their first dimension: {[tuple(r.shape) for r in rows]}")
+    return [torch.nn.functional.pad(r, (0, 0) * (r.dim() - 1) + (0, longest - r.shape[0])) for r in rows]
 
 
 def parse_resolution(resolution, multiple: int) -> tuple[int, int]:
@@ -48,6 +75,15 @@ def parse_resolution(resolution, multiple: int) -> tuple[int, int]:
     return hw
 
 
+def _pad_batches(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batches ``[B, L_a, ...]`` and ``[B, L_b, ...]`` zero-padded in dimension 1 to a common length."""
+    if a.dim() < 2 or a.shape[1] == b.shape[1]:
+        return a, b
+    longest = max(a.shape[1], b.shape[1])
+    pad = lambda z: torch.nn.functional.pad(z, (0, 0) * (z.dim() - 2) + (0, longest - z.shape[1]))  # noqa: E731
+    return pad(a), pad(b)
+
+
 class PipelineFlow:
     """Base of the diffusers flows; see the module docs.
 
@@ -64,24 +100,38 @@ class PipelineFlow:
         text_encoder_batch_size: prompts per text-encoder forward (``None``: all missing prompts at once).
         prompt_cache_size: prompts whose embeddings are kept, least recently used dropped first
             (``None``: every prompt ever encoded). The cache is in host memory, see :meth:`encode`.
+        num_frames: video families: frames per video (``None``: the family's default); images: must be None.
 
     Subclasses define ``family``, ``timestep_scale``, :attr:`sample_shape`,
     :meth:`_transformer_call`, :meth:`_encode_prompts`, :meth:`_scheduler_grid`,
-    :meth:`to_vae_latents` and :meth:`_guided`.
+    :meth:`to_vae_latents` and :meth:`_guided`; where their pipeline differs, also ``video``,
+    ``cfg_batched``, :meth:`_vae_scale_factor`, :meth:`_combine_guidance`, :meth:`default_lora_targets`,
+    :meth:`decode` and :meth:`encode_images`.
     """
 
     family = "diffusers"
     timestep_scale = 1000.0
+    #: whether the family makes videos (samples ``[C, F', h, w]``, decoded ``[B, 3, F, H, W]``, F = :attr:`frames`)
+    video: bool = False
+    #: frames per decoded video (set by video families from ``num_frames``); None: images
+    frames: int | None = None
+    #: classifier-free guidance as one ``2B`` forward (True), or as two ``B`` forwards like true-CFG pipelines
+    cfg_batched: bool = True
 
     def __init__(self, pipe, *, resolution=None, guidance_scale: float = 1.0, negative_prompt: str = "",
                  time_shift: float | None = None, max_sequence_length: int = 256, device=None,
-                 text_encoder_batch_size: int | None = 32, prompt_cache_size: int | None = None):
+                 text_encoder_batch_size: int | None = 32, prompt_cache_size: int | None = None,
+                 num_frames: int | None = None):
+        if num_frames is not None and not self.video:
+            raise ValueError(f"config key 'num_frames' is for video pipelines; {type(pipe).__name__} makes images: "
+                             "leave it None")
+        self.num_frames = None if num_frames is None else int(num_frames)
         self.pipe = pipe
         self.transformer = pipe.transformer
         self.vae = pipe.vae
         self.scheduler = pipe.scheduler
         self.device = torch.device(device) if device is not None else self.transformer.device
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = int(self._vae_scale_factor())
         if resolution is None:
             resolution = self.default_resolution()
         self.height, self.width = parse_resolution(resolution, self.resolution_multiple())
@@ -103,6 +153,19 @@ class PipelineFlow:
     @property
     def sample_shape(self) -> tuple[int, ...]:
         raise NotImplementedError
+
+    def _vae_scale_factor(self) -> int:
+        """Pixels per latent cell (spatial): the pipeline's own ``vae_scale_factor`` where it has an int one."""
+        factor = getattr(self.pipe, "vae_scale_factor", None)
+        if isinstance(factor, int) and not isinstance(factor, bool):
+            return factor
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def default_lora_targets(self) -> tuple[str, ...]:
+        """Module-name suffixes LoRA adapts when config ``lora_target_modules`` is None (the attention projections)."""
+        from orwcfm_fast.flows.lora import DEFAULT_TARGET_MODULES
+
+        return DEFAULT_TARGET_MODULES
 
     def default_resolution(self) -> int:
         raise NotImplementedError
@@ -129,6 +192,11 @@ class PipelineFlow:
     def _guided(self) -> bool:
         """Whether :meth:`velocity` runs two-pass classifier-free guidance."""
         return self.guidance_scale != 1.0
+
+    def _combine_guidance(self, v_uncond: torch.Tensor, v_cond: torch.Tensor) -> torch.Tensor:
+        """The guided velocity from the unconditional and conditional ones (library convention):
+        ``v_u + g (v_c - v_u)``. Families whose pipeline rescales the result override it."""
+        return cfg_combine(v_uncond, v_cond, self.guidance_scale)
 
     def default_guidance_scale(self) -> float:
         """The guidance of config ``guidance_scale: None``: 1 (classifier-free guidance off)."""
@@ -172,7 +240,7 @@ class PipelineFlow:
         if not prompts:
             return ()
         rows = self._host_rows(prompts)
-        return tuple(self._to_device([rows[p][k] for p in prompts]) for k in range(len(rows[prompts[0]])))
+        return tuple(self._to_device(pad_rows([rows[p][k] for p in prompts])) for k in range(len(rows[prompts[0]])))
 
     def precompute(self, prompts: Sequence[str]) -> None:
         """Encode ``prompts`` into the host cache now, in chunks (nothing goes to the device), and the negative prompt when guiding.
@@ -227,10 +295,10 @@ class PipelineFlow:
         return torch.stack(parts).to(self.device)
 
     def release_text_encoders(self) -> None:
-        """Move the text encoders to the CPU (their embeddings are cached); new prompts still encode, there."""
-        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
-            enc = getattr(self.pipe, name, None)
-            if enc is not None:
+        """Move the text encoders (every ``text_encoder*`` component) to the CPU (their embeddings are cached);
+        new prompts still encode, there."""
+        for name, enc in self.pipe.components.items():
+            if name.startswith("text_encoder") and isinstance(enc, torch.nn.Module):
                 enc.to("cpu")
         self._text_device = torch.device("cpu")
 
@@ -270,10 +338,13 @@ class PipelineFlow:
             return self.transformer_velocity(t, x, cond, transformer)
         b = x.shape[0]
         neg = self._negative_cond(b)
-        both = tuple(torch.cat([n, c]) for n, c in zip(neg, cond))
+        if not self.cfg_batched:
+            v_uncond = self.transformer_velocity(t, x, neg, transformer)
+            return self._combine_guidance(v_uncond, self.transformer_velocity(t, x, cond, transformer))
+        both = tuple(torch.cat(_pad_batches(n, c)) for n, c in zip(neg, cond))
         v = self.transformer_velocity(torch.cat([t, t]), torch.cat([x, x]), both, transformer)
         v_uncond, v_cond = v.chunk(2)
-        return cfg_combine(v_uncond, v_cond, self.guidance_scale)
+        return self._combine_guidance(v_uncond, v_cond)
 
     def time_grid(self, steps: int) -> list[float]:
         """The ``steps + 1`` sampling times: the scheduler's (config ``time_shift`` None) or a shifted uniform grid."""

@@ -23,7 +23,7 @@ import torch
 
 from orwcfm_fast.checkpoints import CheckpointError, load_state_strict
 from orwcfm_fast.flows import flow_for_pipeline
-from orwcfm_fast.flows.lora import DEFAULT_TARGET_MODULES, LoraRoles
+from orwcfm_fast.flows.lora import LoraRoles
 from orwcfm_fast.flows.master_weights import MasterWeights, needs_master_weights
 from orwcfm_fast.flows.models import TrainingModels
 
@@ -104,7 +104,7 @@ def base_fingerprint(transformer: torch.nn.Module) -> str:
 
 
 class PipelineModels(TrainingModels):
-    """A ``StableDiffusion3Pipeline`` / ``FluxPipeline`` as the trainer's three models.
+    """A diffusers pipeline of a registered family (:data:`orwcfm_fast.flows.PIPELINE_FLOWS`) as the trainer's three models.
 
     Args:
         pipe: the pipeline; its transformer and VAE are moved to ``device``.
@@ -134,6 +134,7 @@ class PipelineModels(TrainingModels):
             negative_prompt=config["negative_prompt"], time_shift=config["time_shift"],
             max_sequence_length=config["max_sequence_length"], device=device,
             text_encoder_batch_size=config["text_encoder_batch_size"], prompt_cache_size=config["prompt_cache_size"],
+            num_frames=config["num_frames"],
         )
         self.sample_shape = tuple(self.flow.sample_shape)
         transformer = pipe.transformer
@@ -143,7 +144,7 @@ class PipelineModels(TrainingModels):
         rank = config["lora_rank"]
         self._master: MasterWeights | None = None
         if rank is not None:
-            targets = config["lora_target_modules"] or DEFAULT_TARGET_MODULES
+            targets = config["lora_target_modules"] or self.flow.default_lora_targets()
             self.roles: LoraRoles | None = LoraRoles(transformer, rank, config["lora_alpha"], targets, seed=seed)
             self._fingerprint = base_fingerprint(transformer)
             self.net_model = transformer
@@ -258,7 +259,8 @@ class PipelineModels(TrainingModels):
     reward_inputs_range = (0.0, 1.0)  # decoded images; rewards with input_range (-1, 1) get them mapped
 
     def reward_inputs(self, samples):
-        return self.flow.decode(samples, self.config["vae_batch_size"])  # [B, 3, H, W] in [0, 1]
+        # [B, 3, H, W] in [0, 1]; video families [B, 3, F, H, W] (rewards score the frames, see score_terms)
+        return self.flow.decode(samples, self.config["vae_batch_size"])
 
     def time_grid(self, steps):
         return self.flow.time_grid(steps)

@@ -7,6 +7,10 @@ their vocabulary in memory (byte-level characters for CLIP, a small Unigram list
 file is downloaded. Tests save them with ``save_pretrained`` and load them back through the
 real loading path (``from_pretrained``); the benchmarks use them on the CPU.
 
+The newer families' builders live in their family's file (``tiny_qwen_image_pipeline`` in
+:mod:`~orwcfm_fast.flows.qwen_image`, ...); :data:`TINY_PIPELINES` names every tiny pipeline and
+:func:`build_tiny_pipeline` builds one by name.
+
 Importing this module imports nothing heavy; each builder imports diffusers and transformers
 (the ``diffusers`` extra) when called.
 """
@@ -17,10 +21,35 @@ import string
 
 import torch
 
-__all__ = ["tiny_sd3_pipeline", "tiny_flux_pipeline", "TINY_SIZE"]
+__all__ = ["TINY_PIPELINES", "TINY_SIZE", "build_tiny_pipeline", "tiny_flux_pipeline", "tiny_sd3_pipeline"]
 
 TINY_SIZE = 64
 """Image side (pixels) the tiny pipelines are built for: 8x8 latents (a multiple of VAE 8 x patch 2)."""
+
+#: every tiny pipeline by name: ``("module:builder", keyword arguments)``
+TINY_PIPELINES: dict[str, tuple[str, dict]] = {
+    "sd3": ("orwcfm_fast.flows.tiny:tiny_sd3_pipeline", {}),
+    "sd35": ("orwcfm_fast.flows.tiny:tiny_sd3_pipeline", {"sd35": True}),
+    "flux": ("orwcfm_fast.flows.tiny:tiny_flux_pipeline", {}),
+    "qwen_image": ("orwcfm_fast.flows.qwen_image:tiny_qwen_image_pipeline", {}),
+    "flux2": ("orwcfm_fast.flows.flux2:tiny_flux2_pipeline", {}),
+    "flux2_klein": ("orwcfm_fast.flows.flux2:tiny_flux2_pipeline", {"klein": True}),
+    "z_image": ("orwcfm_fast.flows.z_image:tiny_z_image_pipeline", {}),
+    "wan": ("orwcfm_fast.flows.wan:tiny_wan_pipeline", {}),
+    "wan22": ("orwcfm_fast.flows.wan:tiny_wan_pipeline", {"two_experts": True}),
+}
+
+
+def build_tiny_pipeline(name: str, **overrides):
+    """The tiny pipeline ``name`` of :data:`TINY_PIPELINES` (float32, CPU), its builder's arguments updated by ``overrides``."""
+    import importlib
+
+    if name not in TINY_PIPELINES:
+        raise ValueError(f"no tiny pipeline {name!r}; there are {', '.join(TINY_PIPELINES)}")
+    target, kwargs = TINY_PIPELINES[name]
+    module, builder = target.split(":")
+    return getattr(importlib.import_module(module), builder)(**{**kwargs, **overrides})
+
 
 _CLIP_MAX = 77
 _T5_MAX = 512
