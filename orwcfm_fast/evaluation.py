@@ -10,8 +10,11 @@
 - measures within-prompt diversity: the mean pairwise Euclidean distance
   (:func:`orwcfm_fast.metrics.mean_pairwise_distance`) between embeddings of the prompt's samples:
   the samples themselves (``"pixels"``; for pixel tasks the ORW-CFM-W2 paper's diversity measure),
-  L2-normalised CLIP image embeddings (``"clip"``) or DINOv2 CLS embeddings (``"dino"``);
-- writes ``evaluation.json`` and one sample grid per prompt (a scatter plot for 2-D points).
+  L2-normalised CLIP image embeddings (``"clip"``) or DINOv2 CLS embeddings (``"dino"``); for videos
+  the per-video embedding is the whole video's pixels, or the mean of its frames' embeddings (:func:`embed_videos`),
+  and an image reward scores every frame, reduced per video (config ``video_frame_reduction``);
+- writes ``evaluation.json`` and one sample grid per prompt (a scatter plot for 2-D points; for videos one
+  video a row, up to 8 evenly spaced frames).
 
 The trainer's random states are left exactly as they were (training continues bit-identically),
 and under ``torch.distributed`` the prompts are shared out between the ranks and the results
@@ -30,7 +33,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-__all__ = ["UNCONDITIONAL", "evaluate_policy", "make_embedding", "isolated_rng", "sample_grid", "save_samples_figure"]
+__all__ = ["UNCONDITIONAL", "embed_videos", "evaluate_policy", "make_embedding", "isolated_rng", "sample_grid",
+           "save_samples_figure", "video_frames"]
 
 #: the ``per_prompt`` key of a model without prompts
 UNCONDITIONAL = "<unconditional>"
@@ -99,6 +103,26 @@ class _ModelEmbedding:
         return torch.cat(out)
 
 
+def embed_videos(embed: Callable[[torch.Tensor], torch.Tensor], videos: torch.Tensor) -> torch.Tensor:
+    """Per-video embeddings ``[B, D]`` of videos ``[B, C, F, H, W]``: the pixel embedding flattens each whole video;
+    an image model's embedding is the mean of the video's frame embeddings (each frame embedded as an image)."""
+    if getattr(embed, "name", None) == "pixels":
+        return embed(videos)
+    b, c, f, h, w = videos.shape
+    frames = embed(videos.transpose(1, 2).reshape(b * f, c, h, w))
+    return frames.reshape(b, f, -1).mean(dim=1)
+
+
+def video_frames(videos: torch.Tensor, max_frames: int = 8) -> tuple[torch.Tensor, int]:
+    """``(images [B k, C, H, W], k)``: up to ``max_frames`` evenly spaced frames of each video ``[B, C, F, H, W]``
+    (first and last included), video after video: a grid of ``k`` columns shows one video per row."""
+    f = videos.shape[2]
+    k = min(f, max_frames)
+    index = torch.linspace(0, f - 1, k).round().long() if k > 1 else torch.zeros(1, dtype=torch.long)
+    picked = videos.index_select(2, index.to(videos.device))
+    return picked.transpose(1, 2).reshape(-1, *picked.shape[1:2], *picked.shape[3:]), k
+
+
 def make_embedding(config: Mapping[str, Any], device, images_like: bool) -> Callable[[torch.Tensor], torch.Tensor]:
     """The diversity embedding of config ``diversity_embedding``.
 
@@ -143,7 +167,8 @@ def _slug(text: str, limit: int = 48) -> str:
 
 def save_samples_figure(samples: torch.Tensor, path: str | os.PathLike, *, samples_range=(-1.0, 1.0),
                         title: str | None = None) -> Path:
-    """A grid of ``[N, C, H, W]`` images (values in ``samples_range``), or a scatter plot of ``[N, 2]`` points.
+    """A grid of ``[N, C, H, W]`` images (values in ``samples_range``), of videos ``[N, C, F, H, W]`` (one per row,
+    up to 8 evenly spaced frames), or a scatter plot of ``[N, 2]`` points.
 
     Returns:
         the PNG's path.
@@ -151,10 +176,13 @@ def save_samples_figure(samples: torch.Tensor, path: str | os.PathLike, *, sampl
     from orwcfm_fast.tasks.plots import _new_figure, save_sample_grid
 
     path = Path(path)
+    nrow = None
+    if samples.dim() == 5:
+        samples, nrow = video_frames(samples)
     if samples.dim() == 4:
         lo, hi = samples_range if samples_range is not None else (-1.0, 1.0)
         images = (samples.detach().float().cpu() - lo) / (hi - lo) * 2 - 1
-        nrow = max(1, math.ceil(math.sqrt(samples.shape[0])))
+        nrow = nrow or max(1, math.ceil(math.sqrt(samples.shape[0])))
         scale = max(1, 128 // max(samples.shape[-1], 1))
         return save_sample_grid(images, path, nrow=nrow, title=title, scale=scale)
     points = samples.detach().float().cpu().reshape(samples.shape[0], -1)
@@ -190,6 +218,9 @@ def sample_grid(trainer, n: int, seed: int = 0) -> torch.Tensor | None:
     images = trainer.models.reward_inputs(samples).detach().float().cpu()
     lo, hi = trainer.models.reward_inputs_range or (-1.0, 1.0)
     images = ((images - lo) / (hi - lo)).clamp(0.0, 1.0)
+    if images.dim() == 5:  # videos: one per row, a few frames each
+        images, per_row = video_frames(images)
+        return make_grid(images, nrow=per_row, pad_value=0.0)
     return make_grid(images, nrow=max(1, math.ceil(math.sqrt(n))), pad_value=0.0)
 
 
@@ -218,8 +249,8 @@ def _evaluate_prompt(trainer, index: int, prompt: str | None, n: int, seed: int,
     with torch.no_grad():
         images = trainer.models.reward_inputs(samples)
         total, terms = score_terms(trainer.reward_fn, images, None if prompt is None else [prompt] * n,
-                                   trainer.models.reward_inputs_range)
-        features = embed(images)
+                                   trainer.models.reward_inputs_range, trainer.models.reward_frame_reduction)
+        features = embed_videos(embed, images) if images.dim() == 5 else embed(images)
     row = {"reward": float(total.mean()), "reward_std": float(total.std()) if n > 1 else 0.0,
            "diversity": mean_pairwise_distance(features)}
     for name, values in terms.items():

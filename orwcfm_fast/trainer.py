@@ -458,7 +458,8 @@ class ORWCFMTrainer:
         """Checked ``[B]`` rewards of ``samples`` (decoded for pipelines, each reward in its input range, with the
         prompts when it takes them) and, for a reward dict, each term's ``{name: [B]}``."""
         inputs = self.models.reward_inputs(samples)
-        total, terms = score_terms(self.reward_fn, inputs, prompts, self.models.reward_inputs_range)
+        total, terms = score_terms(self.reward_fn, inputs, prompts, self.models.reward_inputs_range,
+                                   self.models.reward_frame_reduction)
         return total.to(self.device), terms
 
     @torch.no_grad()

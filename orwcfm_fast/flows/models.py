@@ -67,6 +67,10 @@ class TrainingModels:
     #: gets them converted to its own ``input_range`` (:func:`orwcfm_fast.rewards.score_terms`)
     reward_inputs_range: tuple[float, float] | None = (-1.0, 1.0)
 
+    #: None when :meth:`reward_inputs` are scored as they are; for videos ``[B, C, F, H, W]`` how an image
+    #: reward's frame scores reduce to one per video (``"mean"`` / ``"min"``, :func:`orwcfm_fast.rewards.score_terms`)
+    reward_frame_reduction: str | None = None
+
     def reward_inputs(self, samples: torch.Tensor) -> torch.Tensor:
         """What the reward scores: the samples themselves (pixel tasks) or the decoded images (pipelines),
         with values in :attr:`reward_inputs_range`."""

@@ -137,6 +137,7 @@ class PipelineModels(TrainingModels):
             num_frames=config["num_frames"],
         )
         self.sample_shape = tuple(self.flow.sample_shape)
+        self.reward_frame_reduction = config["video_frame_reduction"] if self.flow.video else None
         transformer = pipe.transformer
         transformer.requires_grad_(False)
         if config["gradient_checkpointing"]:

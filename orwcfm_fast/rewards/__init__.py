@@ -13,12 +13,14 @@
   rewards ``clip_score``, ``pickscore``, ``hpsv2``, ``aesthetic`` (local weights from config ``reward_paths``)
 - :func:`make_reward`, :func:`register_reward`, :func:`available_rewards`  name registry
 - :func:`check_rewards`       validates a reward's output (shape, dtype, finiteness)
+- videos: :func:`score_terms` with ``frame_reduction`` scores each frame with an image reward, one score per video
 
 Importing this package does not import open_clip or transformers; the rewards that use them import them when built.
 """
 
 from orwcfm_fast.rewards.aesthetic import AestheticReward
-from orwcfm_fast.rewards.base import CallableReward, Reward, WeightedSum, check_rewards, convert_range, score_terms
+from orwcfm_fast.rewards.base import (FRAME_REDUCTIONS, CallableReward, Reward, WeightedSum, check_rewards, convert_range,
+                                      score_terms)
 from orwcfm_fast.rewards.classifier import ClassifierReward
 from orwcfm_fast.rewards.clip import CLIPReward
 from orwcfm_fast.rewards.clip_score import CLIPScoreReward
@@ -46,4 +48,5 @@ __all__ = [
     "check_rewards",
     "score_terms",
     "convert_range",
+    "FRAME_REDUCTIONS",
 ]

@@ -22,6 +22,7 @@ __all__ = [
     "accepts_prompts",
     "check_rewards",
     "convert_range",
+    "FRAME_REDUCTIONS",
     "score_terms",
 ]
 
@@ -217,45 +218,78 @@ def convert_range(images: torch.Tensor, source: Optional[Tuple[float, float]],
     return (images - s0) * scale + t0
 
 
+#: how an image reward's per-frame scores of a video become one score (config ``video_frame_reduction``)
+FRAME_REDUCTIONS = ("mean", "min")
+
+
 def score_terms(reward: Any, samples: torch.Tensor, prompts: Optional[Sequence[str]] = None,
-                samples_range: Optional[Tuple[float, float]] = (-1.0, 1.0)
-                ) -> Tuple[torch.Tensor, dict]:
+                samples_range: Optional[Tuple[float, float]] = (-1.0, 1.0),
+                frame_reduction: Optional[str] = None) -> Tuple[torch.Tensor, dict]:
     """Checked rewards of ``samples`` and, for a :class:`WeightedSum`, each term's own (unweighted) rewards.
 
     Every (sub-)reward gets the samples converted from ``samples_range`` to its :attr:`Reward.input_range`
     and the prompts when it takes them (:func:`accepts_prompts`).
 
+    Videos (``frame_reduction`` set): ``samples`` are ``[B, C, F, H, W]``. A reward that scores images gets
+    the ``B F`` frames ``[B F, C, H, W]`` (each with its video's prompt) and each video's ``F`` scores are
+    reduced to one: ``"mean"``, or ``"min"`` ("every frame must pass"). A reward with a true
+    ``takes_videos`` attribute gets the videos whole. In a :class:`WeightedSum` each term is reduced on
+    its own, then weighted and summed (so with ``"min"`` each term's worst frame counts).
+
     Args:
         reward: a :class:`Reward` or callable.
-        samples: ``[B, *sample_shape]`` (images with values in ``samples_range``).
+        samples: ``[B, *sample_shape]`` (images with values in ``samples_range``), or videos ``[B, C, F, H, W]``.
         prompts: the ``B`` prompts the samples were made for, or None.
         samples_range: the value range of ``samples``; None for samples that are not images.
+        frame_reduction: None (score ``samples`` as they are), or one of :data:`FRAME_REDUCTIONS` for videos.
 
     Returns:
         ``(total [B] float32, {term name: [B] float32})``; the dict is empty unless ``reward`` is a
         :class:`WeightedSum`.
 
     Raises:
-        ValueError: a (term's) output is not ``B`` finite floats (the message names the term).
+        ValueError: a (term's) output is not ``B`` (``B F`` for frames) finite floats (the message names the
+            term), an unknown ``frame_reduction``, or ``frame_reduction`` with samples that are not ``[B, C, F, H, W]``.
     """
     batch_size = samples.shape[0]
+    if frame_reduction is not None:
+        if frame_reduction not in FRAME_REDUCTIONS:
+            raise ValueError(f"config key 'video_frame_reduction' must be one of {FRAME_REDUCTIONS}, got {frame_reduction!r}")
+        if samples.dim() != 5:
+            raise ValueError(f"frame_reduction {frame_reduction!r} scores videos [B, C, F, H, W]; got samples of "
+                             f"shape {tuple(samples.shape)}")
     if isinstance(reward, WeightedSum):
         total = torch.zeros(batch_size, dtype=torch.float32, device=samples.device)
         terms = {}
         for k, (name, weight, term) in enumerate(zip(reward.names, reward.weights, reward.rewards)):
             try:
-                value, _ = score_terms(term, samples, prompts, samples_range)
+                value, _ = score_terms(term, samples, prompts, samples_range, frame_reduction)
             except ValueError as e:
                 raise ValueError(f"reward term {k} {name!r} ({type(term).__name__}): {e}") from e
             terms[name] = value
             total = total + weight * value
         return total, terms
+    if frame_reduction is not None and not getattr(reward, "takes_videos", False):
+        b, c, f, h, w = samples.shape
+        frames = samples.transpose(1, 2).reshape(b * f, c, h, w)  # video i's frames are rows i F .. i F + F - 1
+        frame_prompts = None if prompts is None else [p for p in prompts for _ in range(f)]
+        try:
+            per_frame = _score_one(reward, frames, frame_prompts, samples_range).view(b, f)
+        except ValueError as e:
+            raise ValueError(f"scoring the {f} frames of each of {b} videos: {e}") from e
+        return (per_frame.mean(dim=1) if frame_reduction == "mean" else per_frame.amin(dim=1)), {}
+    return _score_one(reward, samples, prompts, samples_range), {}
+
+
+def _score_one(reward: Any, samples: torch.Tensor, prompts: Optional[Sequence[str]],
+               samples_range: Optional[Tuple[float, float]]) -> torch.Tensor:
+    """One reward's checked ``[B]`` output on ``samples`` (converted to its input range, with prompts if it takes them)."""
     inputs = convert_range(samples, samples_range, getattr(reward, "input_range", None))
     if prompts is not None and accepts_prompts(reward):
         out = reward(inputs, list(prompts))
     else:
         out = reward(inputs)
-    return check_rewards(out, batch_size, device=samples.device), {}
+    return check_rewards(out, samples.shape[0], device=samples.device)
 
 
 def _describe_indices(mask: torch.Tensor) -> str:
