@@ -174,9 +174,14 @@ def test_save_lora_loads_into_a_fresh_pipeline(tiny_dir, tmp_path):
     ours, theirs, base = policy_loaded_and_base(trainer, fresh.transformer, t, x, cond)
     # measured bit-equal (same weights, same ops); a half-scale adapter (lost alpha) is off by ~5e-2
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-6)
-    # the fresh pipeline through its own flow (not the trainer's flow handed another transformer)
     with torch.no_grad():
+        # the fresh pipeline through its own flow (not the trainer's flow handed another transformer)
         torch.testing.assert_close(flow_of(fresh).transformer_velocity(t, x, cond), ours, rtol=1e-5, atol=1e-6)
+        # the trainer's flow handed a pristine base transformer gives the reference role (measured bit-equal): the
+        # flow calls the transformer it is given, and the reference is the base weights
+        pristine = load(tiny_dir("wan")).transformer
+        torch.testing.assert_close(trainer.models.flow.transformer_velocity(t, x, cond, pristine), base,
+                                   rtol=1e-5, atol=1e-6)
     # two steps at lr 1e-2 moved the policy by ~0.1 (measured) on velocities of |v| <~ 3
     assert (ours - base).abs().max().item() > 1e-3
 
