@@ -155,8 +155,9 @@ class Flux2Flow(PipelineFlow):
     def _text_ids(self, length: int, device: torch.device) -> torch.Tensor:
         key = (length, device)
         ids = self._txt_ids.get(key)
-        if ids is None:  # [L, 4] (0, 0, 0, l), as the pipeline's _prepare_text_ids makes them
-            ids = self.pipe._prepare_text_ids(torch.empty(1, length, 0))[0].to(device)
+        if ids is None:  # [L, 4] (0, 0, 0, l), the pipeline's _prepare_text_ids, made on the device (capture-safe)
+            ids = torch.zeros(length, 4, dtype=torch.long, device=device)
+            ids[:, 3] = torch.arange(length, device=device)
             self._txt_ids[key] = ids
         return ids
 
