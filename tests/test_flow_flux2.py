@@ -234,18 +234,24 @@ def test_lora_round_trip(tiny_dir, tmp_path):
     trainer.train(1, 2)
     assert guidance and all(g is not None and torch.equal(g, torch.full_like(g, 4.0)) for g in guidance)
     trainer.save_lora(tmp_path / "lora")
-    fresh = load(tiny_dir, "flux2")
-    fresh.load_lora_weights(tmp_path / "lora")
     flow = trainer.models.flow
     cond = flow.encode(["a dog", "a tree"])
     t, x = torch.tensor([0.3, 0.8]), torch.randn(2, *flow.sample_shape, generator=torch.Generator().manual_seed(2))
+    fresh = load(tiny_dir, "flux2")
     with torch.no_grad():
         policy = flow.transformer_velocity(t, x, cond, trainer.net_model)
-        loaded = flow.transformer_velocity(t, x, cond, fresh.transformer)
         with trainer.models.roles.role("reference"):
             base = flow.transformer_velocity(t, x, cond, trainer.net_model)
+        # the trainer's flow runs the transformer it is handed: the fresh one, still without the LoRA, is the base
+        pristine = flow.transformer_velocity(t, x, cond, fresh.transformer)
+        fresh.load_lora_weights(tmp_path / "lora")
+        loaded = flow.transformer_velocity(t, x, cond, fresh.transformer)
+        own = Flux2Flow(fresh, resolution=list(HW), max_sequence_length=SEQ, guidance_scale=None)  # 4.0, as trained
+        own = own.transformer_velocity(t, x, cond)
     # measured bit-equal; a lost lora_alpha (half scale) or a dropped adapter moves it by a share of the 1.5e-2 below
+    torch.testing.assert_close(pristine, base, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(loaded, policy, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(own, policy, rtol=1e-5, atol=1e-6)  # the fresh pipeline through its own flow
     assert (policy - base).abs().max() > 1e-3  # measured 1.5e-2 after two steps: the adapters moved
 
 
