@@ -206,8 +206,10 @@ class PipelineFlow:
         """The scheduler's resolution-dependent shift ``mu`` (``use_dynamic_shifting``), or ``None``."""
         return None
 
-    def sampling_shift(self) -> float:
+    def sampling_shift(self, steps: int | None = None) -> float:
         """The static shift ``s`` of the sampling grid: ``sigma' = s sigma / (1 + (s - 1) sigma)``.
+
+        ``steps``: the sampler's step count, for families whose shift depends on it (FLUX.2); unused here.
 
         Config ``time_shift`` if set; else, with dynamic shifting (Flux), the shift its ``mu`` applies at
         this resolution (``e^mu``, or ``mu`` for the scheduler's ``"linear"`` shift type: the same map);

@@ -268,7 +268,7 @@ class PipelineModels(TrainingModels):
 
     def training_shift(self) -> float:
         """The shift of ``time_sampling: "shifted"``: the sampler's (:meth:`PipelineFlow.sampling_shift`)."""
-        return self.flow.sampling_shift()
+        return self.flow.sampling_shift(self.config["ode_steps"])
 
     # ------------------------------------------------------------------ checkpoints
 

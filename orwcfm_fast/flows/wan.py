@@ -215,11 +215,11 @@ class WanFlow(PipelineFlow):
         _scheduler_kind(self.scheduler)
         return scheduler_time_grid(self.scheduler, steps)
 
-    def sampling_shift(self) -> float:
-        """Config ``time_shift``, else UniPC's ``flow_shift`` or the Euler scheduler's ``shift``."""
+    def sampling_shift(self, steps: int | None = None) -> float:
+        """Config ``time_shift``, else UniPC's ``flow_shift`` or the Euler scheduler's ``shift`` (``steps``: unused)."""
         if self.time_shift is None and _scheduler_kind(self.scheduler) == "unipc":
             return float(self.scheduler.config.flow_shift)
-        return super().sampling_shift()
+        return super().sampling_shift(steps)
 
     # ------------------------------------------------------------------ videos
 
