@@ -320,8 +320,10 @@ OPTIONS: dict[str, Option] = {
                              "conditional models: list[str] -> tensor or tuple, passed as model(t, x, *cond)"),
     "images_per_prompt": Option(1, _int(1), "samples per prompt in a batch (batch_size must be a multiple)"),
     "guidance_scale": Option(None, _float(0.0, allow_none=True),
-                             "guidance: SD3's classifier-free guidance scale (1 = off), Flux-dev's guidance input; "
-                             "None: the family's default (SD3 1.0, i.e. off; guidance-distilled Flux 3.5, its pipeline's)"),
+                             "guidance: classifier-free guidance v_u + s (v_c - v_u) (1 = off; Qwen-Image's true CFG "
+                             "with its rescale; Z-Image's pipeline scale is s - 1), or the guidance input of distilled "
+                             "models (FLUX.1-dev, FLUX.2-dev); None: the family's default (SD3, Qwen-Image, Z-Image 1 = off; "
+                             "Flux 3.5; FLUX.2 and klein 4.0; Wan 5.0)"),
     "cfg_mode": Option("guided", _choice(CFG_MODES),
                        "what CFG trains: guided (the loss and W2 use v_u + s (v_c - v_u), the velocity that samples), "
                        "cfg_free (sample with guidance 1, train v_c), sampling_only (sample guided, train v_c: biased, "
