@@ -8,6 +8,7 @@ resolution-dependent shift; pipelines sample without a captured whole-ODE CUDA g
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import pytest
@@ -112,7 +113,10 @@ def test_raw_weights_at_preference_scale_warn_once(tmp_path):
     raw = [w for w in caught if "weight_normalization" in str(w.message)]
     assert len(raw) == 1
     text = str(raw[0].message)
-    assert "'batch'" in text and "mean weight is 6" in text  # e^11 = 5.99e4
+    mean = float(re.search(r"mean weight is ([0-9.]+(?:e[+-][0-9]+)?)", text).group(1))
+    # e^(0.5 * 22) = 5.99e4, times E[e^(0.05 x_0)] of the samples (|x_0| of a few units: within 10 %). The
+    # samples depend on the model's random init, so the printed value ranges over 5.9e4 .. 6.1e4 by test order
+    assert "'batch'" in text and 5.4e4 < mean < 6.6e4, text
 
 
 def test_raw_weights_near_scale_one_do_not_warn(tmp_path):
