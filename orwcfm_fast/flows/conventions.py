@@ -29,6 +29,7 @@ import torch
 __all__ = [
     "cfg_combine",
     "cfm_velocity",
+    "latent_statistics",
     "model_timestep",
     "scheduler_time_grid",
     "shift_sigma",
@@ -84,6 +85,16 @@ def scheduler_time_grid(scheduler, steps: int, *, sigmas: Sequence[float] | None
     if len(grid) != steps + 1:
         raise ValueError(f"the scheduler made {len(grid) - 1} steps where {steps} were asked for")
     return grid
+
+
+def latent_statistics(vae_config, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(latents_mean, 1 / latents_std)``, each ``[1, C, 1, 1, 1]``, of a VAE with per-channel latent statistics
+    (Wan's ``AutoencoderKLWan``, Qwen-Image's): the pipelines map ``z / (1 / std) + mean`` before decoding and
+    ``(z - mean) * (1 / std)`` after encoding, computed in this order to round as they do."""
+    c = vae_config.z_dim
+    mean = torch.tensor(vae_config.latents_mean).view(1, c, 1, 1, 1).to(device, dtype)
+    inv_std = 1.0 / torch.tensor(vae_config.latents_std).view(1, c, 1, 1, 1).to(device, dtype)
+    return mean, inv_std
 
 
 def shift_sigma(sigma: float, shift: float) -> float:

@@ -376,11 +376,15 @@ class PipelineFlow:
         """Images ``[B, 3, H, W]`` float32 in [0, 1] of latents ``x``, decoded in chunks of ``batch_size``."""
         z = self.to_vae_latents(x)
         cfg = self.vae.config
-        z = z / cfg.scaling_factor + (cfg.shift_factor or 0.0)
+        return self._vae_decode(z / cfg.scaling_factor + (cfg.shift_factor or 0.0), batch_size)
+
+    def _vae_decode(self, z: torch.Tensor, batch_size: int | None) -> torch.Tensor:
+        """The VAE's output for de-normalised latents ``z`` (its own input layout), ``batch_size`` at a time,
+        mapped from [-1, 1] to float32 [0, 1]."""
         chunk = batch_size or z.shape[0]
         dtype = self.vae.dtype
-        images = [self.vae.decode(z[i:i + chunk].to(dtype), return_dict=False)[0] for i in range(0, z.shape[0], chunk)]
-        return (torch.cat(images).float() / 2 + 0.5).clamp(0.0, 1.0)
+        out = [self.vae.decode(z[i:i + chunk].to(dtype), return_dict=False)[0] for i in range(0, z.shape[0], chunk)]
+        return (torch.cat(out).float() / 2 + 0.5).clamp(0.0, 1.0)
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:

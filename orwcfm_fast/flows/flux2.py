@@ -47,6 +47,7 @@ from orwcfm_fast.flows.conventions import model_timestep, scheduler_time_grid
 from orwcfm_fast.flows.diffusers_base import PipelineFlow
 from orwcfm_fast.flows.dtypes import transformer_dtype
 from orwcfm_fast.flows.lora import DEFAULT_TARGET_MODULES
+from orwcfm_fast.flows.tiny import QWEN3_CHAT_TEMPLATE  # klein's tiny tokenizer (what Flux2KleinPipeline renders)
 
 __all__ = ["Flux2Flow", "tiny_flux2_pipeline"]
 
@@ -240,11 +241,7 @@ class Flux2Flow(PipelineFlow):
     @torch.no_grad()
     def decode(self, x: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
         """Images ``[B, 3, H, W]`` float32 in [0, 1] of samples ``x``, decoded in chunks of ``batch_size``."""
-        z = self.to_vae_latents(x.float())
-        chunk = batch_size or z.shape[0]
-        dtype = self.vae.dtype
-        images = [self.vae.decode(z[i:i + chunk].to(dtype), return_dict=False)[0] for i in range(0, z.shape[0], chunk)]
-        return (torch.cat(images).float() / 2 + 0.5).clamp(0.0, 1.0)
+        return self._vae_decode(self.to_vae_latents(x.float()), batch_size)
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -290,16 +287,6 @@ _MISTRAL_CHAT_TEMPLATE = (
     "{%- elif message['role'] == 'assistant' %}{{- message['content'] + eos_token }}"
     "{%- else %}{{- raise_exception('Only user, system and assistant roles are supported!') }}{%- endif %}"
     "{%- endfor %}"
-)
-# The Qwen3 chat template without tools: what Flux2KleinPipeline renders (one user turn, generation
-# prompt, enable_thinking=False: an empty think block)
-_QWEN3_CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
-    "{%- endif %}"
 )
 _QWEN3_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 _QWEN3_ADDED = ("<think>", "</think>")
@@ -374,7 +361,7 @@ def _qwen_tokenizer():
     tokenizer = Qwen2TokenizerFast(vocab=model["vocab"], merges=merges, model_max_length=_MAX_POSITIONS)
     tokenizer.add_special_tokens({"additional_special_tokens": list(_QWEN3_SPECIALS[1:])})
     tokenizer.add_tokens([AddedToken(t, special=False) for t in _QWEN3_ADDED])
-    tokenizer.chat_template = _QWEN3_CHAT_TEMPLATE
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
     return tokenizer
 
 

@@ -58,7 +58,7 @@ import re
 import numpy as np
 import torch
 
-from orwcfm_fast.flows.conventions import cfg_combine, model_timestep, scheduler_time_grid
+from orwcfm_fast.flows.conventions import cfg_combine, latent_statistics, model_timestep, scheduler_time_grid
 from orwcfm_fast.flows.diffusers_base import PipelineFlow
 from orwcfm_fast.flows.dtypes import transformer_dtype
 
@@ -174,28 +174,19 @@ class QwenImageFlow(PipelineFlow):
         b, c, h, w = z.shape[0], z.shape[1], z.shape[-2], z.shape[-1]
         return self.pipe._pack_latents(z, b, c, h, w)
 
-    def _latent_stats(self, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(latents_mean, 1 / latents_std)`` as ``[1, C, 1, 1, 1]``, computed as the pipeline computes them."""
-        cfg = self.vae.config
-        mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(device, dtype)
-        inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(device, dtype)
-        return mean, inv_std
-
     @torch.no_grad()
     def decode(self, x: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
         """Images ``[B, 3, H, W]`` float32 in [0, 1] of samples ``x``, decoded in chunks of ``batch_size``."""
         z = self.to_vae_latents(x).to(self.vae.dtype)
-        mean, inv_std = self._latent_stats(z.dtype, z.device)
+        mean, inv_std = latent_statistics(self.vae.config, z.device, z.dtype)
         z = z / inv_std + mean  # the pipeline's arithmetic, to the rounding
-        chunk = batch_size or z.shape[0]
-        images = [self.vae.decode(z[i:i + chunk], return_dict=False)[0][:, :, 0] for i in range(0, z.shape[0], chunk)]
-        return (torch.cat(images).float() / 2 + 0.5).clamp(0.0, 1.0)
+        return self._vae_decode(z, batch_size)[:, :, 0]  # [B, 3, 1, H, W]: one frame
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Samples (packed) of images ``[B, 3, H, W]`` in [0, 1]: the VAE posterior's mode, normalised."""
         z = self.vae.encode((images * 2 - 1).to(self.vae.dtype)[:, :, None]).latent_dist.mode()
-        mean, inv_std = self._latent_stats(z.dtype, z.device)
+        mean, inv_std = latent_statistics(self.vae.config, z.device, z.dtype)
         return self.from_vae_latents(((z - mean) * inv_std).float())
 
 

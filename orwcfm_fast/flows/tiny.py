@@ -21,7 +21,8 @@ import string
 
 import torch
 
-__all__ = ["TINY_PIPELINES", "TINY_SIZE", "build_tiny_pipeline", "tiny_flux_pipeline", "tiny_sd3_pipeline"]
+__all__ = ["QWEN3_CHAT_TEMPLATE", "TINY_PIPELINES", "TINY_SIZE", "build_tiny_pipeline", "tiny_flux_pipeline",
+           "tiny_sd3_pipeline"]
 
 TINY_SIZE = 64
 """Image side (pixels) the tiny pipelines are built for: 8x8 latents (a multiple of VAE 8 x patch 2)."""
@@ -50,6 +51,17 @@ def build_tiny_pipeline(name: str, **overrides):
     module, builder = target.split(":")
     return getattr(importlib.import_module(module), builder)(**{**kwargs, **overrides})
 
+
+#: Qwen3's chat template for what the FLUX.2-klein and Z-Image pipelines ask of it (user turns, a generation
+#: prompt, ``enable_thinking``), for their tiny Qwen3 tokenizers
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
 
 _CLIP_MAX = 77
 _T5_MAX = 512

@@ -53,7 +53,7 @@ import math
 
 import torch
 
-from orwcfm_fast.flows.conventions import model_timestep, scheduler_time_grid
+from orwcfm_fast.flows.conventions import latent_statistics, model_timestep, scheduler_time_grid
 from orwcfm_fast.flows.diffusers_base import PipelineFlow
 from orwcfm_fast.flows.dtypes import transformer_dtype
 
@@ -223,22 +223,12 @@ class WanFlow(PipelineFlow):
 
     # ------------------------------------------------------------------ videos
 
-    def _latent_statistics(self, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(mean, 1 / std)`` ``[1, C, 1, 1, 1]`` of the VAE's latents, computed as the pipeline does."""
-        cfg = self.vae.config
-        mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(device, dtype)
-        inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(device, dtype)
-        return mean, inv_std
-
     @torch.no_grad()
     def decode(self, x: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
         """Videos ``[B, 3, F, H, W]`` float32 in [0, 1] of latents ``x`` ``[B, C, F', h, w]``, in chunks of ``batch_size``."""
         z = self.to_vae_latents(x).to(self.vae.dtype)
-        mean, inv_std = self._latent_statistics(z.device, z.dtype)
-        z = z / inv_std + mean
-        chunk = batch_size or z.shape[0]
-        videos = [self.vae.decode(z[i:i + chunk], return_dict=False)[0] for i in range(0, z.shape[0], chunk)]
-        return (torch.cat(videos).float() / 2 + 0.5).clamp(0.0, 1.0)
+        mean, inv_std = latent_statistics(self.vae.config, z.device, z.dtype)
+        return self._vae_decode(z / inv_std + mean, batch_size)
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -248,7 +238,7 @@ class WanFlow(PipelineFlow):
         if (images.shape[2] - 1) % self.temporal_factor:
             raise ValueError(f"videos of {images.shape[2]} frames: Wan's VAE encodes {self.temporal_factor}k + 1 frames")
         z = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist.mode().float()
-        mean, inv_std = self._latent_statistics(z.device, z.dtype)
+        mean, inv_std = latent_statistics(self.vae.config, z.device, z.dtype)
         return self.from_vae_latents((z - mean) * inv_std)
 
 

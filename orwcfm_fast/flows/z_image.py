@@ -41,6 +41,7 @@ import torch
 from orwcfm_fast.flows.conventions import model_timestep, scheduler_time_grid
 from orwcfm_fast.flows.diffusers_base import PipelineFlow
 from orwcfm_fast.flows.dtypes import transformer_dtype
+from orwcfm_fast.flows.tiny import QWEN3_CHAT_TEMPLATE  # the tiny tokenizer's chat template
 
 __all__ = ["ZImageFlow", "tiny_z_image_pipeline"]
 
@@ -177,15 +178,6 @@ class ZImageFlow(PipelineFlow):
 
 _SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
 _MERGED_WORDS = ("user", "assistant")  # the template's role names are one token each, as in Qwen's vocabulary
-#: Qwen3's chat template for what the pipeline asks of it (user turns, a generation prompt, ``enable_thinking``)
-_QWEN3_CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
-    "{%- endif %}"
-)
 
 
 def _qwen_tokenizer():
@@ -207,7 +199,7 @@ def _qwen_tokenizer():
             vocab.setdefault(merged, len(vocab))
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=32768)
     tokenizer.add_tokens([AddedToken(token, special=True) for token in _SPECIAL_TOKENS[1:]])
-    tokenizer.chat_template = _QWEN3_CHAT_TEMPLATE
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
     return tokenizer
 
 
