@@ -186,7 +186,9 @@ class PipelineFlow:
         raise NotImplementedError
 
     def to_vae_latents(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, C, h, w]`` VAE latents (scaled, as the transformer sees them) of samples ``x``."""
+        """The VAE latents of samples ``x`` in the VAE's input layout (``[B, C, h, w]``; ``[B, C, F, h, w]`` for 3-D VAEs),
+        normalised as the transformer sees them, which :meth:`decode` undoes (FLUX.2 undoes its batch-norm
+        statistics here: what it returns is the VAE decoder's input)."""
         raise NotImplementedError
 
     def _guided(self) -> bool:
