@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from _lora_velocities import policy_loaded_and_base
+
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 needs_diffusers = pytest.mark.skipif(
@@ -68,12 +70,7 @@ def velocities(trainer, transformer):
     cond = flow.encode(PROMPTS)
     t = torch.tensor([0.3, 0.8])
     x = torch.randn((2, *trainer.sample_shape), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ours = flow.transformer_velocity(t, x, cond, trainer.net_model)
-        theirs = flow.transformer_velocity(t, x, cond, transformer)
-        with trainer.models.roles.role("reference"):
-            base = flow.transformer_velocity(t, x, cond, trainer.net_model)
-    return ours, theirs, base
+    return policy_loaded_and_base(trainer, transformer, t, x, cond)
 
 
 def written_alpha(folder: Path) -> float | None:
