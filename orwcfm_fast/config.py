@@ -27,6 +27,7 @@ __all__ = [
     "OPS_BACKENDS",
     "PRECISIONS",
     "TIME_SAMPLINGS",
+    "OBJECTIVES",
     "validate_config",
     "serializable_config",
 ]
@@ -36,6 +37,7 @@ COUPLINGS = ("independent", "exact_ot", "weighted_ot")
 WEIGHT_NORMALIZATIONS = ("none", "batch", "group")
 PRECISIONS = ("fp32", "bf16")
 CFG_MODES = ("guided", "cfg_free", "sampling_only")
+OBJECTIVES = ("orw-cfm-w2", "adrpo", "offline-rwr", "diffusion-nft")  # orwcfm_fast.objectives.OBJECTIVES' keys
 OPS_BACKENDS = ("torch", "cpp", "triton")  # orwcfm_fast.ops.backends.BACKENDS (not imported: no torch here)
 
 
@@ -151,6 +153,16 @@ def _reward(value):
     raise ValueError(
         "expected a registered reward name, an http://127.0.0.1:PORT reward server, a dict {name: weight} "
         f"(a weighted sum, each term logged) or a callable samples -> [B] tensor, got {value!r}")
+
+
+def _optional_reward(value):
+    return None if value is None else _reward(value)
+
+
+def _decay_type(value):
+    if isinstance(value, bool) or value not in (0, 1, 2):
+        raise ValueError(f"expected DiffusionNFT's decay_type 0, 1 or 2, got {value!r}")
+    return int(value)
 
 
 def _reward_paths(value):
@@ -371,6 +383,24 @@ OPTIONS: dict[str, Option] = {
                                   "evaluate(): embedding of within-prompt diversity (auto: clip with "
                                   "reward_paths['clip_score'], else pixels)"),
     "eval_samples_per_prompt": Option(16, _int(2), "evaluate(): samples per prompt"),
+    "eval_reward": Option(None, _optional_reward,
+                          "evaluate(): a held-out reward (same forms as 'reward'), reported beside it, never trained on"),
+    "hacking_window": Option(3, _int(2),
+                             "evaluate(): alarm when the training reward rose over this many consecutive evaluations "
+                             "while the held-out reward or the diversity fell"),
+    "objective": Option("orw-cfm-w2", _choice(OBJECTIVES),
+                        "the loss: orw-cfm-w2, adrpo (per-sample W2 coefficient from the advantage), offline-rwr "
+                        "(one fixed set from the pretrained model), diffusion-nft"),
+    "updates_per_batch": Option(1, _int(1), "optimiser steps on each sampled batch, each with fresh times and noise"),
+    "offline_samples": Option(None, _optional_int(1),
+                              "offline-rwr: samples drawn once from the pretrained model (None: 8 batches)"),
+    "advantage_clip": Option(5.0, _float(0.0, low_inclusive=False),
+                             "adrpo / diffusion-nft: advantages (reward - prompt-group mean) / batch std clip to +-this"),
+    "nft_beta": Option(1.0, _float(0.0, low_inclusive=False),
+                       "diffusion-nft: beta, the step from the old policy to the implicit positive / negative policy"),
+    "nft_decay_type": Option(1, _decay_type,
+                             "diffusion-nft: the old policy's EMA decay schedule per epoch (0: copy; 1: min(0.001 "
+                             "step, 0.5); 2: 0 for 75 steps, then min(0.0075 (step - 75), 0.999))"),
 }
 
 DEFAULTS: dict[str, Any] = {name: opt.default for name, opt in OPTIONS.items()}
