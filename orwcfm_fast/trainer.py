@@ -261,6 +261,8 @@ class ORWCFMTrainer:
         self.step_in_epoch = 0  # > 0 only after resuming from a checkpoint taken mid-epoch
         self._epoch_sums: _MetricSums | None = None  # that partial epoch's metric sums
         self.history: list[dict[str, float]] = []
+        # evaluate()'s summaries in order (epoch, rewards, diversity): the reward-hacking alarm reads them
+        self.eval_history: list[dict[str, Any]] = []
         self._log: EpochLog | None = None
         self._rotation: CheckpointRotation | None = None
         self._skipped_steps: torch.Tensor | None = None  # CUDA: non-finite-gradient steps skipped on device
@@ -1001,6 +1003,7 @@ class ORWCFMTrainer:
             "seed": self.seed,
             "world_size": self.world_size,
             "history": list(self.history),
+            "eval_history": list(self.eval_history),
             "version": __version__,
         }
 
@@ -1064,6 +1067,7 @@ class ORWCFMTrainer:
         sums = ckpt.get("epoch_sums")
         self._epoch_sums = _MetricSums.from_state(sums, self.device) if sums else None
         self.history = list(ckpt.get("history", []))
+        self.eval_history = list(ckpt.get("eval_history", []))
         self.seed = int(ckpt.get("seed", self.seed))
         rng_states = ckpt.get("rng")
         saved_world = int(ckpt.get("world_size", 1))
