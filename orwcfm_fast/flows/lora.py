@@ -109,9 +109,12 @@ class LoraRoles:
         return list(self._last)
 
     @torch.no_grad()
-    def update_last_policy(self) -> None:
-        """Copy the policy adapter's weights into the last-policy adapter, in place."""
-        torch._foreach_copy_(self._last, self._policy)
+    def update_last_policy(self, decay: float = 0.0) -> None:
+        """The last-policy adapter becomes ``decay * last + (1 - decay) * policy``, in place (``0``: a copy)."""
+        if decay == 0.0:
+            torch._foreach_copy_(self._last, self._policy)
+        else:
+            torch._foreach_lerp_(self._last, self._policy, 1.0 - decay)
 
     @contextlib.contextmanager
     def role(self, name: str) -> Iterator[None]:

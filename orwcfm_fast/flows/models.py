@@ -30,7 +30,7 @@ import torch
 
 from orwcfm_fast.checkpoints import CheckpointError, load_state_strict, unwrap_model
 
-__all__ = ["ModuleModels", "TrainingModels", "check_velocity"]
+__all__ = ["ModuleModels", "TrainingModels", "blend_into", "check_velocity"]
 
 
 class TrainingModels:
@@ -53,7 +53,10 @@ class TrainingModels:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         raise NotImplementedError
 
-    def update_last_policy(self) -> None:
+    def update_last_policy(self, decay: float = 0.0) -> None:
+        """``last_policy``'s weights become ``decay * last_policy + (1 - decay) * policy``, in place (no new
+        module, so captured sampling graphs stay valid). ``0``: a copy (ORW-CFM-W2's per-epoch refresh);
+        ``> 0``: an EMA (DiffusionNFT's old policy)."""
         raise NotImplementedError
 
     def encode(self, prompts: Sequence[str] | None, batch: int) -> tuple[torch.Tensor, ...]:
@@ -109,6 +112,27 @@ class TrainingModels:
 
     def load_state(self, ckpt: Mapping[str, Any], source: str) -> None:
         raise NotImplementedError
+
+
+@torch.no_grad()
+def blend_into(target: torch.nn.Module, source: torch.nn.Module, decay: float) -> None:
+    """``target``'s state becomes ``decay * target + (1 - decay) * source``, in place.
+
+    ``decay == 0`` is ``target.load_state_dict(source.state_dict())`` (bit-equal copies); otherwise
+    floating-point parameters and buffers are lerped and the others (counters) copied.
+    """
+    decay = float(decay)
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"decay must be in [0, 1), got {decay}")
+    if decay == 0.0:
+        target.load_state_dict(source.state_dict())
+        return
+    mine = target.state_dict()
+    for name, value in source.state_dict().items():
+        if value.is_floating_point():
+            mine[name].lerp_(value.to(mine[name].dtype), 1.0 - decay)
+        else:
+            mine[name].copy_(value)
 
 
 def check_velocity(fn: Callable, sample_shape: tuple[int, ...], device: torch.device,
@@ -170,9 +194,8 @@ class ModuleModels(TrainingModels):
     def trainable_parameters(self):
         return list(self.net_model.parameters())
 
-    def update_last_policy(self):
-        """Copy ``net_model``'s weights into ``last_policy`` in place (no new module)."""
-        self.last_policy.load_state_dict(unwrap_model(self.net_model).state_dict())
+    def update_last_policy(self, decay=0.0):
+        blend_into(self.last_policy, unwrap_model(self.net_model), decay)
 
     def encode(self, prompts, batch):
         if prompts is None:

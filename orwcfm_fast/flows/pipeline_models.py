@@ -25,7 +25,7 @@ from orwcfm_fast.checkpoints import CheckpointError, load_state_strict
 from orwcfm_fast.flows import flow_for_pipeline
 from orwcfm_fast.flows.lora import LoraRoles
 from orwcfm_fast.flows.master_weights import MasterWeights, needs_master_weights
-from orwcfm_fast.flows.models import TrainingModels
+from orwcfm_fast.flows.models import TrainingModels, blend_into
 
 __all__ = ["PipelineModels", "RoleVelocity", "base_fingerprint", "cfg_roles"]
 
@@ -201,11 +201,11 @@ class PipelineModels(TrainingModels):
         if self._master is not None:
             self._master.push()
 
-    def update_last_policy(self):
+    def update_last_policy(self, decay=0.0):
         if self.roles is not None:
-            self.roles.update_last_policy()
+            self.roles.update_last_policy(decay)
         else:
-            self.last_policy.transformer.load_state_dict(self.net_model.state_dict())
+            blend_into(self.last_policy.transformer, self.net_model, decay)
 
     def train_mode(self, dropout):
         self.net_model.train(dropout)
