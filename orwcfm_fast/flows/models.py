@@ -62,6 +62,12 @@ class TrainingModels:
     def encode(self, prompts: Sequence[str] | None, batch: int) -> tuple[torch.Tensor, ...]:
         return ()
 
+    def forward_passes(self, role: str) -> int:
+        """Model passes per sample of one call of a role's velocity (:mod:`orwcfm_fast.compute`'s unit):
+        ``role`` is ``"sampling"`` (the sampler's velocity) or ``"policy"`` / ``"reference"`` / ``"old_policy"``
+        (the loss's). 2 where that velocity runs classifier-free guidance, else 1."""
+        return 1
+
     #: whether ``train`` may make the next batch (with the sampling policy) while the policy's
     #: backward runs: not when the two are adapters of one module, switched as module state
     can_overlap: bool = True

@@ -185,6 +185,11 @@ class PipelineModels(TrainingModels):
             self.pipe.transformer.compile(backend=compile_backend)
         return self._policy, self.ref_model, self._sampler
 
+    def forward_passes(self, role):
+        velocity = {"sampling": self._sampler, "policy": self._policy, "reference": self.ref_model,
+                    "old_policy": self.last_policy}[role]
+        return 2 if velocity.guided and self.flow._guided() else 1
+
     def policy_sampling_velocity(self) -> RoleVelocity:
         """The current policy with guidance: what :meth:`ORWCFMTrainer.sample` integrates."""
         return self._policy_sampler
