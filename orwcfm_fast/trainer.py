@@ -37,12 +37,14 @@ from orwcfm_fast.checkpoints import (
     unwrap_model,
 )
 from orwcfm_fast.config import ConfigError, serializable_config, validate_config
+from orwcfm_fast.compute import ComputeCounter
 from orwcfm_fast.coupling import couple
 from orwcfm_fast.flows import is_pipeline
 from orwcfm_fast.flows.conventions import shift_sigma
 from orwcfm_fast.flows.models import ModuleModels, TrainingModels, check_velocity
 from orwcfm_fast.prompts import PromptError, draw_prompts, load_prompts
-from orwcfm_fast.ops import BackendUnavailableError, conditional_path, orw_cfm_w2_loss, resolve_backend
+from orwcfm_fast.objectives import LossContext, make_objective
+from orwcfm_fast.ops import BackendUnavailableError, resolve_backend
 from orwcfm_fast.precision import native_low_precision
 from orwcfm_fast.interrupt import StopRequests, TrainingInterrupted
 from orwcfm_fast.models import describe_unet, optimize_unet
@@ -50,7 +52,7 @@ from orwcfm_fast.prefetch import BackgroundWorker, Pending
 from orwcfm_fast.profiling import phase
 from orwcfm_fast.rewards import make_reward, score_terms
 from orwcfm_fast.run_log import EpochLog
-from orwcfm_fast.sampling import GraphSampler, integrate
+from orwcfm_fast.sampling import GraphSampler, integrate, nfe
 from orwcfm_fast.weighting import (
     default_normalization,
     effective_sample_size,
@@ -97,6 +99,7 @@ class _Batch(NamedTuple):
     cond: tuple = ()  # per-sample conditioning of x_1 (prompt embeddings); () for unconditional models
     prompts: list | None = None  # the B prompts the samples were made for
     reward_terms: dict | None = None  # {name: [B]} each term's rewards, for a reward dict {name: weight}
+    per_sample: dict | None = None  # {name: [B]} the objective's other per-sample inputs (advantages), x_1's order
 
 
 class _MetricSums:
@@ -223,6 +226,17 @@ class ORWCFMTrainer:
                 resolve_backend(cfg["ops_backend"], self.device.type)
             except BackendUnavailableError as err:
                 raise ConfigError(f"config key 'ops_backend': {err}") from None
+
+        # The loss (config objective): one file each in orwcfm_fast/objectives
+        self.objective = make_objective(cfg)
+        allowed = self.objective.couplings
+        if allowed is not None and cfg["coupling"] not in allowed:
+            raise ConfigError(
+                f"config key 'coupling' is {cfg['coupling']!r}, but objective {cfg['objective']!r} carries per-sample "
+                f"advantages that must stay with their samples: use one of {list(allowed)}")
+        # model passes run for sampling, the loss's roles and the backward (orwcfm_fast.compute)
+        self.compute = ComputeCounter()
+        self._batch_stats: tuple[torch.Tensor, dict] | None = None  # _weights' (weights, per-sample inputs)
 
         if cfg["cuda_graphs"] and self.device.type != "cuda":
             raise ConfigError(f"config key 'cuda_graphs' is True but the trainer runs on {self.device}; "
@@ -442,19 +456,32 @@ class ORWCFMTrainer:
 
         The same computations, in the same order, as ``sample_batch`` + ``_weights`` + the start of
         ``compute_loss``; runs in the background worker when ``train`` overlaps batches. Raises on
-        non-finite rewards or weights before anything is updated.
+        non-finite rewards or weights before anything is updated. The objective says where the samples
+        come from (the last policy; ``offline-rwr``: its fixed set, ignoring ``noise`` and ``prompts``).
         """
-        cond = self.models.encode(prompts, self.batch_size) if prompts is not None else ()
-        with phase("sample", self.device):
-            with self._autocast():
-                samples = self._sampler(noise, *cond)
+        samples, rewards, terms, prompts, cond = self.objective.make_samples(self, noise, prompts)
         with phase("reward", self.device):
-            rewards, terms = self._score(samples, prompts)
-            weights = self._weights(rewards)
+            weights, per_sample = self._batch_inputs(rewards)
         with phase("coupling", self.device):
             x_0, x_1, pair_weights = couple(self.config["coupling"], x_0, samples, weights,
                                             generator=self.cpu_generator)
-        return _Batch(samples, rewards, weights, x_0, x_1, pair_weights, cond, prompts, terms)
+        return _Batch(samples, rewards, weights, x_0, x_1, pair_weights, cond, prompts, terms, per_sample)
+
+    def _encode(self, prompts: list[str] | None) -> tuple:
+        """The conditioning of ``prompts`` (``()`` for ``None``)."""
+        return self.models.encode(prompts, len(prompts)) if prompts is not None else ()
+
+    @torch.no_grad()
+    def _sample_last_policy(self, noise: torch.Tensor | None, cond: tuple = ()) -> torch.Tensor:
+        """Integrate ``noise`` (``None``: ``batch_size`` fresh draws from ``generator``) with the last policy;
+        the passes are counted."""
+        n = self.batch_size if noise is None else noise.shape[0]
+        self.compute.add("sampling", n * self._solve_passes("sampling"))
+        with phase("sample", self.device):
+            if noise is None:
+                return self._policy_samples(cond)
+            with self._autocast():
+                return self._sampler(noise, *cond)
 
     def _score(self, samples: torch.Tensor, prompts: list[str] | None) -> tuple[torch.Tensor, dict]:
         """Checked ``[B]`` rewards of ``samples`` (decoded for pipelines, each reward in its input range, with the
@@ -470,6 +497,10 @@ class ORWCFMTrainer:
         with self._autocast():
             return self._sampler.sample(self.batch_size, *cond, generator=self.generator, device=self.device)
 
+    def _solve_passes(self, role: str) -> int:
+        """Model passes per sample of one ODE solve with ``role``'s velocity."""
+        return nfe(self.config["ode_solver"], self.config["ode_steps"]) * self.models.forward_passes(role)
+
     @torch.no_grad()
     def sample_batch(self, ep: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw ``batch_size`` samples from ``last_policy`` and score them.
@@ -480,14 +511,11 @@ class ORWCFMTrainer:
         Returns:
             ``(samples [batch_size, *sample_shape], rewards [batch_size] float32)``. With prompts,
             the batch's prompts and conditioning are kept for the next :meth:`compute_loss`
-            (and the prompts are in :attr:`last_prompts`).
+            (and the prompts are in :attr:`last_prompts`). With ``objective: offline-rwr`` the
+            samples are a draw from its fixed set.
         """
         prompts = self._draw_prompts()
-        cond = self.models.encode(prompts, self.batch_size) if prompts is not None else ()
-        with phase("sample", self.device):
-            samples = self._policy_samples(cond)
-        with phase("reward", self.device):
-            rewards, self._reward_terms = self._score(samples, prompts)
+        samples, rewards, self._reward_terms, prompts, cond = self.objective.make_samples(self, None, prompts)
         self._sampled = (cond, prompts)
         return samples, rewards
 
@@ -518,6 +546,7 @@ class ORWCFMTrainer:
             if len(prompts) != n:
                 raise ValueError(f"sample(n={n}, prompts=...): got {len(prompts)} prompts, need one per sample")
         chunk = batch_size or self.batch_size
+        self.compute.add_evaluation(n * self._solve_passes("sampling"))
         module = self.models.policy_module()  # not DDP's forward: one rank may sample alone
         velocity = self.models.policy_sampling_velocity()
         was_training = module.training
@@ -568,23 +597,28 @@ class ORWCFMTrainer:
 
     def compute_loss(self, x1: torch.Tensor, weights: torch.Tensor,
                      cond: tuple | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The ORW-CFM-W2 loss on samples ``x1`` with per-sample ``weights``.
+        """The objective's loss (config ``objective``; ORW-CFM-W2 by default) on samples ``x1``.
 
         Args:
             x1: ``[B, *sample_shape]`` samples (constants).
-            weights: ``[B]`` weights of those samples.
+            weights: ``[B]`` weights of those samples. Objectives that also need the advantages
+                (``adrpo``, ``diffusion-nft``) take them from the :meth:`_weights` call that made
+                ``weights`` (as :meth:`training_step` does).
             cond: the samples' conditioning (default: that of the last :meth:`sample_batch`;
                 ``()`` for unconditional models).
 
         Returns:
-            ``(loss, metrics)``: the differentiable 0-dim loss; metrics are detached 0-dim tensors
-            ``fm_loss`` (``mean_i w_i fm_i``), ``w2_loss`` (``mean_i w2_i``), ``total_loss``
-            (``fm_loss + alpha * w2_loss``).
+            ``(loss, metrics)``: the differentiable 0-dim loss; metrics are detached 0-dim tensors,
+            at least ``fm_loss`` (ORW-CFM-W2: ``mean_i w_i fm_i``), ``w2_loss`` (``mean_i w2_i``),
+            ``total_loss``.
         """
         cond = self._sampled[0] if cond is None else tuple(cond)
+        extra = None
+        if self._batch_stats is not None and self._batch_stats[0] is weights:
+            extra = self._batch_stats[1]
         x0 = torch.randn(x1.shape, generator=self.generator, device=x1.device, dtype=x1.dtype)
         x0, x1, weights = couple(self.config["coupling"], x0, x1, weights, generator=self.cpu_generator)
-        return self._coupled_loss(x0, x1, weights, cond)
+        return self._coupled_loss(x0, x1, weights, cond, extra)
 
     def _loss_times(self, n: int, like: torch.Tensor) -> torch.Tensor:
         """``[n]`` loss times from config ``time_sampling`` (``uniform`` is the reference's ``t ~ U(0, 1)``)."""
@@ -602,41 +636,52 @@ class ORWCFMTrainer:
             return get()
         return float(self.config["time_shift"] or 1.0)
 
-    def _coupled_loss(self, x0: torch.Tensor, x1: torch.Tensor, weights: torch.Tensor,
-                      cond: tuple = ()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``compute_loss`` after the coupling: draws ``t`` (and the path noise), runs both forwards.
+    def _coupled_loss(self, x0: torch.Tensor, x1: torch.Tensor, weights: torch.Tensor, cond: tuple = (),
+                      per_sample: Mapping[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``compute_loss`` after the coupling: the objective's loss on ``(x0, x1)`` with ``weights`` and the
+        other per-sample inputs ``per_sample`` (in ``x1``'s order)."""
+        inputs = {**(per_sample or {}), "weights": weights}
+        missing = [name for name in self.objective.per_sample_names if name not in inputs]
+        if missing:
+            raise ValueError(f"objective {self.objective.name!r} needs the per-sample {missing} of the batch: make "
+                             "the weights with trainer._weights(rewards) (as training_step does) and pass them on")
+        ctx = LossContext(self.config, self.alpha, self.generator, self.config["ops_backend"], self._loss_times,
+                          self._forward)
+        return self.objective.loss(ctx, x0, x1, inputs, cond)
 
-        With ``loss_timesteps`` k > 1 each sample is used at k times (its rows repeated, fresh
-        ``x_0`` for the repeats), so one sampling pays for k loss terms.
-        """
-        k = self.config["loss_timesteps"]
-        if k > 1:
-            extra = torch.randn((x1.shape[0] * (k - 1), *x1.shape[1:]), generator=self.generator,
-                                device=x1.device, dtype=x1.dtype)
-            x0 = torch.cat([x0, extra])
-            x1, weights = x1.repeat((k,) + (1,) * (x1.ndim - 1)), weights.repeat(k)
-            cond = tuple(c.repeat((k,) + (1,) * (c.ndim - 1)) for c in cond)
-        t = self._loss_times(x1.shape[0], x1)
-        sigma = self.config["sigma"]
-        noise = torch.randn(x1.shape, generator=self.generator, device=x1.device, dtype=x1.dtype) if sigma > 0 else None
-        backend = self.config["ops_backend"]
-        x_t, u_t = conditional_path(x0, x1, t, sigma, noise, backend=backend)
+    def _forward(self, role: str, t: torch.Tensor, x_t: torch.Tensor, cond: tuple = ()) -> torch.Tensor:
+        """A loss forward of ``role`` (``policy`` with gradient; ``reference`` / ``old_policy`` without) under the
+        run's autocast, in ``x_t``'s dtype (bf16 forwards: the loss is taken in fp32); its passes counted."""
+        fn = {"policy": self._policy_forward, "reference": self._ref_forward,
+              "old_policy": self._last_policy_forward}[role]
+        self.compute.add(role, x_t.shape[0] * self.models.forward_passes(role))
         with self._autocast():
-            v = self._policy_forward(t, x_t, *cond)
-            with torch.no_grad():
-                v_ref = self._ref_forward(t, x_t, *cond)
-        # bf16 forwards: the loss is taken in fp32 against the fp32 target u_t.
-        v, v_ref = v.to(u_t.dtype), v_ref.to(u_t.dtype)
-        loss, fm, w2 = orw_cfm_w2_loss(v, u_t, v_ref, weights, self.alpha, backend=backend)
-        metrics = {
-            "fm_loss": (weights * fm).mean().detach(),
-            "w2_loss": w2.mean().detach(),
-            "total_loss": loss.detach(),
-        }
-        return loss, metrics
+            if role == "policy":
+                v = fn(t, x_t, *cond)
+            else:
+                with torch.no_grad():
+                    v = fn(t, x_t, *cond)
+        return v.to(x_t.dtype)
+
+    def _batch_inputs(self, rewards: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(weights, other per-sample inputs)`` of a batch's rewards, for the objective."""
+        weights = self._weights(rewards)
+        return weights, self._batch_stats[1]
 
     def _weights(self, rewards: torch.Tensor) -> torch.Tensor:
+        """``[B]`` loss weights ``exp(temperature * r)`` (config ``weight_normalization``; ones for objectives that
+        do not weight by reward); the objective's other per-sample inputs are kept for :meth:`compute_loss`."""
         group = self.config["images_per_prompt"] if self.prompts is not None else None  # None: the batch
+        if self.objective.uses_reward_weights:
+            weights = self._reward_weights(rewards, group)
+        else:
+            weights = torch.ones_like(rewards, dtype=torch.float32)
+        extra = self.objective.per_sample(rewards, weights, group)
+        extra.pop("weights", None)
+        self._batch_stats = (weights, extra)
+        return weights
+
+    def _reward_weights(self, rewards: torch.Tensor, group: int | None) -> torch.Tensor:
         normalization = self.config["weight_normalization"]
         weights = reward_weights(rewards, self.beta, normalization, group)
         if normalization == "none" and not self._warned_raw_weights:
@@ -659,18 +704,27 @@ class ORWCFMTrainer:
         Returns:
             Python floats: ``fm_loss``, ``w2_loss``, ``total_loss``, ``reward`` (batch mean),
             ``max_reward``, ``weight_ess`` (effective sample size fraction of the weights),
-            ``grad_norm`` (before clipping) and ``lr``. Reading them is a host sync; ``train``
-            does not call this method (unless a subclass overrides a step method) and reads its
-            metrics once per ``log_every`` steps instead.
+            ``grad_norm`` (before clipping) and ``lr``, and the step's model passes (``forwards/<kind>``,
+            ``backwards``; :mod:`orwcfm_fast.compute`). With ``updates_per_batch`` k > 1 the batch
+            takes k optimiser steps (fresh times and noise each) and the values are their means.
+            Reading them is a host sync; ``train`` does not call this method (unless a subclass
+            overrides a step method) and reads its metrics once per ``log_every`` steps instead.
         """
+        before = self.compute.state()
         samples, rewards = self.sample_batch(ep)
         weights = self._weights(rewards)
-        self.models.train_mode(self.config["policy_dropout"])
-        with phase("loss", self.device):
-            loss, metrics = self.compute_loss(samples, weights)
-        metrics, lr, _ = self._optimize(loss, metrics, rewards, weights, check_now=True, terms=self._reward_terms)
-        out = {k: float(v) for k, v in metrics.items()}
-        out["lr"] = lr
+        updates = self.config["updates_per_batch"]
+        sums: dict[str, float] = {}
+        for _ in range(updates):
+            self.models.train_mode(self.config["policy_dropout"])
+            with phase("loss", self.device):
+                loss, metrics = self.compute_loss(samples, weights)
+            metrics, lr, _ = self._optimize(loss, metrics, rewards, weights, check_now=True, terms=self._reward_terms)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            sums["lr"] = sums.get("lr", 0.0) + lr
+        out = {k: v / updates for k, v in sums.items()}
+        out.update(self.compute.step_counts(before))
         return out
 
     def _train_step(self, batch: _Batch, meanwhile: Callable[[], Any] | None = None):
@@ -686,9 +740,18 @@ class ORWCFMTrainer:
         """
         self.models.train_mode(self.config["policy_dropout"])
         with phase("loss", self.device):
-            loss, metrics = self._coupled_loss(batch.x_0, batch.x_1, batch.pair_weights, batch.cond)
+            loss, metrics = self._coupled_loss(batch.x_0, batch.x_1, batch.pair_weights, batch.cond, batch.per_sample)
         return self._optimize(loss, metrics, batch.rewards, batch.weights, meanwhile,
                               check_now=not self._defers_gradient_check(), terms=batch.reward_terms)
+
+    def _reuse_batch(self, batch: _Batch) -> _Batch:
+        """``batch`` for one more optimiser step (config ``updates_per_batch``): fresh noise ``x_0`` coupled with
+        its samples (the loss then draws fresh times), as :meth:`compute_loss` does."""
+        x_0 = torch.randn(batch.samples.shape, generator=self.generator, device=batch.samples.device,
+                          dtype=batch.samples.dtype)
+        x_0, x_1, pair_weights = couple(self.config["coupling"], x_0, batch.samples, batch.weights,
+                                        generator=self.cpu_generator)
+        return batch._replace(x_0=x_0, x_1=x_1, pair_weights=pair_weights)
 
     def _defers_gradient_check(self) -> bool:
         """CUDA with fused Adam: non-finite gradients skip the update on the device (no host sync)."""
@@ -743,8 +806,13 @@ class ORWCFMTrainer:
         return metrics, lr, side
 
     def update_last_policy(self) -> None:
-        """Copy ``net_model``'s weights into ``last_policy`` in place (no new module; for LoRA: adapter to adapter)."""
-        self.models.update_last_policy()
+        """Refresh ``last_policy`` from ``net_model`` in place (no new module; for LoRA: adapter to adapter).
+
+        A copy for ORW-CFM-W2 and ADRPO; DiffusionNFT's EMA with its decay schedule; nothing for ``offline-rwr``
+        (its last policy stays the pretrained model, the sampler of its fixed set).
+        """
+        if self.objective.online:
+            self.models.update_last_policy(self.objective.last_policy_decay(self.global_step))
 
     # ------------------------------------------------------------------ the loop
 
@@ -817,6 +885,8 @@ class ORWCFMTrainer:
                 if stopped:
                     raise TrainingInterrupted(stop.signum, self._save_rotating())
                 means = sums.means()
+                means.update(self.compute.epoch_metrics(steps_per_epoch))
+                self.compute.start_epoch()
                 self.update_last_policy()
                 self.epoch += 1
                 self.step_in_epoch = 0
@@ -908,6 +978,9 @@ class ORWCFMTrainer:
                     # last_policy changes after the epoch's last step: nothing to prefetch then.
                     meanwhile = submit_next if overlap and i + 1 < steps else None
                     metrics, lr, pending = self._train_step(batch, meanwhile)
+                    for _ in range(self.config["updates_per_batch"] - 1):  # more steps on the same samples
+                        sums.add(metrics, lr)
+                        metrics, lr, _ = self._train_step(self._reuse_batch(batch))
                 sums.add(metrics, lr)
                 self.step_in_epoch = i + 1
                 bar.update(1)
@@ -1004,6 +1077,8 @@ class ORWCFMTrainer:
             "world_size": self.world_size,
             "history": list(self.history),
             "eval_history": list(self.eval_history),
+            "compute": self.compute.state(),
+            "objective": self.objective.state(),
             "version": __version__,
         }
 
@@ -1068,6 +1143,8 @@ class ORWCFMTrainer:
         self._epoch_sums = _MetricSums.from_state(sums, self.device) if sums else None
         self.history = list(ckpt.get("history", []))
         self.eval_history = list(ckpt.get("eval_history", []))
+        self.compute.load_state(ckpt.get("compute"))
+        self.objective.load_state(ckpt.get("objective"))
         self.seed = int(ckpt.get("seed", self.seed))
         rng_states = ckpt.get("rng")
         saved_world = int(ckpt.get("world_size", 1))
