@@ -52,13 +52,9 @@ from orwcfm_fast.prefetch import BackgroundWorker, Pending
 from orwcfm_fast.profiling import phase
 from orwcfm_fast.rewards import make_reward, score_terms
 from orwcfm_fast.run_log import EpochLog
+from orwcfm_fast.step_metrics import MetricSums
 from orwcfm_fast.sampling import GraphSampler, integrate, nfe
-from orwcfm_fast.weighting import (
-    default_normalization,
-    effective_sample_size,
-    raw_weight_scale_warning,
-    reward_weights,
-)
+from orwcfm_fast.weighting import checked_reward_weights, default_normalization, effective_sample_size
 
 __all__ = ["ORWCFMTrainer", "LinearWarmup", "TrainingInterrupted", "checkpoint_directory", "infer_sample_shape"]
 
@@ -100,71 +96,6 @@ class _Batch(NamedTuple):
     prompts: list | None = None  # the B prompts the samples were made for
     reward_terms: dict | None = None  # {name: [B]} each term's rewards, for a reward dict {name: weight}
     per_sample: dict | None = None  # {name: [B]} the objective's other per-sample inputs (advantages), x_1's order
-
-
-class _MetricSums:
-    """Running sums (and the max reward) of step metrics, kept on the device: no host sync per step."""
-
-    def __init__(self):
-        self.keys: tuple[str, ...] | None = None
-        self.sums: torch.Tensor | None = None
-        self.max_reward: torch.Tensor | None = None
-        self.lr_sum = 0.0
-        self.count = 0
-        self.last: dict[str, torch.Tensor] = {}
-
-    def add(self, metrics: Mapping[str, torch.Tensor], lr: float) -> None:
-        if self.keys is None:
-            self.keys = tuple(metrics)
-        values = torch.stack([metrics[k].detach().to(torch.float32) for k in self.keys])
-        self.sums = values if self.sums is None else self.sums + values
-        reward_max = metrics["max_reward"].detach()
-        self.max_reward = reward_max if self.max_reward is None else torch.maximum(self.max_reward, reward_max)
-        self.lr_sum += lr
-        self.count += 1
-        self.last = dict(metrics)
-
-    def last_floats(self, *keys: str) -> dict[str, float]:
-        """The latest step's values of ``keys`` (one host sync)."""
-        values = torch.stack([self.last[k].detach().to(torch.float32) for k in keys]).tolist()
-        return dict(zip(keys, values))
-
-    def means(self) -> dict[str, float]:
-        """Means over the steps so far, with ``max_reward`` the max (one host sync).
-
-        When distributed, every rank must call it: the means are over all ranks' steps.
-        """
-        if self.count == 0:
-            return {}
-        sums, max_reward = self.sums, self.max_reward.reshape(1).to(torch.float32)
-        count = self.count
-        if dist_utils.is_distributed():
-            import torch.distributed as dist
-
-            sums, max_reward = sums.clone(), max_reward.clone()
-            dist.all_reduce(sums)
-            dist.all_reduce(max_reward, op=dist.ReduceOp.MAX)
-            count *= dist_utils.world_size()
-        values = torch.cat([sums / count, max_reward]).tolist()
-        out = dict(zip(self.keys, values[:-1]))
-        out["max_reward"] = values[-1]
-        out["lr"] = self.lr_sum / self.count
-        return out
-
-    def state(self) -> dict[str, Any]:
-        """The sums so far (a checkpoint taken mid-epoch keeps them, so the epoch's means are exact)."""
-        return {"keys": list(self.keys or ()), "sums": self.sums, "max_reward": self.max_reward,
-                "lr_sum": self.lr_sum, "count": self.count}
-
-    @classmethod
-    def from_state(cls, state: Mapping[str, Any], device: torch.device) -> "_MetricSums":
-        sums = cls()
-        if state["count"]:
-            sums.keys = tuple(state["keys"])
-            sums.sums = state["sums"].to(device)
-            sums.max_reward = state["max_reward"].to(device)
-        sums.lr_sum, sums.count = float(state["lr_sum"]), int(state["count"])
-        return sums
 
 
 def checkpoint_directory(config: Mapping[str, Any]) -> Path:
@@ -273,7 +204,7 @@ class ORWCFMTrainer:
         self.epoch = 0
         self.global_step = 0
         self.step_in_epoch = 0  # > 0 only after resuming from a checkpoint taken mid-epoch
-        self._epoch_sums: _MetricSums | None = None  # that partial epoch's metric sums
+        self._epoch_sums: MetricSums | None = None  # that partial epoch's metric sums
         self.history: list[dict[str, float]] = []
         # evaluate()'s summaries in order (epoch, rewards, diversity): the reward-hacking alarm reads them
         self.eval_history: list[dict[str, Any]] = []
@@ -682,20 +613,9 @@ class ORWCFMTrainer:
         return weights
 
     def _reward_weights(self, rewards: torch.Tensor, group: int | None) -> torch.Tensor:
-        normalization = self.config["weight_normalization"]
-        weights = reward_weights(rewards, self.beta, normalization, group)
-        if normalization == "none" and not self._warned_raw_weights:
-            message = raw_weight_scale_warning(rewards, self.beta, self.alpha)
-            if message is not None:
-                self._warned_raw_weights = True
-                warnings.warn(message, stacklevel=2)
-        if not bool(torch.isfinite(weights).all()):
-            bad = torch.nonzero(~torch.isfinite(weights)).flatten()[:5].tolist()
-            raise FloatingPointError(
-                f"weights exp(temperature * reward) overflowed for samples {bad} "
-                f"(temperature {self.beta}, max reward {rewards.max().item():.4g}); "
-                "set config 'weight_normalization' to 'batch' (self-normalised, overflow-safe) or lower 'temperature'"
-            )
+        weights, warned = checked_reward_weights(rewards, self.beta, self.config["weight_normalization"], group,
+                                                 self.alpha, warn_scale=not self._warned_raw_weights)
+        self._warned_raw_weights |= warned
         return weights
 
     def training_step(self, ep: int | None = None) -> dict[str, float]:
@@ -874,7 +794,7 @@ class ORWCFMTrainer:
         with StopRequests(cfg["handle_signals"]) as stop:
             for _ in range(num_epochs):
                 ep = self.epoch
-                sums = self._epoch_sums or _MetricSums()
+                sums = self._epoch_sums or MetricSums()
                 self._epoch_sums = sums
                 bar = tqdm(total=steps_per_epoch, initial=self.step_in_epoch, desc=f"epoch {ep + 1}", leave=False,
                            dynamic_ncols=True, disable=not dist_utils.is_main_process() or None)
@@ -953,7 +873,7 @@ class ORWCFMTrainer:
             stop.signum = received[0]
         return bool(received)
 
-    def _run_epoch(self, ep: int, steps: int, sums: _MetricSums, bar, stop: StopRequests) -> bool:
+    def _run_epoch(self, ep: int, steps: int, sums: MetricSums, bar, stop: StopRequests) -> bool:
         """Steps ``step_in_epoch .. steps - 1`` of epoch ``ep``; True if a stop request ended it early."""
         own_steps = self._uses_own_steps()
         overlap = own_steps and self._overlap()
@@ -999,7 +919,7 @@ class ORWCFMTrainer:
                 pending.wait()
         return False
 
-    def _read_step_metrics(self, sums: _MetricSums, bar) -> None:
+    def _read_step_metrics(self, sums: MetricSums, bar) -> None:
         """The once-per-log-interval host read: progress bar values and the skipped-step count."""
         values = sums.last_floats("reward", "total_loss")
         if self._skipped_steps is not None:
@@ -1140,7 +1060,7 @@ class ORWCFMTrainer:
         self.global_step = int(ckpt.get("global_step", 0))
         self.step_in_epoch = int(ckpt.get("step_in_epoch", 0))
         sums = ckpt.get("epoch_sums")
-        self._epoch_sums = _MetricSums.from_state(sums, self.device) if sums else None
+        self._epoch_sums = MetricSums.from_state(sums, self.device) if sums else None
         self.history = list(ckpt.get("history", []))
         self.eval_history = list(ckpt.get("eval_history", []))
         self.compute.load_state(ckpt.get("compute"))

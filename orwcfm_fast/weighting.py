@@ -19,12 +19,14 @@ Two forms are offered:
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
 from orwcfm_fast.config import WEIGHT_NORMALIZATIONS
 
-__all__ = ["default_normalization", "effective_sample_size", "raw_weight_scale_warning", "reward_weights"]
+__all__ = ["checked_reward_weights", "default_normalization", "effective_sample_size", "raw_weight_scale_warning",
+           "reward_weights"]
 
 #: raw weights are flagged when ``temperature * (max r - min r)`` exceeds this (weights spanning > e^5 ~ 150x) ...
 RAW_SPREAD_LIMIT = 5.0
@@ -111,6 +113,29 @@ def reward_weights(rewards: torch.Tensor, temperature: float, normalization: str
         z = (r - r.mean(1, keepdim=True)) / (r.std(1, unbiased=False, keepdim=True) + 1e-6)
         return (torch.softmax(temperature * z, dim=1) * k).reshape(b)
     raise ValueError(f"weight_normalization must be one of {list(WEIGHT_NORMALIZATIONS)}, got {normalization!r}")
+
+
+def checked_reward_weights(rewards: torch.Tensor, temperature: float, normalization: str, group: int | None,
+                           alpha: float, *, warn_scale: bool = True) -> tuple[torch.Tensor, bool]:
+    """:func:`reward_weights`, checked: ``(weights [B], whether a scale warning was issued)``.
+
+    With ``warn_scale`` and raw weights, :func:`raw_weight_scale_warning`'s text is issued as a warning.
+
+    Raises:
+        FloatingPointError: a weight overflowed (raw weights at a large ``temperature * reward``).
+    """
+    weights = reward_weights(rewards, temperature, normalization, group)
+    message = raw_weight_scale_warning(rewards, temperature, alpha) if normalization == "none" and warn_scale else None
+    if message is not None:
+        warnings.warn(message, stacklevel=4)
+    if not bool(torch.isfinite(weights).all()):
+        bad = torch.nonzero(~torch.isfinite(weights)).flatten()[:5].tolist()
+        raise FloatingPointError(
+            f"weights exp(temperature * reward) overflowed for samples {bad} "
+            f"(temperature {temperature}, max reward {rewards.max().item():.4g}); "
+            "set config 'weight_normalization' to 'batch' (self-normalised, overflow-safe) or lower 'temperature'"
+        )
+    return weights, message is not None
 
 
 def effective_sample_size(weights: torch.Tensor) -> torch.Tensor:
