@@ -6,13 +6,15 @@
   low-dimensional (e.g. 2-D mixture) experiments.
 - :func:`frechet_distance`: the Fréchet (W2 between Gaussians) distance of two feature sets, the
   second optionally weighted (a reweighted target distribution ``q w / Z``).
+- :func:`vendi_score`: the Vendi score (Friedman & Dieng 2023), the effective number of distinct samples
+  under the cosine similarity of their embeddings (1 for identical samples, ``N`` for orthogonal ones).
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["frechet_distance", "mean_pairwise_distance", "mode_histogram"]
+__all__ = ["frechet_distance", "mean_pairwise_distance", "mode_histogram", "vendi_score"]
 
 
 @torch.no_grad()
@@ -115,3 +117,41 @@ def frechet_distance(x: torch.Tensor, y: torch.Tensor, y_weights: torch.Tensor |
     cross = _sqrtm_psd(root_x @ cov_y @ root_x)
     value = (mu_x - mu_y).pow(2).sum() + torch.trace(cov_x) + torch.trace(cov_y) - 2 * torch.trace(cross)
     return float(value.clamp_min(0))
+
+
+@torch.no_grad()
+def vendi_score(embeddings: torch.Tensor) -> float:
+    """The Vendi score of ``N`` samples under the cosine-similarity kernel (Friedman & Dieng 2023).
+
+    Each row is flattened and L2-normalised, ``x_i / ||x_i||``, so ``K = X X^T`` is the ``[N, N]`` matrix of
+    cosine similarities (``K_ii = 1``; for raw ``"pixels"`` embeddings the same normalisation applies). With
+    ``lambda_1 .. lambda_N`` the eigenvalues of ``K / N`` (non-negative, summing to 1)
+
+    .. math:: \\mathrm{VS} = \\exp\\Big(-\\sum_i \\lambda_i \\log \\lambda_i\\Big), \\quad 0 \\log 0 = 0
+
+    the exponential of their Shannon entropy, an effective number of distinct samples between 1 (all samples
+    point the same way: a collapsed model) and ``min(N, D)`` (mutually orthogonal embeddings). The same
+    non-zero eigenvalues are those of the ``[D, D]`` matrix ``X^T X / N``, which is used when ``D < N``.
+    float64 throughout (``torch.linalg.eigvalsh``); round-off's tiny negative eigenvalues are clamped to 0.
+
+    Args:
+        embeddings: ``[N, ...]`` sample embeddings, ``N >= 1``, every row non-zero; any float dtype, any device.
+
+    Returns:
+        The Vendi score as a Python float.
+
+    Raises:
+        ValueError: no rows, or a row of zeros (it has no direction, so no cosine similarity).
+    """
+    n = embeddings.shape[0]
+    if n < 1:
+        raise ValueError("vendi_score needs at least 1 sample")
+    x = embeddings.reshape(n, -1).to(torch.float64)
+    norms = x.norm(dim=1, keepdim=True)
+    if bool((norms == 0).any()):
+        raise ValueError("vendi_score: an embedding of zeros has no direction (cosine similarity undefined)")
+    x = x / norms
+    gram = x.T @ x if x.shape[1] < n else x @ x.T  # same non-zero eigenvalues; the smaller matrix
+    eigenvalues = torch.linalg.eigvalsh(gram / n).clamp_min(0)
+    entropy = -torch.xlogy(eigenvalues, eigenvalues).sum()  # xlogy(0, 0) = 0
+    return float(entropy.exp())
