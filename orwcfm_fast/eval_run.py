@@ -1,4 +1,5 @@
-"""The ``eval`` command: per-prompt reward and within-prompt diversity of a pretrained or fine-tuned policy.
+"""The ``eval`` command: per-prompt reward (and config ``eval_reward``'s held-out reward), within-prompt diversity and
+Vendi score of a pretrained or fine-tuned policy.
 
 ``orwcfm-fast eval --run runs/sd35-jpeg`` evaluates a ``train`` run's ``final.pt`` with that run's task,
 pretrained model and config (read from its ``train_run.json``); ``orwcfm-fast eval --task TASK
@@ -167,11 +168,15 @@ def _eval(plan, args, checkpoint, device, prog, fail) -> int:
         return fail(str(err))
     if main:
         width = max(len(p) for p in out["prompts"])
-        print(f"{'prompt':{width}s}  {'reward':>10s}  {'diversity':>10s}")
+        held_out = out["held_out_reward"] is not None  # config eval_reward
+        columns = ["reward"] + (["held_out_reward"] if held_out else []) + ["diversity", "vendi"]
+        titles = {"held_out_reward": "held-out"}
+        print(f"{'prompt':{width}s}" + "".join(f"  {titles.get(c, c):>10s}" for c in columns))
         for prompt in out["prompts"]:
             row = out["per_prompt"][prompt]
-            print(f"{prompt:{width}s}  {row['reward']:10.4f}  {row['diversity']:10.4f}")
-        print(f"{'mean':{width}s}  {out['reward']:10.4f}  {out['diversity']:10.4f}   "
-              f"({out['samples_per_prompt']} samples per prompt, diversity of {out['embedding']} embeddings)")
+            print(f"{prompt:{width}s}" + "".join(f"  {row[c]:10.4f}" for c in columns))
+        print(f"{'mean':{width}s}" + "".join(f"  {out[c]:10.4f}" for c in columns) +
+              f"   ({out['samples_per_prompt']} samples per prompt, diversity and Vendi score of {out['embedding']} "
+              "embeddings)")
         print(f"results: {outdir / 'evaluation.json'}, {outdir / 'grids'}/", flush=True)
     return 0

@@ -6,15 +6,21 @@
   prompts) it draws ``samples_per_prompt`` samples from the current policy (EMA weights with
   ``ema_decay``, dropout off) from noise seeded by ``(seed, prompt index)``, so two evaluations of
   two models see the same noise whatever the world size;
-- scores them with the trainer's reward (a reward dict: every term too, unweighted);
+- scores them with the trainer's reward (a reward dict: every term too, unweighted) and, with config
+  ``eval_reward``, with that held-out reward too (``held_out_reward``; built once, at the first evaluation, cached
+  as ``trainer._eval_reward_fn``, scored exactly as the training reward is; training never calls it);
 - measures within-prompt diversity: the mean pairwise Euclidean distance
   (:func:`orwcfm_fast.metrics.mean_pairwise_distance`) between embeddings of the prompt's samples:
   the samples themselves (``"pixels"``; for pixel tasks the ORW-CFM-W2 paper's diversity measure),
   L2-normalised CLIP image embeddings (``"clip"``) or DINOv2 CLS embeddings (``"dino"``); for videos
   the per-video embedding is the whole video's pixels, or the mean of its frames' embeddings (:func:`embed_videos`),
-  and an image reward scores every frame, reduced per video (config ``video_frame_reduction``);
+  and an image reward scores every frame, reduced per video (config ``video_frame_reduction``); and the Vendi
+  score of the same embeddings (:func:`orwcfm_fast.metrics.vendi_score`, cosine similarity);
+- appends a summary to ``trainer.eval_history`` and sounds the reward-hacking alarm of :mod:`orwcfm_fast.hacking`
+  (``hacking_alarm`` in the result; rank 0 warns with a :class:`~orwcfm_fast.hacking.RewardHackingWarning`);
 - writes ``evaluation.json`` and one sample grid per prompt (a scatter plot for 2-D points; for videos one
-  video a row, up to 8 evenly spaced frames).
+  video a row, up to 8 evenly spaced frames), and, when the trainer keeps a run log, one row of ``eval/*``
+  metrics at step ``trainer.epoch`` (:func:`log_evaluation`).
 
 The trainer's random states are left exactly as they were (training continues bit-identically),
 and under ``torch.distributed`` the prompts are shared out between the ranks and the results
@@ -31,10 +37,12 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import warnings
+
 import torch
 
-__all__ = ["UNCONDITIONAL", "embed_videos", "evaluate_policy", "make_embedding", "isolated_rng", "sample_grid",
-           "save_samples_figure", "video_frames"]
+__all__ = ["UNCONDITIONAL", "embed_videos", "eval_reward", "evaluate_policy", "log_evaluation", "make_embedding",
+           "isolated_rng", "sample_grid", "save_samples_figure", "video_frames"]
 
 #: the ``per_prompt`` key of a model without prompts
 UNCONDITIONAL = "<unconditional>"
@@ -239,23 +247,96 @@ def _check_prompts(trainer, prompts) -> list[str | None]:
     return list(dict.fromkeys(prompts))  # each prompt once, in order
 
 
-def _evaluate_prompt(trainer, index: int, prompt: str | None, n: int, seed: int, embed, keep: int):
-    from orwcfm_fast.metrics import mean_pairwise_distance
+_UNBUILT = object()  # trainer._eval_reward_fn before the first evaluation
+
+
+def eval_reward(trainer):
+    """The held-out reward of config ``eval_reward`` (None when unset): built with
+    :func:`~orwcfm_fast.rewards.make_reward` at the first call and cached on the trainer as ``_eval_reward_fn``.
+
+    Raises:
+        ConfigError: the reward cannot be built (the message names ``eval_reward``).
+    """
+    cached = getattr(trainer, "_eval_reward_fn", _UNBUILT)
+    if cached is not _UNBUILT:
+        return cached
+    from orwcfm_fast.config import ConfigError
+    from orwcfm_fast.rewards import make_reward
+
+    spec = trainer.config["eval_reward"]
+    try:
+        reward = None if spec is None else make_reward(spec, trainer.config, trainer.device)
+    except ValueError as err:
+        raise ConfigError(f"config key 'eval_reward': {err}") from err
+    setattr(trainer, "_eval_reward_fn", reward)
+    return reward
+
+
+def _score(trainer, reward, images: torch.Tensor, prompts, name: str) -> dict[str, float]:
+    """``{name, name_std, name/<term>...}``: the means (and spread) of ``reward`` on ``images``, scored as the
+    trainer scores its training reward (:func:`~orwcfm_fast.rewards.score_terms`)."""
     from orwcfm_fast.rewards import score_terms
+
+    total, terms = score_terms(reward, images, prompts, trainer.models.reward_inputs_range,
+                               trainer.models.reward_frame_reduction)
+    row = {name: float(total.mean()), f"{name}_std": float(total.std()) if total.shape[0] > 1 else 0.0}
+    for term, values in terms.items():
+        row[f"{name}/{term}"] = float(values.mean())
+    return row
+
+
+def _evaluate_prompt(trainer, index: int, prompt: str | None, n: int, seed: int, embed, keep: int, held_out):
+    from orwcfm_fast.metrics import mean_pairwise_distance, vendi_score
 
     with isolated_rng(trainer, seed + 1_000_003 * index):
         samples = trainer.sample(n, batch_size=min(n, trainer.batch_size),
                                  prompts=None if prompt is None else [prompt] * n)
+    prompts = None if prompt is None else [prompt] * n
     with torch.no_grad():
         images = trainer.models.reward_inputs(samples)
-        total, terms = score_terms(trainer.reward_fn, images, None if prompt is None else [prompt] * n,
-                                   trainer.models.reward_inputs_range, trainer.models.reward_frame_reduction)
+        row = _score(trainer, trainer.reward_fn, images, prompts, "reward")
+        if held_out is not None:
+            row.update(_score(trainer, held_out, images, prompts, "held_out_reward"))
         features = embed_videos(embed, images) if images.dim() == 5 else embed(images)
-    row = {"reward": float(total.mean()), "reward_std": float(total.std()) if n > 1 else 0.0,
-           "diversity": mean_pairwise_distance(features)}
-    for name, values in terms.items():
-        row[f"reward/{name}"] = float(values.mean())
+    row["diversity"] = mean_pairwise_distance(features)
+    row["vendi"] = vendi_score(features)
     return row, images[:keep].detach().cpu()
+
+
+def _sound_alarm(trainer, out: dict[str, Any]) -> None:
+    """Appends ``out``'s summary to ``trainer.eval_history`` (every rank: the gathered results are the same) and
+    sets ``out``'s ``hacking_alarm`` / ``hacking_signals`` / ``hacking_message``; rank 0 warns."""
+    from orwcfm_fast import distributed
+    from orwcfm_fast.hacking import RewardHackingWarning, check_hacking, evaluation_summary
+
+    trainer.eval_history.append(evaluation_summary(out, trainer.epoch, trainer.global_step))
+    alarm = check_hacking(trainer.eval_history, trainer.config["hacking_window"])
+    message = None if alarm is None else alarm.message(trainer.config["w2_coefficient"],
+                                                       trainer.config["temperature"])
+    out.update(hacking_alarm=alarm is not None, hacking_signals=[] if alarm is None else alarm.signals,
+               hacking_message=message)
+    if message is not None and distributed.is_main_process():
+        warnings.warn(message, RewardHackingWarning, stacklevel=4)
+
+
+def log_evaluation(log, out: Mapping[str, Any], step: int) -> None:
+    """One row of ``eval/reward``, ``eval/held_out_reward`` (when configured), ``eval/diversity``, ``eval/vendi``
+    and ``eval/hacking_alarm`` (0 / 1) at ``step`` to the run log ``log`` (an :class:`~orwcfm_fast.run_log.EpochLog`):
+    wandb and TensorBoard as its epoch metrics, and ``<run_name>_eval.csv`` beside its ``<run_name>_metrics.csv``.
+
+    The epoch CSV's header is its first row's keys (later keys are dropped), so evaluation rows get a CSV of their
+    own: the log writes this one row with its ``csv_path`` pointed there.
+    """
+    metrics = {"eval/reward": out["reward"], "eval/held_out_reward": out.get("held_out_reward"),
+               "eval/diversity": out["diversity"], "eval/vendi": out["vendi"],
+               "eval/hacking_alarm": int(bool(out["hacking_alarm"]))}
+    metrics = {k: v for k, v in metrics.items() if v is not None}
+    epoch_csv = log.csv_path
+    log.csv_path = epoch_csv.with_name(epoch_csv.name.removesuffix("_metrics.csv").removesuffix(".csv") + "_eval.csv")
+    try:
+        log.log(metrics, step=step)
+    finally:
+        log.csv_path = epoch_csv
 
 
 def evaluate_policy(trainer, prompts: Sequence[str] | None = None, samples_per_prompt: int | None = None, *,
@@ -274,9 +355,17 @@ def evaluate_policy(trainer, prompts: Sequence[str] | None = None, samples_per_p
         embedding: ``embed(images [N, ...]) -> [N, D]`` overriding config ``diversity_embedding``.
 
     Returns:
-        ``{"reward", "diversity"`` (means over prompts), ``"reward/<term>"`` (reward dicts), ``"per_prompt":
-        {prompt: {"reward", "reward_std", "diversity", "reward/<term>"...}}, "prompts", "samples_per_prompt",
-        "embedding", "epoch", "seed", "files"}``.
+        ``{"reward", "held_out_reward"`` (None without config ``eval_reward``), ``"diversity", "vendi"`` (means over
+        prompts), ``"reward/<term>"``, ``"held_out_reward/<term>"`` (reward dicts), ``"per_prompt": {prompt:
+        {"reward", "reward_std", "diversity", "vendi", "reward/<term>"..., and with a held-out reward
+        "held_out_reward", "held_out_reward_std", "held_out_reward/<term>"...}}, "prompts", "samples_per_prompt",
+        "embedding", "epoch", "global_step", "seed", "hacking_alarm"`` (bool), ``"hacking_signals"`` (the keys
+        that fell: ``"held_out_reward"``, ``"diversity"``), ``"hacking_message"`` (the warning's text or None),
+        ``"files"}``. Also appends the evaluation's summary to ``trainer.eval_history``.
+
+    Raises:
+        ValueError: bad ``prompts`` / ``samples_per_prompt``; ``ConfigError`` when config ``eval_reward`` cannot be
+            built.
     """
     from orwcfm_fast import distributed
 
@@ -286,12 +375,13 @@ def evaluate_policy(trainer, prompts: Sequence[str] | None = None, samples_per_p
     groups = _check_prompts(trainer, prompts)
     images_like = trainer.prompts is not None or (len(trainer.sample_shape) == 3 and trainer.sample_shape[0] == 3)
     embed = embedding if embedding is not None else make_embedding(trainer.config, trainer.device, images_like)
+    held_out = eval_reward(trainer)
     rank, world = distributed.rank(), distributed.world_size()
     keep = grid_samples if outdir is not None else 0
     mine = {}
     for i, prompt in enumerate(groups):
         if i % world == rank:
-            mine[i] = _evaluate_prompt(trainer, i, prompt, n, seed, embed, keep)
+            mine[i] = _evaluate_prompt(trainer, i, prompt, n, seed, embed, keep, held_out)
     results = dict(mine)
     if distributed.is_distributed():
         gathered = [None] * world
@@ -301,15 +391,19 @@ def evaluate_policy(trainer, prompts: Sequence[str] | None = None, samples_per_p
                 results.setdefault(i, value)
     labels = [UNCONDITIONAL if p is None else p for p in groups]
     per_prompt = {labels[i]: results[i][0] for i in range(len(groups))}
-    out: dict[str, Any] = {
-        "reward": sum(r["reward"] for r in per_prompt.values()) / len(per_prompt),
-        "diversity": sum(r["diversity"] for r in per_prompt.values()) / len(per_prompt),
-    }
+
+    def mean(key: str) -> float:
+        return sum(r[key] for r in per_prompt.values()) / len(per_prompt)
+
+    out: dict[str, Any] = {"reward": mean("reward"),
+                           "held_out_reward": None if held_out is None else mean("held_out_reward"),
+                           "diversity": mean("diversity"), "vendi": mean("vendi")}
     for key in next(iter(per_prompt.values())):
-        if key.startswith("reward/"):
-            out[key] = sum(r[key] for r in per_prompt.values()) / len(per_prompt)
+        if key.startswith(("reward/", "held_out_reward/")):
+            out[key] = mean(key)
     out.update(per_prompt=per_prompt, prompts=labels, samples_per_prompt=n, embedding=getattr(embed, "name", "custom"),
-               epoch=trainer.epoch, seed=seed, files={})
+               epoch=trainer.epoch, global_step=trainer.global_step, seed=seed, files={})
+    _sound_alarm(trainer, out)
     if outdir is not None:
         outdir = Path(outdir)
         # Every rank writes the grids of its own prompts; rank 0 the JSON.
@@ -325,4 +419,7 @@ def evaluate_policy(trainer, prompts: Sequence[str] | None = None, samples_per_p
             tmp.write_text(json.dumps(out, indent=2) + "\n")
             os.replace(tmp, outdir / "evaluation.json")
             out["files"]["json"] = str(outdir / "evaluation.json")
+        log = trainer._epoch_log()  # None on ranks other than 0
+        if log is not None:
+            log_evaluation(log, out, step=trainer.epoch)
     return out

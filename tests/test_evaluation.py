@@ -1,5 +1,6 @@
-"""trainer.evaluate(): per-prompt reward (every term of a reward dict) and within-prompt diversity, files,
-untouched random states; per-epoch sample grids to TensorBoard and wandb."""
+"""trainer.evaluate(): per-prompt reward (every term of a reward dict), the held-out reward (config eval_reward),
+within-prompt diversity and Vendi score, files, untouched random states; per-epoch sample grids to TensorBoard and
+wandb; the Vendi score against independent cases."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 
 from orwcfm_fast import ORWCFMTrainer
 from orwcfm_fast.evaluation import UNCONDITIONAL, evaluate_policy
-from orwcfm_fast.metrics import mean_pairwise_distance
+from orwcfm_fast.metrics import mean_pairwise_distance, vendi_score
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -303,3 +304,180 @@ def test_frechet_distance_against_scipy(weighted):
     want = ((m1 - m2) ** 2).sum() + np.trace(c1 + c2 - 2 * scipy.linalg.sqrtm(c1 @ c2).real)
     assert frechet_distance(x, y, w) == pytest.approx(want, rel=1e-9)
     assert frechet_distance(x, x) == pytest.approx(0.0, abs=1e-9)
+
+
+# ---------------------------------------------------------------- the held-out reward (config eval_reward)
+
+
+def test_held_out_reward_matches_an_independent_computation(tmp_path):
+    """A held-out reward dict is scored on evaluate's own samples, each term reported unweighted, and changes
+    nothing else: the training reward and the diversity are those of the same evaluation without it."""
+    trainer = ORWCFMTrainer(MLPVelocity(), point_config(tmp_path, eval_reward={"first": 2.0, "norm": -1.0}), "cpu")
+    out = trainer.evaluate(samples_per_prompt=7, seed=5, outdir=False)
+    trainer.generator.manual_seed(5)  # evaluate's noise for prompt 0, as documented
+    samples = trainer.sample(7, batch_size=7).double()
+    first, size = samples[:, 0], samples.norm(dim=1)
+    held_out = 2.0 * first - size
+    row = out["per_prompt"][UNCONDITIONAL]
+    # float32 rewards of O(1) values: their means agree with float64 to ~1e-7
+    assert row["held_out_reward"] == pytest.approx(float(held_out.mean()), rel=1e-5, abs=1e-6)
+    assert row["held_out_reward_std"] == pytest.approx(float(held_out.std()), rel=1e-5, abs=1e-6)
+    assert row["held_out_reward/first"] == pytest.approx(float(first.mean()), rel=1e-6, abs=1e-7)
+    assert row["held_out_reward/norm"] == pytest.approx(float(size.mean()), rel=1e-6)
+    assert out["held_out_reward"] == row["held_out_reward"]
+    assert out["held_out_reward/norm"] == row["held_out_reward/norm"]
+    plain = ORWCFMTrainer(MLPVelocity(), point_config(tmp_path / "plain"), "cpu").evaluate(
+        samples_per_prompt=7, seed=5, outdir=False)
+    assert plain["held_out_reward"] is None and "held_out_reward" not in plain["per_prompt"][UNCONDITIONAL]
+    assert {k: v for k, v in row.items() if not k.startswith("held_out")} == plain["per_prompt"][UNCONDITIONAL]
+
+
+def test_held_out_reward_gets_its_own_input_range(tmp_path):
+    from orwcfm_fast.rewards import Reward
+
+    class Brightness(Reward):
+        input_range = (0.0, 1.0)
+
+        def forward(self, images):
+            return images.flatten(1).mean(dim=1)
+
+    trainer = ORWCFMTrainer(ConvVelocity(), point_config(tmp_path, sample_shape=(1, 4, 4), reward=norm,
+                                                         eval_reward=Brightness()), "cpu")
+    out = trainer.evaluate(samples_per_prompt=3, outdir=False)
+    trainer.generator.manual_seed(0)
+    images = trainer.sample(3, batch_size=3).double()
+    want = ((images + 1) / 2).flatten(1).mean(dim=1).mean()  # [-1, 1] -> [0, 1], as score_terms does for training
+    assert out["held_out_reward"] == pytest.approx(float(want), rel=1e-6)
+    assert out["reward"] == pytest.approx(float(images.flatten(1).norm(dim=1).mean()), rel=1e-6)  # unconverted
+
+
+def test_training_never_calls_the_held_out_reward_and_it_is_built_once(tmp_path):
+    from orwcfm_fast.rewards import register_reward
+
+    built, calls = [], []
+
+    def counting(x):
+        calls.append(x.shape[0])
+        return -x[:, 0]
+
+    register_reward("counting_held_out", lambda config, device: built.append(1) or counting, overwrite=True)
+    trainer = ORWCFMTrainer(MLPVelocity(), point_config(tmp_path, eval_reward="counting_held_out"), "cpu")
+    trainer.train(2, 2)
+    assert built == [] and calls == [] and not hasattr(trainer, "_eval_reward_fn")
+    trainer.evaluate(samples_per_prompt=5, outdir=False)
+    trainer.train(1, 2)
+    trainer.evaluate(samples_per_prompt=5, outdir=False)
+    assert built == [1] and calls == [5, 5]  # one build; one call per evaluation (one group of 5 samples)
+
+
+def test_bad_held_out_reward_names_its_key(tmp_path):
+    from orwcfm_fast.config import ConfigError
+
+    trainer = ORWCFMTrainer(MLPVelocity(), point_config(tmp_path, eval_reward="no_such_reward"), "cpu")
+    with pytest.raises(ConfigError, match="config key 'eval_reward'.*unknown reward 'no_such_reward'"):
+        trainer.evaluate(samples_per_prompt=2, outdir=False)
+
+
+def test_held_out_reward_of_a_pipeline_gets_the_prompts(saved_sd3, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    def greenness(images, prompts):
+        return images[:, 1].mean((1, 2)) - torch.tensor([0.2 if "green" in p else 0.0 for p in prompts])
+
+    trainer = ORWCFMTrainer(StableDiffusion3Pipeline.from_pretrained(saved_sd3, dtype=torch.float32),
+                            pipe_config(tmp_path, eval_reward=greenness), "cpu")
+    out = trainer.evaluate(samples_per_prompt=2, outdir=False)
+    for i, prompt in enumerate(out["prompts"]):
+        trainer.generator.manual_seed(1_000_003 * i)
+        images = trainer.models.reward_inputs(trainer.sample(2, batch_size=2, prompts=[prompt] * 2))
+        row = out["per_prompt"][prompt]
+        assert row["held_out_reward"] == pytest.approx(float(greenness(images, [prompt] * 2).mean()), abs=1e-6)
+        assert row["reward"] == pytest.approx(float(redness(images, [prompt] * 2).mean()), abs=1e-6)
+        assert row["vendi"] == pytest.approx(vendi_score(images), rel=1e-9)
+
+
+def test_eval_command_prints_held_out_reward_and_vendi(tmp_path, capsys):
+    from orwcfm_fast.cli import main
+
+    assert main(["eval", "--task", "gaussians", "--cache-dir", str(tmp_path / "cache"), "--pretrain-steps", "30",
+                 "--samples-per-prompt", "6", "--outdir", str(tmp_path / "ev"), "--set", "ode_steps=3",
+                 "--set", "eval_reward=first", "--quiet"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    saved = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
+    assert printed[0].split() == ["prompt", "reward", "held-out", "diversity", "vendi"]
+    mean_row = next(line for line in printed if line.startswith("mean")).split()
+    assert [float(v) for v in mean_row[1:5]] == pytest.approx(
+        [saved["reward"], saved["held_out_reward"], saved["diversity"], saved["vendi"]], abs=6e-5)  # 4 decimals
+
+
+# ---------------------------------------------------------------- the Vendi score
+
+
+def test_vendi_of_identical_and_of_orthonormal_embeddings():
+    one = torch.tensor([[0.3, -1.2, 2.0, 0.5]], dtype=torch.float64)
+    assert vendi_score(one.repeat(6, 1)) == pytest.approx(1.0, abs=1e-12)
+    assert vendi_score(one * torch.tensor([[1.0], [2.0], [7.5]], dtype=torch.float64)) == pytest.approx(1.0, abs=1e-12)
+    q, _ = torch.linalg.qr(torch.randn(9, 9, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    assert vendi_score(q[:5]) == pytest.approx(5.0, abs=1e-10)  # 5 orthonormal rows in 9-D
+    assert vendi_score(torch.eye(3) * 4.0) == pytest.approx(3.0, abs=1e-12)  # orthogonal, any length
+    assert vendi_score(q[:1]) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_vendi_of_blocks_with_known_eigenvalues():
+    """Groups of 1, 2 and 3 copies of three orthonormal vectors: K / n is block-diagonal with all-ones blocks,
+    eigenvalues 1/6, 2/6, 3/6 (and zeros); two vectors at cosine c, each twice: eigenvalues (1 +- c) / 2."""
+    e = torch.eye(4, dtype=torch.float64)
+    x = torch.stack([e[0], e[1], e[1], e[2], e[2], e[2]])
+    p = torch.tensor([1 / 6, 2 / 6, 3 / 6], dtype=torch.float64)
+    assert vendi_score(x) == pytest.approx(float(torch.exp(-(p * p.log()).sum())), rel=1e-12)
+    c = 0.6
+    u, v = torch.tensor([1.0, 0.0], dtype=torch.float64), torch.tensor([c, (1 - c * c) ** 0.5], dtype=torch.float64)
+    lam = torch.tensor([(1 + c) / 2, (1 - c) / 2], dtype=torch.float64)
+    assert vendi_score(torch.stack([u, v, u, v])) == pytest.approx(float(torch.exp(-(lam * lam.log()).sum())),
+                                                                  rel=1e-12)
+
+
+def _vendi_by_hand(rows):
+    """Float64 Vendi score from lists: explicit cosine similarities, numpy's eigvalsh, an explicit entropy loop."""
+    import math
+
+    import numpy as np
+
+    units = [[v / math.sqrt(sum(w * w for w in row)) for v in row] for row in rows]
+    n = len(units)
+    k = np.array([[sum(a * b for a, b in zip(units[i], units[j])) / n for j in range(n)] for i in range(n)])
+    entropy = 0.0
+    for lam in np.linalg.eigvalsh(k):
+        if lam > 0:
+            entropy -= lam * math.log(lam)
+    return math.exp(entropy)
+
+
+@pytest.mark.parametrize("n, d", [(7, 5), (20, 3), (1, 4), (13, 13)])
+def test_vendi_against_an_explicit_float64_computation(n, d):
+    """Both of vendi_score's paths (K = X X^T for N <= D, X^T X for D < N): float32 input is computed in float64,
+    agreeing with the hand computation to round-off (1e-10 relative: eigvalsh of a 20 x 20 in float64)."""
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(n * 100 + d))
+    want = _vendi_by_hand(x.double().tolist())
+    assert vendi_score(x) == pytest.approx(want, rel=1e-10)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(1))
+    assert vendi_score(x[perm]) == pytest.approx(want, rel=1e-10)  # the order of the samples does not matter
+    assert 1.0 - 1e-12 <= vendi_score(x) <= min(n, d) + 1e-9
+
+
+def test_vendi_rejects_zero_embeddings_and_no_samples():
+    with pytest.raises(ValueError, match="no direction"):
+        vendi_score(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    with pytest.raises(ValueError, match="at least 1"):
+        vendi_score(torch.zeros(0, 3))
+
+
+def test_evaluation_reports_vendi_of_its_embeddings(tmp_path):
+    trainer = ORWCFMTrainer(MLPVelocity(), point_config(tmp_path), "cpu")
+    out = trainer.evaluate(samples_per_prompt=9, seed=2, outdir=False)
+    trainer.generator.manual_seed(2)
+    samples = trainer.sample(9, batch_size=8).double()
+    assert out["vendi"] == out["per_prompt"][UNCONDITIONAL]["vendi"]
+    assert out["vendi"] == pytest.approx(_vendi_by_hand(samples.tolist()), rel=1e-10)
+    custom = evaluate_policy(trainer, samples_per_prompt=9, seed=2, embedding=lambda x: x[:, :1].abs() + 1.0)
+    assert custom["vendi"] == pytest.approx(1.0, abs=1e-12)  # 1-D positive embeddings all point the same way
