@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
+    "agree_on_stop",
+    "wrap_data_parallel",
     "launched_by_torchrun",
     "init_from_env",
     "is_distributed",
@@ -141,3 +143,42 @@ def main_process_first() -> Iterator[None]:
     yield
     if is_main_process():
         barrier()
+
+
+def wrap_data_parallel(model: torch.nn.Module, device: torch.device, parallel: bool) -> torch.nn.Module:
+    """The trained module, data-parallel where that applies.
+
+    Under torch.distributed: ``DistributedDataParallel`` (config ``parallel`` is then ignored, with a warning);
+    else with ``parallel`` and two or more CUDA devices: ``DataParallel``; else the module itself.
+    """
+    import warnings
+
+    if is_distributed():
+        if parallel:
+            warnings.warn("config 'parallel' is ignored under torch.distributed: the run is already data-parallel")
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [device.index if device.index is not None else torch.cuda.current_device()] \
+            if device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids)
+    if not parallel:
+        return model
+    if device.type == "cuda" and torch.cuda.device_count() > 1:
+        return torch.nn.DataParallel(model)
+    warnings.warn("config 'parallel' is True but fewer than two CUDA devices are in use: running on one device")
+    return model
+
+
+def agree_on_stop(stop) -> bool:
+    """Whether a stop was requested (``stop.signum`` set) on any rank: a collective under torch.distributed.
+
+    A rank that received no signal takes the first received one, so every rank returns the same answer.
+    """
+    if not is_distributed():
+        return stop.signum is not None
+    received = [None] * world_size()
+    dist.all_gather_object(received, stop.signum)
+    received = [signum for signum in received if signum is not None]
+    if received and stop.signum is None:
+        stop.signum = received[0]
+    return bool(received)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["PromptError", "draw_prompts", "load_prompts"]
+__all__ = ["PromptError", "config_prompts", "draw_prompts", "load_prompts"]
 
 
 class PromptError(ValueError):
@@ -80,3 +80,42 @@ def draw_prompts(prompts: Sequence[str], batch_size: int, images_per_prompt: int
     groups = batch_size // images_per_prompt
     idx = torch.randint(len(prompts), (groups,), generator=generator).tolist()
     return [prompts[i] for i in idx for _ in range(images_per_prompt)]
+
+
+def config_prompts(cfg, pipeline: bool) -> tuple[list[str] | None, list[str] | None]:
+    """A trainer config's ``prompts`` and ``eval_prompts``, loaded and checked against the model and batch size.
+
+    Args:
+        cfg: the validated config.
+        pipeline: whether the model is a text-to-image pipeline (which needs prompts).
+
+    Raises:
+        ConfigError: missing prompts for a conditional model, prompts for one that takes none, a batch size that is
+            not a multiple of ``images_per_prompt``, or a coupling across prompts.
+    """
+    from orwcfm_fast.config import ConfigError
+
+    try:
+        prompts = load_prompts(cfg["prompts"], "prompts") if cfg["prompts"] is not None else None
+        eval_prompts = load_prompts(cfg["eval_prompts"], "eval_prompts") if cfg["eval_prompts"] is not None else None
+    except PromptError as err:
+        raise ConfigError(str(err)) from None
+    conditional = pipeline or cfg["prompt_encoder"] is not None
+    if conditional:
+        if prompts is None:
+            what = "a text-to-image pipeline" if pipeline else "a model with a 'prompt_encoder'"
+            raise ConfigError(f"config key 'prompts' is required for {what}: a list, or a .txt/.jsonl file")
+        if cfg["batch_size"] % cfg["images_per_prompt"]:
+            raise ConfigError(
+                f"config key 'batch_size' ({cfg['batch_size']}) must be a multiple of 'images_per_prompt' "
+                f"({cfg['images_per_prompt']}): each rank's batch holds whole prompt groups"
+            )
+        if cfg["coupling"] != "independent":
+            raise ConfigError(
+                f"config key 'coupling' is {cfg['coupling']!r}, but samples made for prompts pair with their "
+                "own noise only: use 'independent' (OT across prompts would mix conditions)"
+            )
+    elif prompts is not None:
+        raise ConfigError("config key 'prompts' is set but the model takes no prompts: pass a diffusers "
+                          "pipeline, or a conditional model with config 'prompt_encoder'")
+    return prompts, eval_prompts

@@ -42,7 +42,7 @@ from orwcfm_fast.coupling import couple
 from orwcfm_fast.flows import is_pipeline
 from orwcfm_fast.flows.conventions import shift_sigma
 from orwcfm_fast.flows.models import ModuleModels, TrainingModels, check_velocity
-from orwcfm_fast.prompts import PromptError, draw_prompts, load_prompts
+from orwcfm_fast.prompts import config_prompts, draw_prompts
 from orwcfm_fast.objectives import LossContext, make_objective
 from orwcfm_fast.ops import BackendUnavailableError, resolve_backend
 from orwcfm_fast.precision import native_low_precision
@@ -218,31 +218,7 @@ class ORWCFMTrainer:
 
     def _load_prompts(self, pipeline: bool) -> tuple[list[str] | None, list[str] | None]:
         """Config ``prompts`` / ``eval_prompts`` loaded and checked against the model and batch size."""
-        cfg = self.config
-        try:
-            prompts = load_prompts(cfg["prompts"], "prompts") if cfg["prompts"] is not None else None
-            eval_prompts = load_prompts(cfg["eval_prompts"], "eval_prompts") if cfg["eval_prompts"] is not None else None
-        except PromptError as err:
-            raise ConfigError(str(err)) from None
-        conditional = pipeline or cfg["prompt_encoder"] is not None
-        if conditional:
-            if prompts is None:
-                what = "a text-to-image pipeline" if pipeline else "a model with a 'prompt_encoder'"
-                raise ConfigError(f"config key 'prompts' is required for {what}: a list, or a .txt/.jsonl file")
-            if cfg["batch_size"] % cfg["images_per_prompt"]:
-                raise ConfigError(
-                    f"config key 'batch_size' ({cfg['batch_size']}) must be a multiple of 'images_per_prompt' "
-                    f"({cfg['images_per_prompt']}): each rank's batch holds whole prompt groups"
-                )
-            if cfg["coupling"] != "independent":
-                raise ConfigError(
-                    f"config key 'coupling' is {cfg['coupling']!r}, but samples made for prompts pair with their "
-                    "own noise only: use 'independent' (OT across prompts would mix conditions)"
-                )
-        elif prompts is not None:
-            raise ConfigError("config key 'prompts' is set but the model takes no prompts: pass a diffusers "
-                              "pipeline, or a conditional model with config 'prompt_encoder'")
-        return prompts, eval_prompts
+        return config_prompts(self.config, pipeline)
 
     def _build_models(self, model, pipeline: bool) -> TrainingModels:
         cfg = self.config
@@ -314,20 +290,7 @@ class ORWCFMTrainer:
         return seed
 
     def _maybe_parallel(self, model: torch.nn.Module) -> torch.nn.Module:
-        if self.distributed:
-            if self.config["parallel"]:
-                warnings.warn("config 'parallel' is ignored under torch.distributed: the run is already data-parallel")
-            from torch.nn.parallel import DistributedDataParallel
-
-            device_ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
-                if self.device.type == "cuda" else None
-            return DistributedDataParallel(model, device_ids=device_ids)
-        if not self.config["parallel"]:
-            return model
-        if self.device.type == "cuda" and torch.cuda.device_count() > 1:
-            return torch.nn.DataParallel(model)
-        warnings.warn("config 'parallel' is True but fewer than two CUDA devices are in use: running on one device")
-        return model
+        return dist_utils.wrap_data_parallel(model, self.device, self.config["parallel"])
 
     def _check_model_output(self) -> None:
         cond = self.models.encode([self.prompts[0]] * 2, 2) if self.prompts is not None else ()
@@ -862,16 +825,7 @@ class ORWCFMTrainer:
 
     def _stop_requested(self, stop: StopRequests) -> bool:
         """Whether a signal asks to stop; under torch.distributed a collective: all ranks get the same answer."""
-        if not self.distributed:
-            return stop.signum is not None
-        import torch.distributed as dist
-
-        received = [None] * self.world_size
-        dist.all_gather_object(received, stop.signum)
-        received = [signum for signum in received if signum is not None]
-        if received and stop.signum is None:
-            stop.signum = received[0]
-        return bool(received)
+        return dist_utils.agree_on_stop(stop)
 
     def _run_epoch(self, ep: int, steps: int, sums: MetricSums, bar, stop: StopRequests) -> bool:
         """Steps ``step_in_epoch .. steps - 1`` of epoch ``ep``; True if a stop request ended it early."""

@@ -165,7 +165,7 @@ def test_trainer_compute_loss_with_each_backend_matches_float64(backend, monkeyp
 
     ``alpha`` is 0.7 (not the default 1) so a dropped ``alpha`` changes the loss, and the weights are non-uniform.
     """
-    import orwcfm_fast.trainer as trainer_module
+    import orwcfm_fast.objectives.base as objectives_base
     from orwcfm_fast import ORWCFMTrainer
 
     alpha = 0.7
@@ -180,13 +180,13 @@ def test_trainer_compute_loss_with_each_backend_matches_float64(backend, monkeyp
     weights = 0.5 + torch.rand(8, generator=g)
 
     paths = []  # the trainer's draws, recorded on their way into the path op
-    real_path = trainer_module.conditional_path
+    real_path = objectives_base.conditional_path
 
     def recording_path(x_0, x_1, t, sigma=0.0, noise=None, backend=None):
         paths.append((x_0.clone(), x_1.clone(), t.clone(), sigma, noise))
         return real_path(x_0, x_1, t, sigma, noise, backend=backend)
 
-    monkeypatch.setattr(trainer_module, "conditional_path", recording_path)
+    monkeypatch.setattr(objectives_base, "conditional_path", recording_path)  # where the loss draws its path
     loss, metrics = trainer.compute_loss(x1, weights, cond=())
     loss.backward()
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from op_cases import expected_model_loss
 
-import orwcfm_fast.trainer as trainer_module
+import orwcfm_fast.objectives.base as objectives_base
 from orwcfm_fast import ORWCFMTrainer
 from orwcfm_fast.checkpoints import CheckpointError
 from orwcfm_fast.config import ConfigError
@@ -250,13 +250,13 @@ def test_training_step_metrics_and_train_loop(cfg):
 def _record_paths(monkeypatch) -> list[tuple]:
     """Record the trainer's ``(x_0, x_1, t, sigma, noise)`` on their way into the path op, one tuple per call."""
     calls = []
-    real_path = trainer_module.conditional_path
+    real_path = objectives_base.conditional_path
 
     def recording_path(x_0, x_1, t, sigma=0.0, noise=None, backend=None):
         calls.append((x_0.clone(), x_1.clone(), t.clone(), sigma, noise))
         return real_path(x_0, x_1, t, sigma, noise, backend=backend)
 
-    monkeypatch.setattr(trainer_module, "conditional_path", recording_path)
+    monkeypatch.setattr(objectives_base, "conditional_path", recording_path)  # where the loss draws its path
     return calls
 
 
