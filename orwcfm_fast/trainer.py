@@ -4,14 +4,17 @@ One training step (``training_step``):
 
 1. ``sample_batch``: ``batch_size`` samples ``x_1`` from ``last_policy`` by integrating
    ``dx/dt = last_policy(t, x)`` from Gaussian noise (``ode_solver``, ``ode_steps``),
-   then their rewards ``r``;
-2. weights ``w = exp(temperature * r)`` (``weight_normalization``);
+   then their rewards ``r`` (``objective: offline-rwr``: a draw from its fixed set);
+2. weights ``w = exp(temperature * r)`` (``weight_normalization``) and the objective's other
+   per-sample inputs (advantages);
 3. ``compute_loss``: fresh noise ``x_0``, the ``coupling`` of ``x_0`` with ``x_1`` (weights
-   travel with their samples), ``t ~ U(0, 1)``, ``x_t``, ``u_t = x_1 - x_0``,
-   ``loss = mean_i(w_i * fm_i + alpha * w2_i)``;
-4. backward, gradient clipping, Adam and warmup-scheduler steps.
+   travel with their samples), then the objective's loss (:mod:`orwcfm_fast.objectives`; ORW-CFM-W2:
+   ``t ~ U(0, 1)``, ``x_t``, ``u_t = x_1 - x_0``, ``loss = mean_i(w_i * fm_i + alpha * w2_i)``);
+4. backward, gradient clipping, Adam and warmup-scheduler steps (``updates_per_batch`` of them,
+   fresh noise and times each).
 
-``last_policy`` is refreshed from ``net_model`` once per epoch (``update_last_policy``).
+``last_policy`` is refreshed from ``net_model`` once per epoch (``update_last_policy``: a copy, or
+the objective's EMA). Model passes are counted by kind (:mod:`orwcfm_fast.compute`).
 Each piece is a method or a module function so the fast paths can replace it.
 """
 
