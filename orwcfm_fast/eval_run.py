@@ -29,8 +29,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="per-prompt reward and within-prompt diversity of a pretrained or fine-tuned policy",
         description=(
             "Evaluate a policy: per prompt (config eval_prompts, else the training prompts; one group for models "
-            "without prompts) the mean of every configured reward and the within-prompt diversity (mean pairwise "
-            "distance of image embeddings: config diversity_embedding). Writes OUTDIR/evaluation.json and "
+            "without prompts) the mean of every configured reward (and of config eval_reward, a held-out reward), "
+            "the within-prompt diversity (mean pairwise distance of image embeddings: config diversity_embedding) "
+            "and the Vendi score of the same embeddings. Writes OUTDIR/evaluation.json and "
             "OUTDIR/grids/. --run DIR takes the task, pretrained model and config of a train run and its final.pt."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -49,6 +49,7 @@ def test_rising_reward_and_falling_diversity_alarms():
     ([0.5, 0.5, 0.5], [1.0, 1.0, 1.0]),  # flat: no alarm, however steep the reward's rise
     ([0.5, 0.6, 0.7], [1.0, 1.1, 1.2]),  # both rose
     ([0.5, 0.4, 0.5], [1.0, 0.8, 1.0]),  # fell and came back: the ends are equal
+    ([0.0, 0.0, 0.0], [0.0, 0.0, 0.0]),  # flat at zero (a collapsed model's diversity): no fall either
 ])
 def test_rising_reward_without_a_fall_is_quiet(held_out, diversity):
     assert check_hacking(series([0.1, 0.5, 0.9], held_out=held_out, diversity=diversity), 3) is None
