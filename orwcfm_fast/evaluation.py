@@ -325,18 +325,13 @@ def log_evaluation(log, out: Mapping[str, Any], step: int) -> None:
     wandb and TensorBoard as its epoch metrics, and ``<run_name>_eval.csv`` beside its ``<run_name>_metrics.csv``.
 
     The epoch CSV's header is its first row's keys (later keys are dropped), so evaluation rows get a CSV of their
-    own: the log writes this one row with its ``csv_path`` pointed there.
+    own (the log's ``table="eval"``).
     """
     metrics = {"eval/reward": out["reward"], "eval/held_out_reward": out.get("held_out_reward"),
                "eval/diversity": out["diversity"], "eval/vendi": out["vendi"],
                "eval/hacking_alarm": int(bool(out["hacking_alarm"]))}
     metrics = {k: v for k, v in metrics.items() if v is not None}
-    epoch_csv = log.csv_path
-    log.csv_path = epoch_csv.with_name(epoch_csv.name.removesuffix("_metrics.csv").removesuffix(".csv") + "_eval.csv")
-    try:
-        log.log(metrics, step=step)
-    finally:
-        log.csv_path = epoch_csv
+    log.log(metrics, step=step, table="eval")
 
 
 def evaluate_policy(trainer, prompts: Sequence[str] | None = None, samples_per_prompt: int | None = None, *,
@@ -359,7 +354,9 @@ def evaluate_policy(trainer, prompts: Sequence[str] | None = None, samples_per_p
         prompts), ``"reward/<term>"``, ``"held_out_reward/<term>"`` (reward dicts), ``"per_prompt": {prompt:
         {"reward", "reward_std", "diversity", "vendi", "reward/<term>"..., and with a held-out reward
         "held_out_reward", "held_out_reward_std", "held_out_reward/<term>"...}}, "prompts", "samples_per_prompt",
-        "embedding", "epoch", "global_step", "seed", "hacking_alarm"`` (bool), ``"hacking_signals"`` (the keys
+        "embedding", "epoch", "global_step", "seed", "forwards"`` (this rank's model passes of the evaluation,
+        :mod:`orwcfm_fast.compute`), ``"training_forwards_total"`` (the run's training passes so far),
+        ``"hacking_alarm"`` (bool), ``"hacking_signals"`` (the keys
         that fell: ``"held_out_reward"``, ``"diversity"``), ``"hacking_message"`` (the warning's text or None),
         ``"files"}``. Also appends the evaluation's summary to ``trainer.eval_history``.
 
@@ -378,6 +375,7 @@ def evaluate_policy(trainer, prompts: Sequence[str] | None = None, samples_per_p
     held_out = eval_reward(trainer)
     rank, world = distributed.rank(), distributed.world_size()
     keep = grid_samples if outdir is not None else 0
+    passes_before = trainer.compute.evaluation
     mine = {}
     for i, prompt in enumerate(groups):
         if i % world == rank:
@@ -402,7 +400,9 @@ def evaluate_policy(trainer, prompts: Sequence[str] | None = None, samples_per_p
         if key.startswith(("reward/", "held_out_reward/")):
             out[key] = mean(key)
     out.update(per_prompt=per_prompt, prompts=labels, samples_per_prompt=n, embedding=getattr(embed, "name", "custom"),
-               epoch=trainer.epoch, global_step=trainer.global_step, seed=seed, files={})
+               epoch=trainer.epoch, global_step=trainer.global_step, seed=seed, files={},
+               forwards=trainer.compute.evaluation - passes_before,
+               training_forwards_total=trainer.compute.forwards_total)
     _sound_alarm(trainer, out)
     if outdir is not None:
         outdir = Path(outdir)

@@ -50,15 +50,18 @@ class EpochLog:
                 ) from err
             self._wandb_run = wandb.init(project=wandb_project, name=run_name, config=dict(config or {}))
 
-    def log(self, metrics: Mapping[str, Any], step: int) -> None:
-        """Write one epoch's metrics (numbers) at ``step``."""
+    def log(self, metrics: Mapping[str, Any], step: int, *, table: str = "metrics") -> None:
+        """Write one row of metrics (numbers) at ``step``: an epoch's, or with ``table`` another CSV's
+        (``<savedir>/<run_name>_<table>.csv``; evaluation rows: ``"eval"``); wandb and TensorBoard get them all."""
         row = {"epoch": step, **{k: v for k, v in metrics.items() if k != "epoch"}}
-        self.csv_path.parent.mkdir(parents=True, exist_ok=True)
+        path = self.csv_path if table == "metrics" else self.csv_path.with_name(
+            self.csv_path.name.removesuffix("_metrics.csv") + f"_{table}.csv")
+        path.parent.mkdir(parents=True, exist_ok=True)
         header = None
-        if self.csv_path.exists():
-            with self.csv_path.open(newline="") as fh:
+        if path.exists():
+            with path.open(newline="") as fh:
                 header = next(csv.reader(fh), None)
-        with self.csv_path.open("a", newline="") as fh:
+        with path.open("a", newline="") as fh:
             # A resumed run appends under the existing header; columns it lacks stay empty.
             writer = csv.DictWriter(fh, fieldnames=header or list(row), restval="", extrasaction="ignore")
             if header is None:

@@ -816,8 +816,10 @@ class ORWCFMTrainer:
             seed: the evaluation noise's seed (the same noise for every model evaluated with it).
 
         Returns:
-            ``{"reward", "diversity", "per_prompt": {prompt: {"reward", "reward_std", "diversity", ...}}, ...}``
-            (see :func:`orwcfm_fast.evaluation.evaluate_policy`). Training's random states are untouched.
+            ``{"reward", "held_out_reward"`` (config ``eval_reward``; None without), ``"diversity", "vendi",
+            "per_prompt": {prompt: {...}}, "forwards", "hacking_alarm", "hacking_signals", "hacking_message", ...}``
+            (see :func:`orwcfm_fast.evaluation.evaluate_policy`). Appends its summary to :attr:`eval_history`
+            (the reward-hacking alarm's memory, :mod:`orwcfm_fast.hacking`). Training's random states are untouched.
             Under ``torch.distributed`` every rank must call it.
         """
         from orwcfm_fast.evaluation import evaluate_policy
