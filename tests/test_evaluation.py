@@ -68,6 +68,8 @@ def test_unconditional_evaluation_matches_an_independent_computation(tmp_path):
     trainer = ORWCFMTrainer(MLPVelocity(), point_config(tmp_path), "cpu")
     out = trainer.evaluate(samples_per_prompt=10, seed=3)
     assert out["prompts"] == [UNCONDITIONAL] and out["samples_per_prompt"] == 10 and out["embedding"] == "pixels"
+    # its model passes: 10 samples x 3 Euler steps x 1 pass (no guidance); no training passes yet
+    assert out["forwards"] == 30 and out["training_forwards_total"] == 0
     # Recompute: the same noise (the generator seeded as evaluate documents), the policy, the reward terms.
     trainer.generator.manual_seed(3)
     samples = trainer.sample(10, batch_size=8)
@@ -164,6 +166,8 @@ def test_per_prompt_evaluation_of_a_pipeline(saved_sd3, tmp_path):
                             pipe_config(tmp_path), "cpu")
     out = trainer.evaluate(samples_per_prompt=3)
     assert out["prompts"] == ["a red dog", "a green cat"]  # eval_prompts by default
+    # 2 prompts x 3 samples x 2 Euler steps x 2 passes (guidance_scale 2: conditional and unconditional)
+    assert out["forwards"] == 2 * 3 * 2 * 2
     for i, prompt in enumerate(out["prompts"]):
         trainer.generator.manual_seed(0 + 1_000_003 * i)  # evaluate's noise for prompt i
         images = trainer.models.reward_inputs(trainer.sample(3, batch_size=3, prompts=[prompt] * 3))
