@@ -318,6 +318,8 @@ class ORWCFMTrainer:
     def _overlap(self) -> bool:
         """Whether ``train`` makes the next batch in the background (config ``overlap_sampling``)."""
         flag = self.config["overlap_sampling"]
+        if not self.objective.online:  # offline-rwr: a batch is a draw from its fixed set, nothing to overlap
+            return False
         if flag is None:  # on CUDA, where the family allows it (not LoRA: two adapters of one transformer)
             return self.device.type == "cuda" and self.models.can_overlap
         return flag
@@ -856,10 +858,14 @@ class ORWCFMTrainer:
                     batch = pending.result() if pending is not None else self._make_batch(*self._draw_batch_inputs())
                     # last_policy changes after the epoch's last step: nothing to prefetch then.
                     meanwhile = submit_next if overlap and i + 1 < steps else None
-                    metrics, lr, pending = self._train_step(batch, meanwhile)
-                    for _ in range(self.config["updates_per_batch"] - 1):  # more steps on the same samples
-                        sums.add(metrics, lr)
-                        metrics, lr, _ = self._train_step(self._reuse_batch(batch))
+                    updates = self.config["updates_per_batch"]
+                    for u in range(updates):  # more steps on the same samples: fresh noise and times
+                        # the next batch is submitted in the last update: its draws follow all of this batch's
+                        last = u == updates - 1
+                        metrics, lr, pending = self._train_step(batch if u == 0 else self._reuse_batch(batch),
+                                                                meanwhile if last else None)
+                        if not last:
+                            sums.add(metrics, lr)
                 sums.add(metrics, lr)
                 self.step_in_epoch = i + 1
                 bar.update(1)

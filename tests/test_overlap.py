@@ -55,11 +55,15 @@ def flat_params(trainer):
     return torch.cat([p.detach().flatten().cpu() for p in trainer.net_model.parameters()])
 
 
-@pytest.mark.parametrize("coupling", ["independent", "exact_ot", "weighted_ot"])
-def test_overlapped_train_is_bit_identical_to_sequential(tmp_path, coupling):
+@pytest.mark.parametrize("coupling,updates", [("independent", 1), ("exact_ot", 1), ("weighted_ot", 1),
+                                              ("weighted_ot", 3)])
+def test_overlapped_train_is_bit_identical_to_sequential(tmp_path, coupling, updates):
+    """Also with updates_per_batch: the next batch is submitted in the batch's last update, after its draws
+    (weighted_ot draws its partners from the CPU generator, in the worker and for each reuse)."""
     runs = {}
     for overlap in (False, True):
-        trainer = make_trainer(tmp_path / str(overlap), coupling=coupling, overlap_sampling=overlap, log_every=2)
+        trainer = make_trainer(tmp_path / str(overlap), coupling=coupling, overlap_sampling=overlap, log_every=2,
+                               updates_per_batch=updates)
         history = trainer.train(2, 5)
         runs[overlap] = (flat_params(trainer), history, trainer.generator.get_state(), trainer.cpu_generator.get_state())
     (p_seq, h_seq, g_seq, c_seq), (p_ovl, h_ovl, g_ovl, c_ovl) = runs[False], runs[True]
@@ -68,13 +72,18 @@ def test_overlapped_train_is_bit_identical_to_sequential(tmp_path, coupling):
     assert torch.equal(g_seq, g_ovl) and torch.equal(c_seq, c_ovl)
 
 
-def test_train_equals_a_loop_of_training_step(tmp_path):
-    looped = make_trainer(tmp_path / "a", coupling="exact_ot")
+@pytest.mark.parametrize("updates", [1, 2])
+def test_train_equals_a_loop_of_training_step(tmp_path, updates):
+    looped = make_trainer(tmp_path / "a", coupling="exact_ot", updates_per_batch=updates)
     metrics = [looped.training_step(0) for _ in range(4)]
     looped.update_last_policy()
-    trained = make_trainer(tmp_path / "b", coupling="exact_ot", overlap_sampling=True)
+    trained = make_trainer(tmp_path / "b", coupling="exact_ot", overlap_sampling=True, updates_per_batch=updates)
     (means,) = trained.train(1, 4)
     assert torch.equal(flat_params(looped), flat_params(trained))
+    assert trained.global_step == looped.global_step == 4 * updates
+    for key in ("forwards/sampling", "forwards/policy", "forwards/reference", "backwards", "forwards"):
+        assert means[key] == sum(m[key] for m in metrics) / 4, key  # counted passes: exact
+    assert means["forwards_total"] == 4 * means["forwards"] == looped.compute.forwards_total
     # epoch means are float32 sums on the device: equal to the float64 mean of the floats to ~1e-7
     for key in ("fm_loss", "w2_loss", "total_loss", "reward", "weight_ess", "grad_norm"):
         assert means[key] == pytest.approx(sum(m[key] for m in metrics) / 4, rel=1e-6, abs=1e-9), key
