@@ -67,13 +67,18 @@ inline void check_samples(const char* op, const char* name, const at::Tensor& x)
   TORCH_CHECK(x.numel() >= 1, op, ": ", name, " must have at least one element per sample, got shape ", x.sizes());
 }
 
-// orw_cfm_w2_loss(v, u, v_ref, weights, alpha).
+// orw_cfm_w2_loss(v, u, v_ref, weights, alpha, w2_weights). The values of w2_weights are not
+// checked (that would read them back from the device); the caller keeps them >= 0.
 inline void check_loss_inputs(const char* op, const at::Tensor& v, const at::Tensor& u, const at::Tensor& v_ref,
-                              const at::Tensor& weights, double alpha) {
+                              const at::Tensor& weights, double alpha,
+                              const std::optional<at::Tensor>& w2_weights) {
   check_samples(op, "v", v);
   check_like(op, "u", u, "v", v);
   check_like(op, "v_ref", v_ref, "v", v);
   check_batch_vector(op, "weights", weights, "v", v);
+  if (w2_weights.has_value() && w2_weights->defined()) {
+    check_batch_vector(op, "w2_weights", *w2_weights, "v", v);
+  }
   TORCH_CHECK(alpha >= 0.0, op, ": alpha must be >= 0, got ", alpha);
 }
 

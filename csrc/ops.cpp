@@ -6,9 +6,10 @@
 //
 // Shapes: B samples of D elements each; "[B, ...]" is any shape with B = size(0).
 //
-//   orw_cfm_w2_loss(v, u, v_ref [B, ...], weights [B], alpha) -> (loss [], fm [B], w2 [B])
+//   orw_cfm_w2_loss(v, u, v_ref [B, ...], weights [B], alpha, w2_weights [B]?) -> (loss [], fm [B], w2 [B])
 //       fm[i] = mean_D (v[i] - u[i])^2, w2[i] = mean_D (v[i] - v_ref[i])^2,
-//       loss = mean_i (weights[i] * fm[i] + alpha * w2[i]); outputs in the accumulation
+//       loss = mean_i (weights[i] * fm[i] + alpha * c[i] * w2[i]) with c = w2_weights (per-sample
+//       W2 coefficients; absent: c = 1, the scalar-alpha path); outputs in the accumulation
 //       dtype (float64 for float64 inputs, else float32).
 //   orw_cfm_w2_loss_backward(v, u, v_ref [B, ...], c_fm [B], c_w2 [B]) -> grad_v [B, ...]
 //       grad_v[i] = c_fm[i] * (v[i] - u[i]) + c_w2[i] * (v[i] - v_ref[i]), in v's dtype.
@@ -20,7 +21,7 @@
 TORCH_LIBRARY(orwcfm_fast, m) {
   const std::vector<at::Tag> tags = {at::Tag::pt2_compliant_tag};
   m.def(
-      "orw_cfm_w2_loss(Tensor v, Tensor u, Tensor v_ref, Tensor weights, float alpha) "
+      "orw_cfm_w2_loss(Tensor v, Tensor u, Tensor v_ref, Tensor weights, float alpha, Tensor? w2_weights=None) "
       "-> (Tensor loss, Tensor fm, Tensor w2)",
       tags);
   m.def("orw_cfm_w2_loss_backward(Tensor v, Tensor u, Tensor v_ref, Tensor c_fm, Tensor c_w2) -> Tensor", tags);

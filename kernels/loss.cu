@@ -9,6 +9,9 @@
 //      before being added to double accumulators; warp/block reductions run in double.
 //   2. finalize: per-row sums of the chunk partials in a fixed order -> fm, w2, and the
 //      loss as a deterministic block reduction (a third one-block kernel when B > 1024).
+//      With w2_weights the W2 term of row i is alpha * c[i] * w2[i]: the same kernels, c read
+//      (as float64, converted once on the device) by the finalize kernel; without them the
+//      pointer is null and the arithmetic is the scalar-alpha one.
 // No atomics, no host synchronization; everything runs on the current stream, so the op
 // can be captured in a CUDA graph. Results are bitwise reproducible run to run.
 //
@@ -21,6 +24,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <tuple>
 
 #include "checks.h"
@@ -167,13 +171,14 @@ __global__ void __launch_bounds__(kThreads) loss_partials_chunked_kernel(const T
 }
 
 // fm[row], w2[row] from the `chunks` partials of each row (a warp per row, fixed order), and
-// the block's sum of weights[row] * fm[row] + alpha * w2[row] over its kFinalizeRowsPerBlock
-// rows: written to *loss (divided by B) when the grid is one block, else to block_terms.
+// the block's sum of weights[row] * fm[row] + alpha_row * w2[row] over its kFinalizeRowsPerBlock
+// rows, alpha_row = alpha * w2_coef[row] (alpha when w2_coef is null): written to *loss (divided
+// by B) when the grid is one block, else to block_terms.
 template <typename W, typename out_t>
 __global__ void __launch_bounds__(kFinalizeThreads) loss_finalize_rows_kernel(
     const double* __restrict__ part_fm, const double* __restrict__ part_w2, int64_t chunks,
-    const W* __restrict__ weights, double alpha, int64_t B, int64_t D, out_t* __restrict__ fm,
-    out_t* __restrict__ w2, double* __restrict__ block_terms, out_t* __restrict__ loss) {
+    const W* __restrict__ weights, double alpha, const double* __restrict__ w2_coef, int64_t B, int64_t D,
+    out_t* __restrict__ fm, out_t* __restrict__ w2, double* __restrict__ block_terms, out_t* __restrict__ loss) {
   __shared__ double shared[64];
   constexpr int kWarps = kFinalizeThreads / 32;
   const int lane = threadIdx.x % 32;
@@ -193,7 +198,8 @@ __global__ void __launch_bounds__(kFinalizeThreads) loss_finalize_rows_kernel(
     if (lane == 0) {
       fm[row] = static_cast<out_t>(f);
       w2[row] = static_cast<out_t>(w);
-      term += static_cast<double>(static_cast<at::opmath_type<W>>(weights[row])) * f + alpha * w;
+      const double alpha_row = w2_coef == nullptr ? alpha : alpha * w2_coef[row];
+      term += static_cast<double>(static_cast<at::opmath_type<W>>(weights[row])) * f + alpha_row * w;
     }
   }
   double unused = 0.0;
@@ -224,17 +230,21 @@ __global__ void __launch_bounds__(kFinalizeThreads) loss_finalize_total_kernel(c
   }
 }
 
-// v, u, v_ref: [B, ...] (same shape and dtype); weights: [B]; alpha >= 0.
+// v, u, v_ref: [B, ...] (same shape and dtype); weights: [B]; alpha >= 0; w2_weights: [B] or none.
 // Returns (loss [], fm [B], w2 [B]) in the accumulation dtype.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> orw_cfm_w2_loss_cuda(const at::Tensor& v_in, const at::Tensor& u_in,
                                                                     const at::Tensor& v_ref_in,
-                                                                    const at::Tensor& weights_in, double alpha) {
-  check_loss_inputs(kLossOp, v_in, u_in, v_ref_in, weights_in, alpha);
+                                                                    const at::Tensor& weights_in, double alpha,
+                                                                    const std::optional<at::Tensor>& w2_weights_in) {
+  check_loss_inputs(kLossOp, v_in, u_in, v_ref_in, weights_in, alpha, w2_weights_in);
   const c10::cuda::CUDAGuard guard(v_in.device());
   const at::Tensor v = v_in.contiguous();
   const at::Tensor u = u_in.contiguous();
   const at::Tensor v_ref = v_ref_in.contiguous();
   const at::Tensor weights = weights_in.contiguous();
+  // [B] float64 per-sample W2 coefficients (one small conversion on the stream, no sync), or none.
+  const bool per_sample_w2 = w2_weights_in.has_value() && w2_weights_in->defined();
+  const at::Tensor w2_coef = per_sample_w2 ? per_sample_coefficients(*w2_weights_in, at::kDouble) : at::Tensor();
   const int64_t B = v.size(0);
   const int64_t D = v.numel() / B;
   const auto acc = accumulation_dtype(v.scalar_type());
@@ -296,12 +306,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> orw_cfm_w2_loss_cuda(const at::Te
     block_terms = at::empty({finalize_blocks}, v.options().dtype(at::kDouble));
   }
   double* terms = finalize_blocks > 1 ? block_terms.mutable_data_ptr<double>() : nullptr;
+  const double* coef = per_sample_w2 ? w2_coef.const_data_ptr<double>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weights.scalar_type(), "orw_cfm_w2_loss_cuda_finalize", [&] {
     const scalar_t* pw = weights.const_data_ptr<scalar_t>();
     const auto finalize = [&](auto* out) {
       using out_t = std::remove_pointer_t<decltype(out)>;
       loss_finalize_rows_kernel<scalar_t, out_t><<<static_cast<unsigned>(finalize_blocks), kFinalizeThreads, 0, stream>>>(
-          part, part + n_partials, chunks, pw, alpha, B, D, fm.mutable_data_ptr<out_t>(), w2.mutable_data_ptr<out_t>(),
+          part, part + n_partials, chunks, pw, alpha, coef, B, D, fm.mutable_data_ptr<out_t>(), w2.mutable_data_ptr<out_t>(),
           terms, loss.mutable_data_ptr<out_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (finalize_blocks > 1) {

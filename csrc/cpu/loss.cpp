@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -96,12 +97,14 @@ void sum_squared_differences(const scalar_t* C10_RESTRICT v, const scalar_t* C10
   }
 }
 
-// v, u, v_ref: [B, ...] (same shape and dtype); weights: [B]; alpha >= 0.
-// Returns (loss [], fm [B], w2 [B]) in the accumulation dtype.
+// v, u, v_ref: [B, ...] (same shape and dtype); weights: [B]; alpha >= 0; w2_weights: [B] or none.
+// Returns (loss [], fm [B], w2 [B]) in the accumulation dtype; the loss's W2 term of sample i is
+// alpha * w2_weights[i] * w2[i] (alpha * w2[i] without w2_weights: the same arithmetic as before).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> orw_cfm_w2_loss_cpu(const at::Tensor& v_in, const at::Tensor& u_in,
                                                                    const at::Tensor& v_ref_in,
-                                                                   const at::Tensor& weights_in, double alpha) {
-  check_loss_inputs(kLossOp, v_in, u_in, v_ref_in, weights_in, alpha);
+                                                                   const at::Tensor& weights_in, double alpha,
+                                                                   const std::optional<at::Tensor>& w2_weights_in) {
+  check_loss_inputs(kLossOp, v_in, u_in, v_ref_in, weights_in, alpha, w2_weights_in);
   const at::Tensor v = v_in.contiguous();
   const at::Tensor u = u_in.contiguous();
   const at::Tensor v_ref = v_ref_in.contiguous();
@@ -113,6 +116,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> orw_cfm_w2_loss_cpu(const at::Ten
   at::Tensor w2 = at::empty({B}, opts);
 
   const std::vector<double> weight = per_sample_values<double>(weights_in);
+  const bool per_sample_w2 = w2_weights_in.has_value() && w2_weights_in->defined();
+  // Empty without w2_weights: the scalar alpha path reads nothing more.
+  const std::vector<double> w2_weight =
+      per_sample_w2 ? per_sample_values<double>(*w2_weights_in) : std::vector<double>();
   const int64_t segments = ceil_div(D, kSegment);
   std::vector<double> partial(static_cast<size_t>(2 * B * segments));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "orw_cfm_w2_loss_cpu", [&] {
@@ -153,7 +160,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> orw_cfm_w2_loss_cpu(const at::Ten
       w /= static_cast<double>(D);
       pfm[row] = static_cast<out_t>(f);
       pw2[row] = static_cast<out_t>(w);
-      total += weight[row] * f + alpha * w;
+      const double alpha_row = per_sample_w2 ? alpha * w2_weight[row] : alpha;
+      total += weight[row] * f + alpha_row * w;
     }
     *loss.mutable_data_ptr<out_t>() = static_cast<out_t>(total / static_cast<double>(B));
   });

@@ -1,6 +1,7 @@
 """The library's fused tensor ops behind stable names, with a choice of backend.
 
-- :func:`orw_cfm_w2_loss`: reward-weighted flow matching loss plus the W2 bound, with its gradient.
+- :func:`orw_cfm_w2_loss`: reward-weighted flow matching loss plus the W2 bound (scalar or
+  per-sample W2 coefficient), with its gradient.
 - :func:`conditional_path`: ``x_t`` and ``u_t`` on the straight path, in one pass.
 - :func:`ode_step`: ``x + dt * sum_j c_j k_j``, a Runge-Kutta stage point or step update.
 
@@ -87,12 +88,19 @@ def _check_batched(name: str, x) -> None:
         raise ValueError(f"{name} has samples without elements (shape {tuple(x.shape)}); each sample needs D >= 1")
 
 
-def orw_cfm_w2_loss(v, u, v_ref, weights, alpha: float, backend: str | None = None):
+def orw_cfm_w2_loss(v, u, v_ref, weights, alpha: float, backend: str | None = None, w2_weights=None):
     """Reward-weighted flow matching loss plus the W2 bound, differentiable in all tensor inputs.
 
     ``fm[i] = mean_D (v[i] - u[i])^2``, ``w2[i] = mean_D (v[i] - v_ref[i])^2``,
-    ``loss = mean_i (weights[i] * fm[i] + alpha * w2[i])`` (``D``: all non-batch elements),
-    reduced in :func:`accumulation_dtype` (float32, or float64 for float64 inputs).
+    ``loss = mean_i (weights[i] * fm[i] + alpha * c[i] * w2[i])`` (``D``: all non-batch elements;
+    ``c = w2_weights``, all ones when ``None``), reduced in :func:`accumulation_dtype` (float32,
+    or float64 for float64 inputs).
+
+    Gradients (of ``loss``; ``B`` samples of ``D`` elements):
+    ``d/dv[i] = 2 / (B * D) * (weights[i] (v[i] - u[i]) + alpha c[i] (v[i] - v_ref[i]))``,
+    ``d/dweights[i] = fm[i] / B``, ``d/dw2_weights[i] = alpha * w2[i] / B``; ``u`` and ``v_ref``
+    get the matching negated terms. Gradients of ``weights`` and ``w2_weights`` come back in
+    their own dtypes.
 
     Args:
         v: ``[B, ...]`` policy velocity.
@@ -101,20 +109,28 @@ def orw_cfm_w2_loss(v, u, v_ref, weights, alpha: float, backend: str | None = No
         weights: ``[B]`` loss weights, any float dtype.
         alpha: W2 coefficient ``>= 0``.
         backend: ``"torch"``, ``"cpp"``, ``"triton"`` or ``None`` (best available).
+        w2_weights: ``[B]`` per-sample W2 coefficients ``c`` (any float dtype, on the samples'
+            device), e.g. ADRPO's advantage-derived ``alpha_i = alpha * c[i]``; ``None`` (the
+            default) runs the scalar-``alpha`` kernels unchanged. The caller keeps ``c >= 0`` and
+            finite: the values are not checked, since that would synchronise with the device in
+            the training loop (a negative ``c`` rewards moving away from the reference).
 
     Returns:
         ``(loss, fm, w2)``: 0-dim loss and ``[B]`` per-sample terms, in the accumulation dtype.
-        The gradient in ``v`` is ``2 / (B * D) * (w_i (v - u) + alpha (v - v_ref))``.
     """
     _check_batched("v", v)
     _check_same("u", u, v, "v")
     _check_same("v_ref", v_ref, v, "v")
     _check_batch_vector("weights", weights, v)
+    if w2_weights is not None:
+        _check_batch_vector("w2_weights", w2_weights, v)
     alpha = float(alpha)
     if not alpha >= 0:
         raise ValueError(f"alpha must be >= 0, got {alpha}")
     impl = backend_module(resolve_backend(backend, v.device.type))
-    return impl.orw_cfm_w2_loss(v, u, v_ref, weights, alpha)
+    if w2_weights is None:  # today's call, unchanged
+        return impl.orw_cfm_w2_loss(v, u, v_ref, weights, alpha)
+    return impl.orw_cfm_w2_loss(v, u, v_ref, weights, alpha, w2_weights)
 
 
 def conditional_path(x_0, x_1, t, sigma: float = 0.0, noise=None, backend: str | None = None):

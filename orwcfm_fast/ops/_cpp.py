@@ -3,7 +3,7 @@
 The extension registers the ops ``torch.ops.orwcfm_fast.*`` (schema in csrc/ops.cpp, CPU
 kernels in csrc/cpu/, CUDA kernels in kernels/):
 
-- ``orw_cfm_w2_loss(v, u, v_ref, weights, alpha) -> (loss, fm, w2)``
+- ``orw_cfm_w2_loss(v, u, v_ref, weights, alpha, w2_weights=None) -> (loss, fm, w2)``
 - ``orw_cfm_w2_loss_backward(v, u, v_ref, c_fm, c_w2) -> grad_v``
 - ``conditional_path(x_0, x_1, t, sigma=0.0, noise=None) -> (x_t, u_t)``
 - ``ode_step(x, ks, coeffs, dt) -> x + dt * sum_j coeffs[j] * ks[j]``
@@ -103,7 +103,12 @@ def _ops():
 
 
 def orw_cfm_w2_loss(
-    v: torch.Tensor, u: torch.Tensor, v_ref: torch.Tensor, weights: torch.Tensor, alpha: float
+    v: torch.Tensor,
+    u: torch.Tensor,
+    v_ref: torch.Tensor,
+    weights: torch.Tensor,
+    alpha: float,
+    w2_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused ORW-CFM-W2 loss; see :func:`orwcfm_fast.ops.reference.orw_cfm_w2_loss_reference`.
 
@@ -113,12 +118,14 @@ def orw_cfm_w2_loss(
         v_ref: ``[B, ...]`` reference velocity, like ``v``.
         weights: ``[B]`` per-sample weights, any float dtype.
         alpha: W2 coefficient, ``>= 0``.
+        w2_weights: ``[B]`` per-sample W2 coefficients ``c`` (``alpha * c[i] * w2[i]``), any float
+            dtype, or ``None`` for ``alpha * w2[i]``.
 
     Returns:
         ``(loss, fm, w2)``: 0-dim and ``[B]``, ``[B]``, in the accumulation dtype (float64
-        for float64 inputs, else float32). Differentiable in v, u, v_ref and weights.
+        for float64 inputs, else float32). Differentiable in v, u, v_ref, weights and w2_weights.
     """
-    return _ops().orw_cfm_w2_loss(v, u, v_ref, weights, float(alpha))
+    return _ops().orw_cfm_w2_loss(v, u, v_ref, weights, float(alpha), w2_weights)
 
 
 def conditional_path(
@@ -195,12 +202,14 @@ def _check_samples(op: str, name: str, x: torch.Tensor) -> None:
         _fail(op, f"{name} must be [B, ...] with at least one non-batch dim, got shape {list(x.shape)}")
 
 
-def _fake_loss(v, u, v_ref, weights, alpha):
+def _fake_loss(v, u, v_ref, weights, alpha, w2_weights=None):
     op = "orw_cfm_w2_loss"
     _check_samples(op, "v", v)
     _check_like(op, "u", u, "v", v)
     _check_like(op, "v_ref", v_ref, "v", v)
     _check_batch_vector(op, "weights", weights, "v", v)
+    if w2_weights is not None:
+        _check_batch_vector(op, "w2_weights", w2_weights, "v", v)
     acc = accumulation_dtype(v.dtype)
     b = v.shape[0]
     return v.new_empty((), dtype=acc), v.new_empty((b,), dtype=acc), v.new_empty((b,), dtype=acc)
@@ -244,19 +253,27 @@ def _fake_ode_step(x, ks, coeffs, dt):
 
 
 def _loss_setup_context(ctx, inputs, output):
-    v, u, v_ref, weights, alpha = inputs
-    _, fm, _ = output
-    ctx.save_for_backward(v, u, v_ref, weights, fm)
+    # The dispatcher fills in the default: inputs always has w2_weights (None when not given).
+    v, u, v_ref, weights, alpha, w2_weights = inputs
+    _, fm, w2 = output
+    ctx.per_sample_w2 = w2_weights is not None
+    if ctx.per_sample_w2:  # [B] extras only: no full-size tensor beyond the inputs
+        ctx.save_for_backward(v, u, v_ref, weights, fm, w2_weights, w2)
+    else:
+        ctx.save_for_backward(v, u, v_ref, weights, fm)
     ctx.alpha = alpha
 
 
 def _loss_backward(ctx, g_loss, g_fm, g_w2):
-    """``c_fm = 2/D (g_loss weights / B + g_fm)``, ``c_w2 = 2/D (g_loss alpha / B + g_w2)``, then the fused kernel.
+    """``c_fm = 2/D (g_loss weights / B + g_fm)``, ``c_w2 = 2/D (g_loss alpha c / B + g_w2)``, then the fused kernel.
 
-    The ``[B]`` coefficients are formed in float64 (negligible work) so the kernel rounds them once.
+    ``c`` is ``w2_weights`` (1 without them); ``d/dweights = g_loss fm / B`` and
+    ``d/dw2_weights = g_loss alpha w2 / B``. The ``[B]`` coefficients are formed in float64
+    (negligible work) so the kernel rounds them once.
     """
-    v, u, v_ref, weights, fm = ctx.saved_tensors
-    needs = ctx.needs_input_grad
+    v, u, v_ref, weights, fm, *per_sample = ctx.saved_tensors
+    # needs_input_grad has no entry for w2_weights when it was left at its default (None).
+    needs = tuple(ctx.needs_input_grad) + (False,) * (6 - len(ctx.needs_input_grad))
     b = v.shape[0]
     d = v.numel() // b
     f64 = torch.float64
@@ -264,7 +281,11 @@ def _loss_backward(ctx, g_loss, g_fm, g_w2):
     c_fm = gl * weights.to(f64) / b
     if g_fm is not None:
         c_fm = c_fm + g_fm.to(f64)
-    c_w2 = (gl * (ctx.alpha / b)).expand(b)
+    if per_sample:
+        w2_weights, w2 = per_sample
+        c_w2 = gl * (ctx.alpha / b) * w2_weights.to(f64)
+    else:
+        c_w2 = (gl * (ctx.alpha / b)).expand(b)
     if g_w2 is not None:
         c_w2 = c_w2 + g_w2.to(f64)
     c_fm = c_fm * (2.0 / d)
@@ -281,7 +302,10 @@ def _loss_backward(ctx, g_loss, g_fm, g_w2):
             grad_v_ref = ops.orw_cfm_w2_loss_backward(v_ref, v, v, c_w2, zeros)
     if needs[3]:
         grad_weights = (gl * fm.to(f64) / b).to(weights.dtype)
-    return grad_v, grad_u, grad_v_ref, grad_weights, None
+    grad_w2_weights = None
+    if needs[5]:
+        grad_w2_weights = (gl * (ctx.alpha / b) * w2.to(f64)).to(w2_weights.dtype)
+    return grad_v, grad_u, grad_v_ref, grad_weights, None, grad_w2_weights
 
 
 def _path_setup_context(ctx, inputs, output):

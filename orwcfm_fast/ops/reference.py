@@ -64,14 +64,17 @@ def orw_cfm_w2_loss_reference(
     v_ref: torch.Tensor,
     weights: torch.Tensor,
     alpha: float,
+    w2_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The ORW-CFM-W2 loss, the published ``compute_loss`` arithmetic.
 
     ``fm[i] = mean_D (v[i] - u[i])^2``, ``w2[i] = mean_D (v[i] - v_ref[i])^2`` and
-    ``loss = mean_i (weights[i] * fm[i] + alpha * w2[i])``, where ``D`` are all non-batch dims.
-    The reductions run in :func:`accumulation_dtype` (float32 for half/bf16/float32 inputs,
-    float64 for float64), and ``loss``, ``fm``, ``w2`` are returned in that dtype: a bf16
-    policy still gets an fp32 loss. For float32 inputs this is exactly the published arithmetic.
+    ``loss = mean_i (weights[i] * fm[i] + alpha * c[i] * w2[i])``, where ``D`` are all non-batch
+    dims and ``c = w2_weights`` (all ones when ``None``: the published loss, computed without
+    the extra product). The reductions run in :func:`accumulation_dtype` (float32 for
+    half/bf16/float32 inputs, float64 for float64), and ``loss``, ``fm``, ``w2`` are returned in
+    that dtype: a bf16 policy still gets an fp32 loss. For float32 inputs and no ``w2_weights``
+    this is exactly the published arithmetic.
 
     Args:
         v: ``[B, ...]`` policy velocity (differentiable).
@@ -79,6 +82,8 @@ def orw_cfm_w2_loss_reference(
         v_ref: ``[B, ...]`` frozen reference velocity.
         weights: ``[B]`` per-sample weights.
         alpha: W2 coefficient, ``>= 0``.
+        w2_weights: ``[B]`` per-sample W2 coefficients ``c`` (ADRPO's advantage-derived
+            ``alpha_i = alpha * c[i]``), or ``None``.
 
     Returns:
         ``(loss, fm, w2)``: a 0-dim loss and the ``[B]`` per-sample terms.
@@ -87,7 +92,8 @@ def orw_cfm_w2_loss_reference(
     v, u, v_ref = v.to(acc), u.to(acc), v_ref.to(acc)
     fm = (v - u).pow(2).flatten(1).mean(dim=1)
     w2 = (v - v_ref).pow(2).flatten(1).mean(dim=1)
-    loss = (weights.to(acc) * fm + alpha * w2).mean()
+    w2_term = alpha * w2 if w2_weights is None else alpha * w2_weights.to(acc) * w2
+    loss = (weights.to(acc) * fm + w2_term).mean()
     return loss, fm, w2
 
 
@@ -103,7 +109,8 @@ def orw_cfm_w2_loss_backward_reference(
     ``grad_v[i] = c_fm[i] * (v[i] - u[i]) + c_w2[i] * (v[i] - v_ref[i])``. With upstream
     gradients ``g_loss`` (0-dim), ``g_fm``, ``g_w2`` (``[B]``) of :func:`orw_cfm_w2_loss_reference`'s
     three outputs, ``c_fm = 2 / D * (g_loss * weights / B + g_fm)`` and
-    ``c_w2 = 2 / D * (g_loss * alpha / B + g_w2)`` (``D`` = elements per sample).
+    ``c_w2 = 2 / D * (g_loss * alpha * c / B + g_w2)`` (``D`` = elements per sample; ``c`` the
+    ``w2_weights``, 1 without them).
 
     Args:
         v, u, v_ref: ``[B, ...]``, same shape.

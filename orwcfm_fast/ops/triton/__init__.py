@@ -106,12 +106,13 @@ def is_available(device: str | torch.device | None = None) -> tuple[bool, str]:
     return cuda_ok or cpu_ok, f"triton: {cuda_why}; {cpu_why} ({when})"
 
 
-def orw_cfm_w2_loss(v, u, v_ref, weights, alpha: float):
+def orw_cfm_w2_loss(v, u, v_ref, weights, alpha: float, w2_weights=None):
     """ORW-CFM-W2 loss, fused: ``(loss, fm, w2)``.
 
     Args:
         v: ``[B, ...]`` policy velocity (differentiable). u: ``[B, ...]`` target velocity.
         v_ref: ``[B, ...]`` reference velocity. weights: ``[B]`` weights. alpha: W2 coefficient.
+        w2_weights: ``[B]`` per-sample W2 coefficients (``alpha * c[i] * w2[i]``) or ``None``.
         Same shapes and device; contiguous or not.
 
     Returns:
@@ -120,7 +121,10 @@ def orw_cfm_w2_loss(v, u, v_ref, weights, alpha: float):
     """
     from orwcfm_fast.ops.triton.loss import orw_cfm_w2_loss_op
 
-    return orw_cfm_w2_loss_op(v.contiguous(), u.contiguous(), v_ref.contiguous(), weights.contiguous(), float(alpha))
+    if w2_weights is not None:
+        w2_weights = w2_weights.contiguous()
+    return orw_cfm_w2_loss_op(v.contiguous(), u.contiguous(), v_ref.contiguous(), weights.contiguous(), float(alpha),
+                              w2_weights)
 
 
 def conditional_path(x_0, x_1, t, sigma: float = 0.0, noise=None):

@@ -2,11 +2,14 @@
 
 Ops (``torch.library.triton_op``, visible to ``torch.compile``):
 
-- ``orwcfm_fast::orw_cfm_w2_loss_triton(v, u, v_ref, weights, alpha) -> (loss, fm, w2)``
+- ``orwcfm_fast::orw_cfm_w2_loss_triton(v, u, v_ref, weights, alpha, w2_weights=None) -> (loss, fm, w2)``
 - ``orwcfm_fast::orw_cfm_w2_loss_backward_triton(v, u, v_ref, c_fm, c_w2) -> grad_v``
 
-The forward op has autograd: gradients for ``v`` (the backward kernel), ``u``, ``v_ref`` and
-``weights`` (small torch expressions, computed only when asked for). The backward op has
+The forward op has autograd: gradients for ``v`` (the backward kernel), ``u``, ``v_ref``,
+``weights`` and ``w2_weights`` (small torch expressions, computed only when asked for). The
+kernels compute the per-sample ``fm`` and ``w2``; the ``[B]`` combination into the loss, where
+``weights`` and the optional per-sample W2 coefficients ``w2_weights`` enter, is a torch
+expression in the op (so ``w2_weights`` adds no kernel and no pass over ``[B, D]``). The backward op has
 autograd too (torch expressions), so double backward works. Semantics are those of
 :func:`orwcfm_fast.ops.reference.orw_cfm_w2_loss_reference` and
 :func:`orwcfm_fast.ops.reference.orw_cfm_w2_loss_backward_reference`.
@@ -15,6 +18,7 @@ Imported lazily by :mod:`orwcfm_fast.ops.triton` (defining the kernels reads ``T
 """
 
 import math
+from typing import Optional
 
 import torch
 import triton
@@ -165,7 +169,12 @@ def _check_inputs(name: str, v: torch.Tensor, u: torch.Tensor, v_ref: torch.Tens
 
 @triton_op("orwcfm_fast::orw_cfm_w2_loss_triton", mutates_args=())
 def orw_cfm_w2_loss_op(
-    v: torch.Tensor, u: torch.Tensor, v_ref: torch.Tensor, weights: torch.Tensor, alpha: float
+    v: torch.Tensor,
+    u: torch.Tensor,
+    v_ref: torch.Tensor,
+    weights: torch.Tensor,
+    alpha: float,
+    w2_weights: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ORW-CFM-W2 loss with Triton's fused per-sample reduction.
 
@@ -174,12 +183,14 @@ def orw_cfm_w2_loss_op(
             accumulation dtype: float64 for float64, else float32). Non-contiguous inputs are copied.
         weights: ``[B]`` per-sample weights, any float dtype.
         alpha: W2 coefficient.
+        w2_weights: ``[B]`` per-sample W2 coefficients ``c``, any float dtype, or ``None`` (``c = 1``).
 
     Returns:
         ``(loss, fm, w2)`` in the accumulation dtype: 0-dim ``mean_i(weights[i] * fm[i] +
-        alpha * w2[i])`` and the ``[B]`` per-sample means of ``(v - u)^2`` and ``(v - v_ref)^2``.
+        alpha * c[i] * w2[i])`` and the ``[B]`` per-sample means of ``(v - u)^2`` and ``(v - v_ref)^2``.
     """
-    _check_inputs("orw_cfm_w2_loss", v, u, v_ref, {"weights": weights})
+    per_sample = {"weights": weights} if w2_weights is None else {"weights": weights, "w2_weights": w2_weights}
+    _check_inputs("orw_cfm_w2_loss", v, u, v_ref, per_sample)
     check_runnable("orw_cfm_w2_loss", _orw_cfm_w2_loss_fwd_kernel, v)
     v, u, v_ref = v.contiguous(), u.contiguous(), v_ref.contiguous()
     acc = accumulation_dtype(v.dtype)
@@ -205,7 +216,9 @@ def orw_cfm_w2_loss_op(
         else:  # float64 sums of the pieces (deterministic: a fixed-shape reduction), then the mean
             fm = (fm.sum(1, dtype=torch.float64) / d).to(acc)
             w2 = (w2.sum(1, dtype=torch.float64) / d).to(acc)
-    loss = (weights.to(acc) * fm + alpha * w2).mean()
+    # The reference's expression, term for term (so the two backends agree to the last bit given fm and w2).
+    w2_term = alpha * w2 if w2_weights is None else alpha * w2_weights.to(acc) * w2
+    loss = (weights.to(acc) * fm + w2_term).mean()
     return loss, fm, w2
 
 
@@ -244,22 +257,30 @@ def orw_cfm_w2_loss_backward_op(
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    v, u, v_ref, weights, alpha = inputs
-    _, fm, _ = output
-    # Inputs and fm only: no new full-size tensors are kept alive for the backward.
-    ctx.save_for_backward(v, u, v_ref, weights, fm)
+    # Defaults are filled in: inputs always has w2_weights (None when not given).
+    v, u, v_ref, weights, alpha, w2_weights = inputs
+    _, fm, w2 = output
+    # Inputs and [B] outputs only: no new full-size tensors are kept alive for the backward.
+    ctx.per_sample_w2 = w2_weights is not None
+    if ctx.per_sample_w2:
+        ctx.save_for_backward(v, u, v_ref, weights, fm, w2_weights, w2)
+    else:
+        ctx.save_for_backward(v, u, v_ref, weights, fm)
     ctx.alpha = alpha
 
 
 def _backward(ctx, g_loss, g_fm, g_w2):
     """Gradients of ``g_loss * loss + <g_fm, fm> + <g_w2, w2>``.
 
-    ``c_fm = 2/D * (g_loss * weights / B + g_fm)`` and ``c_w2 = 2/D * (g_loss * alpha / B + g_w2)``
-    are formed in float64 (``[B]`` vectors: free) and rounded once, so ``grad_v`` carries only the
-    kernel's few roundings.
+    ``c_fm = 2/D * (g_loss * weights / B + g_fm)`` and ``c_w2 = 2/D * (g_loss * alpha * c / B + g_w2)``
+    (``c``: the ``w2_weights``, 1 without them) are formed in float64 (``[B]`` vectors: free) and
+    rounded once, so ``grad_v`` carries only the kernel's few roundings. ``d/dweights = g_loss fm / B``,
+    ``d/dw2_weights = g_loss alpha w2 / B``.
     """
-    v, u, v_ref, weights, fm = ctx.saved_tensors
-    need_v, need_u, need_v_ref, need_w, _ = ctx.needs_input_grad
+    v, u, v_ref, weights, fm, *per_sample = ctx.saved_tensors
+    # needs_input_grad has no entry for w2_weights when it was left at its default (None).
+    needs = tuple(ctx.needs_input_grad) + (False,) * (6 - len(ctx.needs_input_grad))
+    need_v, need_u, need_v_ref, need_w, _, need_c = needs
     acc = fm.dtype
     b = v.shape[0]
     d = math.prod(v.shape[1:])
@@ -270,7 +291,11 @@ def _backward(ctx, g_loss, g_fm, g_w2):
     g_w2 = g_w2.to(f64) if g_w2 is not None else zeros
     scale = 2.0 / d if d > 0 else 0.0
     c_fm = ((g_loss * weights.to(f64) / b + g_fm) * scale).to(acc)
-    c_w2 = ((g_loss * ctx.alpha / b + g_w2) * scale).to(acc)
+    if per_sample:
+        w2_weights, w2 = per_sample
+        c_w2 = ((g_loss * ctx.alpha / b * w2_weights.to(f64) + g_w2) * scale).to(acc)
+    else:
+        c_w2 = ((g_loss * ctx.alpha / b + g_w2) * scale).to(acc)
 
     grad_v = grad_u = grad_v_ref = grad_w = None
     if need_v:
@@ -282,7 +307,8 @@ def _backward(ctx, g_loss, g_fm, g_w2):
         grad_v_ref = (-c_w2.reshape(shape) * (v.to(acc) - v_ref.to(acc))).to(v_ref.dtype)
     if need_w:
         grad_w = (g_loss * fm.to(f64) / b).to(weights.dtype)
-    return grad_v, grad_u, grad_v_ref, grad_w, None
+    grad_c = (g_loss * ctx.alpha / b * w2.to(f64)).to(w2_weights.dtype) if need_c else None
+    return grad_v, grad_u, grad_v_ref, grad_w, None, grad_c
 
 
 def _setup_context_backward_op(ctx, inputs, output) -> None:
