@@ -28,8 +28,11 @@ __all__ = [
     "ELEMENTWISE_ULPS",
     "random_shapes",
     "loss_inputs",
+    "W2_WEIGHT_KINDS",
+    "w2_weight_inputs",
     "expected_loss",
     "expected_loss_grad",
+    "expected_loss_input_grads",
     "expected_model_loss",
     "expected_path",
     "dopri5_fixed_tableau",
@@ -104,19 +107,48 @@ def loss_inputs(shape, *, seed: int, dtype=torch.float32, device="cpu", weight_k
     return tuple(a.to(dtype=dtype, device=device) for a in (v, u, v_ref)) + (w.to(dtype=torch.float32, device=device),)
 
 
-def expected_loss(v, u, v_ref, weights, alpha: float):
-    """Float64 ``(loss, fm, w2)``: per-sample sums of squares over the sample's elements."""
+W2_WEIGHT_KINDS = ("uniform", "spread", "sparse")
+
+
+def w2_weight_inputs(b: int, *, seed: int, kind: str = "uniform", dtype=torch.float32, device="cpu"):
+    """``[B]`` per-sample W2 coefficients ``c >= 0`` (the op's ``w2_weights``).
+
+    ``kind``: ``uniform`` (U[0, 2)), ``spread`` (log-uniform over 1e-3..1e3: advantages of very
+    different sizes), ``sparse`` (half exact zeros, the rest U[0, 4): clipped advantages).
+    """
+    g = torch.Generator().manual_seed(seed)
+    if kind == "uniform":
+        c = torch.rand(b, generator=g, dtype=torch.float64) * 2
+    elif kind == "spread":
+        c = 10.0 ** (torch.rand(b, generator=g, dtype=torch.float64) * 6 - 3)
+    elif kind == "sparse":
+        c = torch.where(torch.rand(b, generator=g) < 0.5, 0.0, torch.rand(b, generator=g, dtype=torch.float64) * 4)
+    else:
+        raise ValueError(kind)
+    return c.to(dtype=dtype, device=device)
+
+
+def expected_loss(v, u, v_ref, weights, alpha: float, w2_weights=None):
+    """Float64 ``(loss, fm, w2)``: per-sample sums of squares over the sample's elements.
+
+    ``loss = sum_i (weights[i] fm[i] + alpha c[i] w2[i]) / B`` with ``c = w2_weights`` (ones when ``None``).
+    """
     v, u, v_ref, w = (a.detach().double().cpu() for a in (v, u, v_ref, weights))
     b = v.shape[0]
     d = v[0].numel()
     fm = torch.stack([((v[i] - u[i]) ** 2).sum() / d for i in range(b)]) if b <= 64 else ((v - u) ** 2).reshape(b, -1).sum(1) / d
     w2 = torch.stack([((v[i] - v_ref[i]) ** 2).sum() / d for i in range(b)]) if b <= 64 else ((v - v_ref) ** 2).reshape(b, -1).sum(1) / d
-    loss = (w * fm + alpha * w2).sum() / b
+    c = torch.ones(b, dtype=torch.float64) if w2_weights is None else w2_weights.detach().double().cpu()
+    loss = (w * fm + alpha * c * w2).sum() / b
     return loss, fm, w2
 
 
-def expected_loss_grad(v, u, v_ref, weights, alpha: float, g_loss: float = 1.0, g_fm=None, g_w2=None):
+def expected_loss_grad(v, u, v_ref, weights, alpha: float, g_loss: float = 1.0, g_fm=None, g_w2=None,
+                       w2_weights=None):
     """Float64 gradient of ``g_loss * loss + <g_fm, fm> + <g_w2, w2>`` in ``v``, and its term scale.
+
+    ``d/dv[i] = 2/D (c_fm[i] (v[i] - u[i]) + c_w2[i] (v[i] - v_ref[i]))`` with
+    ``c_fm = g_loss weights / B + g_fm`` and ``c_w2 = g_loss alpha c / B + g_w2`` (``c = w2_weights``, 1 if ``None``).
 
     Returns:
         ``(grad, scale)``: ``scale`` is the elementwise sum of the terms' magnitudes, for
@@ -125,12 +157,24 @@ def expected_loss_grad(v, u, v_ref, weights, alpha: float, g_loss: float = 1.0, 
     v, u, v_ref, w = (a.detach().double().cpu() for a in (v, u, v_ref, weights))
     b, d = v.shape[0], v[0].numel()
     shape = (b,) + (1,) * (v.ndim - 1)
+    c = 1.0 if w2_weights is None else w2_weights.detach().double().cpu()
     c_fm = g_loss * w / b + (g_fm.double().cpu() if g_fm is not None else 0.0)
-    c_w2 = g_loss * alpha / b + (g_w2.double().cpu() if g_w2 is not None else 0.0)
+    c_w2 = g_loss * alpha * c / b + (g_w2.double().cpu() if g_w2 is not None else 0.0)
     c_fm = torch.as_tensor(c_fm, dtype=torch.float64).expand(b).reshape(shape) * 2.0 / d
     c_w2 = torch.as_tensor(c_w2, dtype=torch.float64).expand(b).reshape(shape) * 2.0 / d
     t_fm, t_w2 = c_fm * (v - u), c_w2 * (v - v_ref)
     return t_fm + t_w2, t_fm.abs() + t_w2.abs()
+
+
+def expected_loss_input_grads(v, u, v_ref, weights, alpha: float, g_loss: float = 1.0, w2_weights=None):
+    """Float64 gradients of ``g_loss * loss`` in the ``[B]`` inputs: ``(d/dweights, d/dw2_weights)``.
+
+    ``d/dweights[i] = g_loss fm[i] / B`` and ``d/dw2_weights[i] = g_loss alpha w2[i] / B`` (the
+    upstream gradients of ``fm`` and ``w2`` do not reach them: those outputs do not depend on them).
+    """
+    _, fm, w2 = expected_loss(v, u, v_ref, weights, alpha, w2_weights)
+    b = fm.shape[0]
+    return g_loss * fm / b, g_loss * alpha * w2 / b
 
 
 def expected_model_loss(policy, reference, x_0, x_1, t, weights, alpha: float, sigma: float = 0.0, noise=None):

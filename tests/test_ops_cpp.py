@@ -11,15 +11,18 @@ import torch
 
 from op_cases import (
     FP32_RTOL,
+    W2_WEIGHT_KINDS,
     assert_elementwise_close,
     assert_low_precision_ok,
     assert_rel_close,
     expected_loss,
     expected_loss_grad,
+    expected_loss_input_grads,
     expected_ode_step,
     expected_path,
     loss_inputs,
     random_shapes,
+    w2_weight_inputs,
 )
 from orwcfm_fast.ops import _cpp
 from orwcfm_fast.ops import reference as ref
@@ -217,6 +220,148 @@ def test_loss_backward_op_direct():
     assert got.dtype == v.dtype and got.is_contiguous()
     assert_elementwise_close(got, t_fm + t_w2, t_fm.abs() + t_w2.abs(), "grad_v")
     torch.testing.assert_close(got, ref.orw_cfm_w2_loss_backward_reference(v, u, v_ref, c_fm, c_w2))
+
+
+# ============================================================================ loss: per-sample W2 coefficients
+
+
+C_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
+def _w2_weights_case(i: int, b: int, device="cpu") -> torch.Tensor:
+    """w2_weights of loss case i: kind and dtype cycle independently of (alpha, weight kind)."""
+    return w2_weight_inputs(b, seed=20_000 + i, kind=W2_WEIGHT_KINDS[i % 3], dtype=C_DTYPES[(i // 3) % 3],
+                            device=device)
+
+
+def _loss_and_grads_c(fn, v, u, v_ref, w, alpha, c, g_loss, g_fm, g_w2):
+    """``fn(v, u, v_ref, w, alpha, c)``'s (loss, fm, w2) and the gradients in v, w and c of
+    g_loss * loss + <g_fm, fm> + <g_w2, w2>."""
+    v, w, c = (a.detach().clone().requires_grad_(True) for a in (v, w, c))
+    loss, fm, w2 = fn(v, u, v_ref, w, alpha, c)
+    outputs, grads = [loss], [torch.full_like(loss, g_loss)]
+    if g_fm is not None:
+        outputs += [fm, w2]
+        grads += [g_fm.to(fm), g_w2.to(w2)]
+    grad_v, grad_w, grad_c = torch.autograd.grad(outputs, [v, w, c], grads)
+    return loss.detach(), fm.detach(), w2.detach(), grad_v, grad_w, grad_c
+
+
+def _check_w2_weights_case(got, v, u, v_ref, w, alpha, c, g_loss, g_fm, g_w2, rtol, eps, tag):
+    """(loss, fm, w2, grad_v, grad_w, grad_c) of one case against the float64 formulas of op_cases."""
+    loss, fm, w2, grad_v, grad_w, grad_c = got
+    e_loss, e_fm, e_w2 = expected_loss(v, u, v_ref, w, alpha, c)
+    assert_rel_close(loss, e_loss, rtol, f"loss {tag}")
+    assert_rel_close(fm, e_fm, rtol, f"fm {tag}")
+    assert_rel_close(w2, e_w2, rtol, f"w2 {tag}")
+    e_grad, scale = expected_loss_grad(v, u, v_ref, w, alpha, g_loss, g_fm, g_w2, w2_weights=c)
+    assert grad_v.dtype == v.dtype
+    assert_elementwise_close(grad_v, e_grad, scale, f"grad_v {tag}", eps=eps)
+    e_grad_w, e_grad_c = expected_loss_input_grads(v, u, v_ref, w, alpha, g_loss, w2_weights=c)
+    assert grad_w.dtype == w.dtype and grad_c.dtype == c.dtype, "[B] gradients come back in their inputs' dtypes"
+    # grad_c = g_loss alpha w2 / B: w2's own error, then one rounding to c's dtype (2^-8 relative for bf16).
+    c_rtol = max(rtol, torch.finfo(c.dtype).eps / 2 * 1.01)
+    assert_rel_close(grad_w, e_grad_w, max(rtol, torch.finfo(w.dtype).eps / 2 * 1.01), f"grad_weights {tag}")
+    assert_rel_close(grad_c, e_grad_c, c_rtol, f"grad_w2_weights {tag}")
+
+
+@pytest.mark.parametrize("i", range(0, len(LOSS_SHAPES), 5), ids=_ids(LOSS_SHAPES)[::5])
+def test_loss_w2_weights_fp32(i):
+    """loss = mean_i (w_i fm_i + alpha c_i w2_i): values and gradients in v, weights and w2_weights vs float64."""
+    shape, alpha, kind = _loss_case(i)
+    v, u, v_ref, w = loss_inputs(shape, seed=i, weight_kind=kind)
+    c = _w2_weights_case(i, shape[0])
+    g_loss, g_fm, g_w2 = _upstream(i, shape[0])
+    got = _loss_and_grads_c(_cpp.orw_cfm_w2_loss, v, u, v_ref, w, alpha, c, g_loss, g_fm, g_w2)
+    assert got[0].dtype == got[1].dtype == got[2].dtype == torch.float32
+    _check_w2_weights_case(got, v, u, v_ref, w, alpha, c, g_loss, g_fm, g_w2, FP32_RTOL, 2.0**-24,
+                           f"{shape} alpha={alpha} weights={kind} c={W2_WEIGHT_KINDS[i % 3]}/{c.dtype}")
+
+
+@pytest.mark.parametrize("i", range(0, len(LOSS_SHAPES), 20), ids=_ids(LOSS_SHAPES)[::20])
+def test_loss_w2_weights_fp64(i):
+    shape, alpha, kind = _loss_case(i)
+    v, u, v_ref, w = loss_inputs(shape, seed=i, dtype=torch.float64, weight_kind=kind)
+    w, c = w.double(), _w2_weights_case(i, shape[0]).double()
+    g_loss, g_fm, g_w2 = _upstream(i, shape[0], torch.float64)
+    got = _loss_and_grads_c(_cpp.orw_cfm_w2_loss, v, u, v_ref, w, alpha, c, g_loss, g_fm, g_w2)
+    assert all(t.dtype == torch.float64 for t in got)
+    _check_w2_weights_case(got, v, u, v_ref, w, alpha, c, g_loss, g_fm, g_w2, FP64_RTOL, EPS64, f"{shape}")
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("i", range(0, len(LOSS_SHAPES), 25), ids=_ids(LOSS_SHAPES)[::25])
+def test_loss_w2_weights_low_precision(i, dtype):
+    """bf16/fp16 samples with w2_weights: at most twice the torch backend's error (float64 oracle)."""
+    shape, alpha, kind = _loss_case(i)
+    kind = "uniform" if kind == "huge" else kind  # huge weights overflow an fp16 gradient
+    v, u, v_ref, w = loss_inputs(shape, seed=i, dtype=dtype, weight_kind=kind)
+    c = _w2_weights_case(i, shape[0])
+    g_loss, g_fm, g_w2 = _upstream(i, shape[0])
+    ours = _loss_and_grads_c(_cpp.orw_cfm_w2_loss, v, u, v_ref, w, alpha, c, g_loss, g_fm, g_w2)
+    theirs = _loss_and_grads_c(ref.orw_cfm_w2_loss_reference, v, u, v_ref, w, alpha, c, g_loss, g_fm, g_w2)
+    expected = expected_loss(v, u, v_ref, w, alpha, c)
+    for name, a, t, e in zip(("loss", "fm", "w2"), ours[:3], theirs[:3], expected):
+        assert_low_precision_ok(a, t, e, f"{name} {shape} {dtype}", floor=FP32_NOISE * float(e.abs().max()))
+    e_grad, scale = expected_loss_grad(v, u, v_ref, w, alpha, g_loss, g_fm, g_w2, w2_weights=c)
+    assert ours[3].dtype == dtype
+    assert_low_precision_ok(ours[3], theirs[3], e_grad, f"grad_v {shape} {dtype}", floor=FP32_NOISE * float(scale.max()))
+
+
+def test_loss_w2_weights_none_and_ones():
+    """None runs the scalar-alpha path (bitwise the 5-argument call); c = 1 gives the same bits here, since
+    alpha * 1.0 is exact in the float64 loss sum and in the float64 backward coefficients."""
+    v, u, v_ref, w = loss_inputs((6, 3, 7), seed=4)
+    g_loss, g_fm, g_w2 = _upstream(1, 6)
+
+    def run(*extra):
+        vv, ww = v.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        loss, fm, w2 = OPS.orw_cfm_w2_loss(vv, u, v_ref, ww, 0.7, *extra)
+        grads = torch.autograd.grad([loss, fm, w2], [vv, ww], [torch.tensor(g_loss), g_fm, g_w2])
+        return (loss, fm, w2, *grads)
+
+    plain = run()
+    for got in (run(None), run(torch.ones(6)), run(torch.ones(6, dtype=torch.float64))):
+        assert all(torch.equal(a, b) for a, b in zip(plain, got))
+
+
+def test_loss_w2_weights_gradcheck():
+    """Every input's gradient (v, u, v_ref, weights, w2_weights; all three outputs) against finite differences."""
+    g = torch.Generator().manual_seed(1)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_(True)
+
+    w = torch.rand(3, generator=g, dtype=torch.float64).requires_grad_(True)
+    c = (torch.rand(3, generator=g, dtype=torch.float64) * 2).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda v, u, r, w, c: _cpp.orw_cfm_w2_loss(v, u, r, w, 0.7, c),
+                                    (rnd(3, 2, 5), rnd(3, 2, 5), rnd(3, 2, 5), w, c))
+    u, v_ref = rnd(1, 7).detach(), rnd(1, 7).detach()
+    assert torch.autograd.gradcheck(lambda v, c: _cpp.orw_cfm_w2_loss(v, u, v_ref, w[:1].detach(), 1.3, c),
+                                    (rnd(1, 7), c[:1].detach().clone().requires_grad_(True)))  # B = 1
+
+
+def test_loss_w2_weights_layouts_and_saved_tensors():
+    """Strided w2_weights give the contiguous result; the backward keeps no new full-size tensor."""
+    v, u, v_ref, w = loss_inputs((4, 3, 8), seed=1)
+    c_strided = torch.rand(8, generator=torch.Generator().manual_seed(0))[::2]
+    got = _cpp.orw_cfm_w2_loss(v, u, v_ref, w, 0.5, c_strided)
+    assert all(torch.equal(a, b) for a, b in zip(got, _cpp.orw_cfm_w2_loss(v, u, v_ref, w, 0.5, c_strided.contiguous())))
+    v.requires_grad_(True)
+    loss, _, _ = _cpp.orw_cfm_w2_loss(v, u, v_ref, w, 1.0, c_strided)
+    ptrs = {v.data_ptr(), u.data_ptr(), v_ref.data_ptr(), w.data_ptr()}
+    full = [t for t in loss.grad_fn.saved_tensors if t.numel() == v.numel()]
+    assert all(t.data_ptr() in ptrs for t in full), "backward saved a new full-size intermediate"
+
+
+def test_loss_w2_weights_errors():
+    v = torch.randn(4, 3)
+    ones = torch.ones(4)
+    loss = OPS.orw_cfm_w2_loss
+    _raises(lambda: loss(v, v, v, ones, 1.0, torch.ones(3)), "orw_cfm_w2_loss", "w2_weights must have shape [B] = [4]")
+    _raises(lambda: loss(v, v, v, ones, 1.0, torch.ones(4, 1)), "w2_weights must have shape [B] = [4]")
+    _raises(lambda: loss(v, v, v, ones, 1.0, torch.ones(4, dtype=torch.int32)), "w2_weights must be a float32")
+    _raises(lambda: loss(v, v, v, ones, 1.0, ones.to("meta")), "w2_weights is on meta but v is on cpu")
 
 
 # ============================================================================ conditional_path: CPU accuracy
@@ -445,6 +590,9 @@ def _opcheck_cases(requires_grad: bool):
     t = torch.rand(5, generator=g).requires_grad_(requires_grad)
     yield OPS.orw_cfm_w2_loss, (rnd(5, 3, 4), rnd(5, 3, 4), rnd(5, 3, 4), w, 0.5)
     yield OPS.orw_cfm_w2_loss, (rnd(2, 7), rnd(2, 7), rnd(2, 7), w[:2], 0.0)
+    c = torch.rand(5, generator=g, dtype=torch.float64).requires_grad_(requires_grad)  # another dtype than v's
+    yield OPS.orw_cfm_w2_loss, (rnd(5, 3, 4), rnd(5, 3, 4), rnd(5, 3, 4), w, 0.5, c)
+    yield OPS.orw_cfm_w2_loss, (rnd(1, 9), rnd(1, 9), rnd(1, 9), w[:1], 2.0, c[:1])
     yield OPS.conditional_path, (rnd(5, 6), rnd(5, 6), t, 0.3, rnd(5, 6))
     yield OPS.conditional_path, (rnd(5, 2, 3), rnd(5, 2, 3), t, 0.0, None)
     yield OPS.ode_step, (rnd(4, 3), [rnd(4, 3), rnd(4, 3)], [0.5, -1.0], 0.2)
@@ -540,6 +688,79 @@ def test_cuda_loss_large(cuda_kernels, shape, dtype):
         assert_rel_close(a, e, FP32_RTOL, f"{name} {shape}")
     again = _cpp.orw_cfm_w2_loss(*_cuda(v, u, v_ref, w), 0.5)
     assert torch.equal(loss, again[0]) and torch.equal(fm, again[1]), "CUDA loss is not deterministic"
+
+
+@cuda
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, *LOW_PRECISION], ids=str)
+@pytest.mark.parametrize("i", range(0, len(LOSS_SHAPES), 10), ids=_ids(LOSS_SHAPES)[::10])
+def test_cuda_loss_w2_weights(cuda_kernels, i, dtype):
+    """The CUDA finalize kernel's per-sample W2 coefficients: values and gradients vs float64 and the CPU kernel."""
+    shape, alpha, kind = _loss_case(i)
+    kind = "uniform" if kind == "huge" and dtype == torch.float16 else kind  # huge weights overflow an fp16 gradient
+    v, u, v_ref, w = loss_inputs(shape, seed=i, dtype=dtype, weight_kind=kind)
+    c = _w2_weights_case(i, shape[0])
+    g_loss, g_fm, g_w2 = _upstream(i, shape[0])
+    ours = _loss_and_grads_c(_cpp.orw_cfm_w2_loss, *_cuda(v, u, v_ref, w), alpha, c.cuda(), g_loss, *_cuda(g_fm, g_w2))
+    assert all(o.is_cuda for o in ours)
+    if dtype in (torch.float32, torch.float64):
+        rtol, eps = (FP32_RTOL, 2.0**-24) if dtype == torch.float32 else (FP64_RTOL, EPS64)
+        _check_w2_weights_case(ours, v, u, v_ref, w, alpha, c, g_loss, g_fm, g_w2, rtol, eps, f"{shape} {dtype}")
+        cpu = _loss_and_grads_c(_cpp.orw_cfm_w2_loss, v, u, v_ref, w, alpha, c, g_loss, g_fm, g_w2)
+        for a, b in zip(ours[:3], cpu[:3]):  # CUDA and CPU sum in different orders: both accurate
+            assert_rel_close(a, b.double(), 2 * rtol, f"cuda vs cpu {shape}")
+    else:
+        theirs = _loss_and_grads_c(ref.orw_cfm_w2_loss_reference, *_cuda(v, u, v_ref, w), alpha, c.cuda(), g_loss,
+                                   *_cuda(g_fm, g_w2))
+        for name, a, t, e in zip(("loss", "fm", "w2"), ours[:3], theirs[:3], expected_loss(v, u, v_ref, w, alpha, c)):
+            assert_low_precision_ok(a, t, e, f"{name} {shape}", floor=FP32_NOISE * float(e.abs().max()))
+        e_grad, scale = expected_loss_grad(v, u, v_ref, w, alpha, g_loss, g_fm, g_w2, w2_weights=c)
+        assert_low_precision_ok(ours[3], theirs[3], e_grad, f"grad_v {shape}", floor=FP32_NOISE * float(scale.max()))
+
+
+@cuda
+@needs_gpu
+@pytest.mark.parametrize("shape", [(3, 1_000_003), (3000, 4), (2500, 1500)], ids=str)
+def test_cuda_loss_w2_weights_large(cuda_kernels, shape):
+    """Chunked rows, and B > 1024 (several finalize blocks, each reading its rows' coefficients); deterministic;
+    None and all-ones coefficients give the same bits (alpha * 1.0 is exact in the float64 sum)."""
+    v, u, v_ref, w = _cuda(*loss_inputs(shape, seed=1))
+    c = w2_weight_inputs(shape[0], seed=2, kind="spread", device="cuda")
+    got = _cpp.orw_cfm_w2_loss(v, u, v_ref, w, 0.5, c)
+    for name, a, e in zip(("loss", "fm", "w2"), got, expected_loss(v, u, v_ref, w, 0.5, c)):
+        assert_rel_close(a, e, FP32_RTOL, f"{name} {shape}")
+    again = _cpp.orw_cfm_w2_loss(v, u, v_ref, w, 0.5, c)
+    assert all(torch.equal(a, b) for a, b in zip(got, again)), "CUDA loss with w2_weights is not deterministic"
+    plain = _cpp.orw_cfm_w2_loss(v, u, v_ref, w, 0.5)
+    ones = _cpp.orw_cfm_w2_loss(v, u, v_ref, w, 0.5, torch.ones_like(c))
+    assert all(torch.equal(a, b) for a, b in zip(plain, ones))
+
+
+@cuda
+@needs_gpu
+def test_cuda_w2_weights_graph_capture_and_errors(cuda_kernels):
+    def inputs(seed):
+        return list(_cuda(*loss_inputs((2500, 3), seed=seed))) + [w2_weight_inputs(2500, seed=seed, device="cuda")]
+
+    _graph_replay_matches(inputs, lambda v, u, v_ref, w, c: _cpp.orw_cfm_w2_loss(v, u, v_ref, w, 0.5, c))
+    # No host synchronisation in the public op with w2_weights, forward and backward (the training hot loop).
+    v, u, v_ref, w, c = inputs(2)
+    v.requires_grad_(True)
+    c.requires_grad_(True)
+    from orwcfm_fast import ops
+
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, _, _ = ops.orw_cfm_w2_loss(v, u, v_ref, w, 0.5, backend="cpp", w2_weights=c)
+        torch.autograd.grad(loss, [v, c])
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    v = torch.randn(4, 3, device="cuda")
+    ones = torch.ones(4, device="cuda")
+    _raises(lambda: OPS.orw_cfm_w2_loss(v, v, v, ones, 1.0, torch.ones(4)), "w2_weights is on cpu but v is on cuda")
+    _raises(lambda: OPS.orw_cfm_w2_loss(v, v, v, ones, 1.0, torch.ones(5, device="cuda")),
+            "w2_weights must have shape [B] = [4]")
 
 
 @cuda

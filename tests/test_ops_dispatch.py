@@ -11,8 +11,9 @@ import sys
 
 import pytest
 import torch
-from op_cases import (assert_elementwise_close, assert_rel_close, expected_loss, expected_model_loss,
-                      expected_ode_step, expected_path)
+from op_cases import (assert_elementwise_close, assert_rel_close, expected_loss, expected_loss_grad,
+                      expected_loss_input_grads, expected_model_loss, expected_ode_step, expected_path,
+                      w2_weight_inputs)
 
 from orwcfm_fast import ops
 from orwcfm_fast.ops import backends
@@ -85,6 +86,41 @@ def test_each_cpu_backend_through_the_public_calls(backend):
     out = ops.ode_step(x0, ks, coeffs, 0.05, backend=backend)
     e_out, scale = expected_ode_step(x0, ks, coeffs, 0.05)
     assert_elementwise_close(out, e_out, scale, "ode_step")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_w2_weights_through_the_public_call(backend):
+    """``w2_weights=c``: ``loss = mean_i(w_i fm_i + alpha c_i w2_i)`` and its gradients in v, weights and c on every CPU
+    backend vs float64; ``w2_weights=None`` is bitwise the call without it (today's kernels)."""
+    g = torch.Generator().manual_seed(8)
+    shape = (3, 2, 5, 3)  # B = 3, 4-D samples, D = 30
+    v = torch.randn(shape, generator=g, requires_grad=True)
+    u, v_ref = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    w = (torch.rand(3, generator=g) * 2).requires_grad_(True)
+    c = w2_weight_inputs(3, seed=8, kind="spread", dtype=torch.float64).requires_grad_(True)
+    loss, fm, w2 = ops.orw_cfm_w2_loss(v, u, v_ref, w, 0.7, backend=backend, w2_weights=c)
+    for name, got, exp in zip(("loss", "fm", "w2"), (loss, fm, w2), expected_loss(v, u, v_ref, w, 0.7, c)):
+        assert_rel_close(got, exp, 1e-5, f"{backend} {name}")  # float32 sums of 30 squares
+    grad_v, grad_w, grad_c = torch.autograd.grad(loss, [v, w, c])
+    exp_grad, scale = expected_loss_grad(v, u, v_ref, w, 0.7, w2_weights=c)
+    assert_elementwise_close(grad_v, exp_grad, scale, f"{backend} grad_v")
+    exp_grad_w, exp_grad_c = expected_loss_input_grads(v, u, v_ref, w, 0.7, w2_weights=c)
+    assert grad_c.dtype == torch.float64
+    assert_rel_close(grad_w, exp_grad_w, 1e-5, f"{backend} grad_weights")
+    assert_rel_close(grad_c, exp_grad_c, 1e-5, f"{backend} grad_w2_weights")  # from the float32 w2
+    plain = ops.orw_cfm_w2_loss(v, u, v_ref, w, 0.7, backend=backend)
+    for a, b in zip(plain, ops.orw_cfm_w2_loss(v, u, v_ref, w, 0.7, backend=backend, w2_weights=None)):
+        assert torch.equal(a, b)
+
+
+def test_w2_weights_input_errors_name_the_argument():
+    v = torch.randn(4, 3)
+    with pytest.raises(ValueError, match=r"w2_weights must have shape \[B\] = \[4\]"):
+        ops.orw_cfm_w2_loss(v, v, v, torch.ones(4), 1.0, w2_weights=torch.ones(2))
+    with pytest.raises(TypeError, match="w2_weights must be float16, bfloat16, float32 or float64"):
+        ops.orw_cfm_w2_loss(v, v, v, torch.ones(4), 1.0, w2_weights=torch.ones(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="w2_weights is on meta but the samples are on cpu"):
+        ops.orw_cfm_w2_loss(v, v, v, torch.ones(4), 1.0, w2_weights=torch.ones(4, device="meta"))
 
 
 def test_input_errors_name_the_argument():
@@ -224,7 +260,9 @@ def test_public_ops_trace_with_fullgraph(backend):
     def step(x_0, x_1, t, v_ref, w, k):
         x_t, u_t = ops.conditional_path(x_0, x_1, t, backend=backend)
         v = ops.ode_step(x_t, [k, u_t], [0.5, 0.25], 0.1, backend=backend)
-        return ops.orw_cfm_w2_loss(v, u_t, v_ref, w, 0.3, backend=backend)
+        # ADRPO's per-sample W2 coefficients, from tensors of the step (no host sync in the checks or the op).
+        per_sample = ops.orw_cfm_w2_loss(v, u_t, v_ref, w, 0.3, backend=backend, w2_weights=t * 2)
+        return (*ops.orw_cfm_w2_loss(v, u_t, v_ref, w, 0.3, backend=backend), *per_sample)
 
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     for got, want in zip(compiled(x_0, x_1, t, v_ref, w, k), step(x_0, x_1, t, v_ref, w, k)):

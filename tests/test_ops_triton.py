@@ -26,16 +26,19 @@ triton = pytest.importorskip("triton", reason="the Triton backend needs the trit
 
 from op_cases import (  # noqa: E402
     FP32_RTOL,
+    W2_WEIGHT_KINDS,
     assert_elementwise_close,
     assert_low_precision_ok,
     assert_rel_close,
     expected_loss,
     expected_loss_grad,
+    expected_loss_input_grads,
     expected_ode_step,
     dopri5_fixed_tableau,
     expected_path,
     loss_inputs,
     random_shapes,
+    w2_weight_inputs,
 )
 
 import orwcfm_fast.ops.triton as T  # noqa: E402
@@ -143,6 +146,58 @@ def check_loss_low_precision(shape, i: int, dtype: torch.dtype, device: str) -> 
     ref[0].backward()
     assert v_tri.grad.dtype == dtype
     exp_grad, _ = expected_loss_grad(v, u, v_ref, w, alpha)
+    assert_low_precision_ok(v_tri.grad, v_torch.grad, exp_grad, f"grad_v (shape {shape}, {dtype})",
+                            floor=_half_ulp_floor(dtype, exp_grad))
+
+
+C_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
+def check_loss_w2_weights(shape, i: int, dtype: torch.dtype, device: str) -> None:
+    """Per-sample W2 coefficients ``c``: ``loss = mean_i(w_i fm_i + alpha c_i w2_i)`` and the gradients in ``v``,
+    ``weights`` and ``c`` (with random ``g_fm``, ``g_w2`` on odd ``i``) vs float64."""
+    alpha, kind = ALPHAS[i % 3], WEIGHT_KINDS[i % 4]
+    v, u, v_ref, w = loss_inputs(shape, seed=7000 + i, dtype=dtype, device=device, weight_kind=kind)
+    c = w2_weight_inputs(shape[0], seed=7000 + i, kind=W2_WEIGHT_KINDS[i % 3], dtype=C_DTYPES[(i // 3) % 3],
+                         device=device)
+    for leaf in (v, w, c):
+        leaf.requires_grad_()
+    loss, fm, w2 = T.orw_cfm_w2_loss(v, u, v_ref, w, alpha, c)
+    acc = accumulation_dtype(dtype)
+    assert loss.dtype == fm.dtype == w2.dtype == acc
+    where = f"shape {shape}, {dtype}, alpha {alpha}, {kind} weights, c {W2_WEIGHT_KINDS[i % 3]}/{c.dtype}"
+    for name, got, exp in zip(("loss", "fm", "w2"), (loss, fm, w2), expected_loss(v, u, v_ref, w, alpha, c)):
+        assert_rel_close(got, exp, _rtol(dtype), f"{name} ({where})")
+    g_fm = g_w2 = None
+    outs, grads = [loss], [torch.ones((), dtype=acc, device=device)]
+    if i % 2:
+        gen = torch.Generator().manual_seed(i)
+        g_fm, g_w2 = (torch.randn(shape[0], generator=gen, dtype=acc).to(device) for _ in range(2))
+        outs, grads = [loss, fm, w2], grads + [g_fm, g_w2]
+    torch.autograd.backward(outs, grads)
+    exp_grad, scale = expected_loss_grad(v, u, v_ref, w, alpha, 1.0, g_fm, g_w2, w2_weights=c)
+    assert_elementwise_close(v.grad, exp_grad, scale, f"grad_v ({where})", eps=_eps(dtype))
+    exp_grad_w, exp_grad_c = expected_loss_input_grads(v, u, v_ref, w, alpha, 1.0, w2_weights=c)
+    assert w.grad.dtype == w.dtype and c.grad.dtype == c.dtype
+    # The [B] gradients are float64 formulas of fm / w2, rounded once to their inputs' dtype (2^-8 for bf16 c).
+    assert_rel_close(w.grad, exp_grad_w, max(_rtol(dtype), 2.0**-24), f"grad_weights ({where})")
+    assert_rel_close(c.grad, exp_grad_c, max(_rtol(dtype), torch.finfo(c.dtype).eps / 2 * 1.01),
+                     f"grad_w2_weights ({where})")
+
+
+def check_loss_w2_weights_low_precision(shape, i: int, dtype: torch.dtype, device: str) -> None:
+    """bf16/fp16 samples with ``w2_weights``: float32 results within FP32_RTOL; ``grad_v`` at most 2x torch's error."""
+    alpha, kind = ALPHAS[i % 3], ("uniform", "zero")[i % 2]
+    v, u, v_ref, w = loss_inputs(shape, seed=8000 + i, dtype=dtype, device=device, weight_kind=kind)
+    c = w2_weight_inputs(shape[0], seed=8000 + i, kind=W2_WEIGHT_KINDS[i % 3], device=device)
+    v_tri, v_torch = v.clone().requires_grad_(), v.clone().requires_grad_()
+    out = T.orw_cfm_w2_loss(v_tri, u, v_ref, w, alpha, c)
+    ref = orw_cfm_w2_loss_reference(v_torch, u, v_ref, w, alpha, c)
+    for name, a, e in zip(("loss", "fm", "w2"), out, expected_loss(v, u, v_ref, w, alpha, c)):
+        assert_rel_close(a, e, FP32_RTOL, f"{name} (shape {shape}, {dtype})")
+    out[0].backward()
+    ref[0].backward()
+    exp_grad, _ = expected_loss_grad(v, u, v_ref, w, alpha, w2_weights=c)
     assert_low_precision_ok(v_tri.grad, v_torch.grad, exp_grad, f"grad_v (shape {shape}, {dtype})",
                             floor=_half_ulp_floor(dtype, exp_grad))
 
@@ -281,6 +336,37 @@ def test_loss_low_precision(i, dtype):
     check_loss_low_precision(LOSS_SHAPES[i], i, dtype, "cpu")
 
 
+W2_WEIGHTS_IDX = list(range(0, len(LOSS_SHAPES), 10))  # 20 shapes: 1x1, 6x3x5x7, 3x6311, 433x10, odd D, ...
+
+
+@cpu
+@pytest.mark.parametrize("dtype", FP.values(), ids=FP.keys())
+@pytest.mark.parametrize("i", W2_WEIGHTS_IDX)
+def test_loss_w2_weights(i, dtype):
+    check_loss_w2_weights(LOSS_SHAPES[i], i, dtype, "cpu")
+
+
+@cpu
+@pytest.mark.parametrize("dtype", LOWP.values(), ids=LOWP.keys())
+@pytest.mark.parametrize("i", range(0, LOWP_N, 4))
+def test_loss_w2_weights_low_precision(i, dtype):
+    check_loss_w2_weights_low_precision(LOSS_SHAPES[i], i, dtype, "cpu")
+
+
+@cpu
+def test_loss_w2_weights_split_rows_and_ones():
+    """Split rows (per-split sums added before c enters) vs float64; None is the 5-argument call bit for bit, and
+    all-ones c is the same loss within a float32 rounding of alpha * c (fm and w2 are the same kernels' outputs)."""
+    check_loss_w2_weights(SPLIT_SHAPES[1], 1, torch.float32, "cpu")
+    v, u, v_ref, w = loss_inputs(SPLIT_SHAPES[1], seed=2)
+    plain = T.orw_cfm_w2_loss(v, u, v_ref, w, 0.5)
+    for a, b in zip(plain, T.orw_cfm_w2_loss(v, u, v_ref, w, 0.5, None)):
+        assert torch.equal(a, b)
+    ones = T.orw_cfm_w2_loss(v, u, v_ref, w, 0.5, torch.ones(SPLIT_SHAPES[1][0]))
+    assert torch.equal(plain[1], ones[1]) and torch.equal(plain[2], ones[2])
+    torch.testing.assert_close(ones[0], plain[0], rtol=2.0**-22, atol=0)
+
+
 @cpu
 @pytest.mark.parametrize("dtype", FP.values(), ids=FP.keys())
 @pytest.mark.parametrize("i", range(len(PATH_SHAPES)))
@@ -379,6 +465,7 @@ def _op_cases():
     return {
         "loss": (orw_cfm_w2_loss_op, (r(3, 2, 3), r(3, 2, 3), r(3, 2, 3), w(3), 0.7)),
         "loss_alpha0": (orw_cfm_w2_loss_op, (r(2, 5), r(2, 5), r(2, 5), w(2), 0.0)),
+        "loss_w2_weights": (orw_cfm_w2_loss_op, (r(3, 2, 3), r(3, 2, 3), r(3, 2, 3), w(3), 0.7, w(3))),
         "loss_backward": (orw_cfm_w2_loss_backward_op, (r(3, 4), r(3, 4), r(3, 4), r(3), r(3))),
         "path": (conditional_path_op, (r(3, 4), r(3, 4), w(3))),
         "path_noise": (conditional_path_op, (r(3, 2, 2), r(3, 2, 2), w(3), 0.3, r(3, 2, 2))),
@@ -387,7 +474,8 @@ def _op_cases():
     }
 
 
-OP_CASES = ["loss", "loss_alpha0", "loss_backward", "path", "path_noise", "ode_step_0", "ode_step_4"]
+OP_CASES = ["loss", "loss_alpha0", "loss_w2_weights", "loss_backward", "path", "path_noise", "ode_step_0",
+            "ode_step_4"]
 
 
 def _is_tensor_list(a) -> bool:
@@ -422,7 +510,8 @@ def test_opcheck(case):
 
 
 @cpu
-@pytest.mark.parametrize("case", ["loss", "loss_alpha0", "loss_backward", "path", "path_noise", "ode_step_4"])
+@pytest.mark.parametrize("case", ["loss", "loss_alpha0", "loss_w2_weights", "loss_backward", "path", "path_noise",
+                                  "ode_step_4"])
 def test_gradcheck_float64(case):
     """The registered autograd formulas against finite differences (every differentiable input)."""
     op, args = _op_cases()[case]
@@ -435,7 +524,7 @@ def test_gradcheck_float64(case):
 
 
 @cpu
-@pytest.mark.parametrize("case", ["loss", "loss_backward"])
+@pytest.mark.parametrize("case", ["loss", "loss_w2_weights", "loss_backward"])
 def test_gradgradcheck_loss_float64(case):
     """The loss's backward op is differentiable too (double backward, e.g. for gradient penalties)."""
     op, args = _op_cases()[case]
@@ -569,6 +658,10 @@ def test_input_errors():
         T.orw_cfm_w2_loss(x, torch.randn(2, 4), x, torch.ones(2), 1.0)
     with pytest.raises(ValueError, match=r"weights must be \[B\] = \[2\]"):
         T.orw_cfm_w2_loss(x, x, x, torch.ones(3), 1.0)
+    with pytest.raises(ValueError, match=r"w2_weights must be \[B\] = \[2\] on cpu, got \(3,\)"):
+        T.orw_cfm_w2_loss(x, x, x, torch.ones(2), 1.0, torch.ones(3))
+    with pytest.raises(TypeError, match="w2_weights must be a floating-point tensor"):
+        T.orw_cfm_w2_loss(x, x, x, torch.ones(2), 1.0, torch.ones(2, dtype=torch.int64))
 
 
 def test_is_available_reports_devices():
@@ -606,6 +699,37 @@ def test_cuda_values_vs_float64(i, dtype):
     j = i % len(PATH_SHAPES)
     check_path(PATH_SHAPES[j], j, dtype, "cuda")
     check_ode_step(ODE_SHAPES[j], j, dtype, "cuda")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", FP.values(), ids=FP.keys())
+@pytest.mark.parametrize("i", W2_WEIGHTS_IDX + [len(LOSS_SHAPES) + j for j in range(len(SPLIT_SHAPES))])
+def test_cuda_loss_w2_weights(i, dtype):
+    """Compiled kernels with per-sample W2 coefficients (the random shapes, then the split-row shapes)."""
+    shape = LOSS_SHAPES[i] if i < len(LOSS_SHAPES) else SPLIT_SHAPES[i - len(LOSS_SHAPES)]
+    check_loss_w2_weights(shape, i, dtype, "cuda")
+    if i < LOWP_N:
+        check_loss_w2_weights_low_precision(shape, i, torch.bfloat16, "cuda")
+
+
+@cuda
+def test_cuda_w2_weights_no_host_sync():
+    """The public op with w2_weights, forward and backward, never synchronises with the host."""
+    from orwcfm_fast import ops
+
+    v, u, v_ref, w = loss_inputs((64, 3, 16, 16), seed=3, device="cuda")
+    c = w2_weight_inputs(64, seed=3, device="cuda")
+    v.requires_grad_()
+    c.requires_grad_()
+    warm_up, _, _ = ops.orw_cfm_w2_loss(v, u, v_ref, w, 0.5, backend="triton", w2_weights=c)
+    torch.autograd.grad(warm_up, [v, c])  # the kernels' JIT compiles happen outside the check
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, _, _ = ops.orw_cfm_w2_loss(v, u, v_ref, w, 0.5, backend="triton", w2_weights=c)
+        torch.autograd.grad(loss, [v, c])
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
 
 
 @cuda
@@ -703,6 +827,7 @@ def test_cuda_graph_capture_and_replay():
     shape = (32, 3, 32, 32)
     cases = [
         (lambda v, u, r, w: T.orw_cfm_w2_loss(v, u, r, w, 0.5), [shape] * 3 + [(32,)]),
+        (lambda v, u, r, w, c: T.orw_cfm_w2_loss(v, u, r, w, 0.5, c), [shape] * 3 + [(32,), (32,)]),
         (lambda v, u, r, c1, c2: (orw_cfm_w2_loss_backward_op(v, u, r, c1, c2),), [shape] * 3 + [(32,), (32,)]),
         (lambda x0, x1, t, n: T.conditional_path(x0, x1, t, 0.1, n), [shape, shape, (32,), shape]),
         (lambda x, k0, k1, k2, k3: (T.ode_step(x, [k0, k1, k2, k3], [1 / 6, 1 / 3, 1 / 3, 1 / 6], 0.05),), [shape] * 5),
