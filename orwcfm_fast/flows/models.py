@@ -62,6 +62,11 @@ class TrainingModels:
     def encode(self, prompts: Sequence[str] | None, batch: int) -> tuple[torch.Tensor, ...]:
         return ()
 
+    def old_policy_forward(self, sampler_forward: Callable) -> Callable:
+        """The last policy as the loss sees it (DiffusionNFT's old policy), given the sampler's velocity (the third
+        of :meth:`forwards`): that one where the loss and the sampler use the same guidance (plain modules)."""
+        return sampler_forward
+
     def forward_passes(self, role: str) -> int:
         """Model passes per sample of one call of a role's velocity (:mod:`orwcfm_fast.compute`'s unit):
         ``role`` is ``"sampling"`` (the sampler's velocity) or ``"policy"`` / ``"reference"`` / ``"old_policy"``

@@ -185,6 +185,10 @@ class PipelineModels(TrainingModels):
             self.pipe.transformer.compile(backend=compile_backend)
         return self._policy, self.ref_model, self._sampler
 
+    def old_policy_forward(self, sampler_forward):
+        # the loss's guidance (cfg_mode), not the sampler's: they differ under "sampling_only"
+        return self.last_policy
+
     def forward_passes(self, role):
         velocity = {"sampling": self._sampler, "policy": self._policy, "reference": self.ref_model,
                     "old_policy": self.last_policy}[role]
