@@ -184,6 +184,7 @@ class ORWCFMTrainer:
         self._check_model_output()
 
         self._policy_forward, self._ref_forward, self._last_policy_forward = self._forwards()
+        self._old_policy_forward = self.models.old_policy_forward(self._last_policy_forward)  # DiffusionNFT's loss
         # Sampling from last_policy: one CUDA graph per batch shape on CUDA (eager elsewhere).
         # update_last_policy copies weights in place, so the captured graph stays valid.
         self._sampler = GraphSampler(
@@ -552,7 +553,7 @@ class ORWCFMTrainer:
         """A loss forward of ``role`` (``policy`` with gradient; ``reference`` / ``old_policy`` without) under the
         run's autocast, in ``x_t``'s dtype (bf16 forwards: the loss is taken in fp32); its passes counted."""
         fn = {"policy": self._policy_forward, "reference": self._ref_forward,
-              "old_policy": self._last_policy_forward}[role]
+              "old_policy": self._old_policy_forward}[role]
         self.compute.add(role, x_t.shape[0] * self.models.forward_passes(role))
         with self._autocast():
             if role == "policy":

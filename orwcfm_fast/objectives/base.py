@@ -100,7 +100,9 @@ def advantages(rewards: torch.Tensor, group: int | None, clip: float) -> torch.T
     """Clipped advantages ``clamp((r - group mean) / (batch std + 1e-4), -clip, clip)``.
 
     DiffusionNFT's estimate (its ``PerPromptStatTracker`` with ``global_std``): each reward minus the mean of
-    its prompt's group, over the standard deviation (population, ``ddof=0``) of the whole batch.
+    its prompt's group, over the standard deviation (population, ``ddof=0``) of the whole batch. Groups are
+    consecutive rows (a batch's ``images_per_prompt`` samples of one drawn prompt); the tracker pools by prompt
+    text, which differs only when one batch draws a prompt twice.
 
     Args:
         rewards: ``[B]`` rewards.

@@ -51,6 +51,8 @@ class OfflineRwr(OrwCfmW2):
         noise_gen = torch.Generator(device=engine.device).manual_seed(engine.seed + _NOISE_SEED)
         prompt_gen = torch.Generator().manual_seed(engine.seed + _PROMPT_SEED)
         parts, rewards, terms, prompts = [], [], {}, []
+        # a resume draws the checkpoint's set again: the run that drew it first counted its passes
+        counts = engine.compute.state() if self._expected_rewards is not None else None
         for _ in range(self.size(batch) // batch):
             batch_prompts = None
             if engine.prompts is not None:
@@ -67,6 +69,8 @@ class OfflineRwr(OrwCfmW2):
         self.rewards = torch.cat(rewards)
         self.terms = {name: torch.cat(values) for name, values in terms.items()}
         self.prompts = prompts if engine.prompts is not None else None
+        if counts is not None:
+            engine.compute.load_state(counts)
         if self._expected_rewards is not None and not torch.equal(self._expected_rewards.to(self.rewards.device),
                                                                   self.rewards):
             warnings.warn("offline-rwr: the training set drawn again on resume differs from the checkpoint's "
