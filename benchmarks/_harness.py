@@ -157,7 +157,7 @@ def main(bench_factory: Callable[[torch.device], OpBench], sizes: dict[str, list
             gbps = nbytes / seconds / 1e9
             rows.append({"shape": list(shape), "provider": name, "ms": seconds * 1e3, "GB/s": gbps,
                          "fraction_of_copy": nbytes / seconds / copy_bps})
-            print(f"  {_fmt_shape(shape):>16}  {name:>14}  {seconds * 1e3:9.4f} ms  {gbps:8.2f} GB/s"
+            print(f"  {_fmt_shape(shape):>16}  {name:>18}  {seconds * 1e3:9.4f} ms  {gbps:8.2f} GB/s"
                   f"  {100 * nbytes / seconds / copy_bps:5.1f}% of copy")
     for name, why in skipped.items():
         print(f"  {name}: skipped ({why})")

@@ -114,8 +114,9 @@ DEFAULT_BUDGET_S = {"check": 540, "bench": 300, "all": 840}
 #   pytest         ~300 s cold (CUDA_TEST_FILES: per file), less when warm (Triton's and Inductor's caches)
 #   memcheck       ~60-120 s: two sanitizer processes (MEMCHECK_PROCESS_S); memcheck slows kernels 10-100x and
 #                  tracks every allocation, and Triton compiles its kernels again under it
-#   op_benchmarks  ~60-120 s: 3 ops x 6 shapes x 4 providers at ~0.3 s of timing each, plus one Inductor compile
-#                  (torch.compile provider) per op and shape and the Triton JIT
+#   op_benchmarks  ~60-120 s: 3 ops x 6 shapes x 4 providers at ~0.3 s of timing each (the loss: 3 more, its
+#                  w2_weights variants, no new compile), plus one Inductor compile (torch.compile provider) per op
+#                  and shape and the Triton JIT
 #   throughput     ~120-180 s: 4-5 modes x (1 untimed + 5 timed) steps of batch 128 x Euler 100 on the CIFAR UNet
 #                  (~1-3 s a step), CUDA-graph captures, the random-weight CLIP
 # So "check" cold: ~15 + 120 + 15 + 300 + 90 = ~540 s, the budget: the last test files may time out on a fresh
@@ -1008,7 +1009,10 @@ def render_markdown(result: dict, json_name: str) -> str:
                   "`benchmarks/bench_<op>.py`; minimum traffic as each script's docstring counts it."]
         for op, data in ops.items():
             ran = {r["provider"] for r in data["rows"]}
-            providers = [p for p in ("torch", "torch.compile", "triton", "cpp") if p in ran]
+            known = ("torch", "torch.compile", "triton", "cpp")
+            # then any further providers in the benchmark's order (bench_loss's "<provider>+w2_weights")
+            providers = [p for p in known if p in ran] + [p for p in dict.fromkeys(r["provider"] for r in data["rows"])
+                                                          if p not in known]
             lines += ["", f"### {op} ({data['dtype']}; copy {data['copy_GBps']:.1f} GB/s)", "",
                       "| shape | " + " | ".join(providers) + " |", "|---|" + "---|" * len(providers)]
             shapes = []

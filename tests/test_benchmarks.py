@@ -59,6 +59,30 @@ def test_op_benchmarks_run(tmp_path, bench_path, script, monkeypatch):
     sys.modules.pop(script, None)
 
 
+def test_loss_benchmark_times_the_w2_weights_variant(tmp_path, bench_path, monkeypatch):
+    """bench_loss's ``<provider>+w2_weights`` providers call the op with per-sample W2 coefficients and get rows."""
+    import bench_loss
+
+    from orwcfm_fast import ops
+
+    calls = []
+    real = ops.orw_cfm_w2_loss
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("w2_weights") is not None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "orw_cfm_w2_loss", spy)
+    out = tmp_path / "loss.json"
+    bench_loss.main(bench_loss.make_bench, {"cpu": [(3, 5)], "cuda": [(3, 5)]},
+                    ["--device", "cpu", "--providers", "cpp,cpp+w2_weights,torch+w2_weights", "--json", str(out)])
+    sys.modules.pop("bench_loss", None)
+    saved = json.loads(out.read_text())
+    assert {r["provider"] for r in saved["rows"]} == {"cpp", "cpp+w2_weights", "torch+w2_weights"}
+    assert all(r["ms"] > 0 for r in saved["rows"])
+    assert True in calls and False in calls  # the variant passes w2_weights, the plain provider does not
+
+
 @pytest.mark.slow
 def test_t2i_throughput_quick_writes_both_modes_and_phases(tmp_path, bench_path, monkeypatch):
     pytest.importorskip("diffusers", reason="the text-to-image benchmark needs the 'diffusers' extra")

@@ -586,6 +586,20 @@ def test_report_of_a_gpu_run(gpu_check):
     assert md.strip().splitlines()[-1] == "gpu-check: pass"
 
 
+def test_report_lists_further_providers_after_the_known_ones(gpu_check):
+    """bench_loss's w2_weights variants get their own columns, after torch / torch.compile / triton / cpp."""
+    rows = [{"shape": [512, 2], "provider": p, "ms": 0.01, "GB/s": 1.0, "fraction_of_copy": f}
+            for p, f in (("torch", 0.1), ("cpp", 0.5), ("torch+w2_weights", 0.09), ("cpp+w2_weights", 0.49))]
+    result = {"device": "NVIDIA H200", "date": "2026-12-02", "commit": "abc1234", "torch": "2.11.0+cu130",
+              "status": "pass", "dry_run": False, "budget_s": 300, "wall_s": 100.0, "last_line": "gpu-check: pass",
+              "environment": {}, "steps": {},
+              "figures": {"ops": {"orw_cfm_w2_loss": {"copy_GBps": 4300.0, "dtype": "float32", "rows": rows,
+                                                      "skipped": {}}}}}
+    md = gpu_check.render_markdown(result, "benchmarks/results/nvidia-h200.json")
+    assert "| shape | torch | cpp | torch+w2_weights | cpp+w2_weights |" in md
+    assert "| 512x2 | 0.10 (0.0100 ms) | 0.50 (0.0100 ms) | 0.09 (0.0100 ms) | 0.49 (0.0100 ms) |" in md
+
+
 def test_backend_verdict(gpu_check):
     ext = str(ROOT / "orwcfm_fast" / "_C.cpython-312-x86_64-linux-gnu.so")
     gpu = {"extension": ext, "missing_modules": [], "triton_cuda": "CUDA tensors: yes, compiled for the GPU",
