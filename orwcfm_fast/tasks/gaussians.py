@@ -2,7 +2,9 @@
 
 Used by the coupling experiment (``benchmarks/coupling_experiment.py``) and the tests
 that check ORW-CFM-W2's behaviour: alpha = 0 collapses onto the rewarded mode,
-alpha = 1 raises the reward while keeping the other modes.
+alpha = 1 raises the reward while keeping the other modes. :class:`ModePosteriorReward` is the
+held-out reward of ``orwcfm-fast sweep`` on this task (the data's own classifier, not the distance
+that is trained on).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ __all__ = [
     "EightGaussians",
     "MLPVelocity",
     "ModeReward",
+    "ModePosteriorReward",
     "pretrain_flow",
     "tilted_mode_masses",
     "reference_ot_coupling",
@@ -76,6 +79,36 @@ class ModeReward(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, 2]`` -> ``[B]``."""
         return -(x - self.center.to(x.device)).norm(dim=1)
+
+
+class ModePosteriorReward(torch.nn.Module):
+    """The mixture's own classifier: the posterior probability that ``x`` came from component ``mode``.
+
+    ``r(x) = p(mode | x) = N(x; c_mode, s^2 I) / sum_k N(x; c_k, s^2 I)`` for the equal-weight mixture of
+    :class:`EightGaussians` (centres ``c_k``, std ``s``), i.e. ``softmax_k(-||x - c_k||^2 / (2 s^2))[mode]``.
+    In ``[0, 1]``: about 1 on the mode's side of the bisectors to its neighbours, about 0 elsewhere, so its
+    mean is the fraction of samples in the mode. Unlike :class:`ModeReward` it gives nothing for pulling
+    samples closer to the centre than the mode's own spread, and a point half-way between two modes scores
+    1/2, not a distance.
+
+    Args:
+        data: the mixture (its ``centers`` and ``std``).
+        mode: the component, ``0 .. 7``.
+    """
+
+    def __init__(self, data: EightGaussians, mode: int):
+        super().__init__()
+        if not 0 <= int(mode) < data.centers.shape[0]:
+            raise ValueError(f"mode must be in 0..{data.centers.shape[0] - 1}, got {mode!r}")
+        self.register_buffer("centers", data.centers.detach().clone().float())
+        self.std = float(data.std)
+        self.mode = int(mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, 2]`` -> ``[B]`` float32 (the log-likelihoods compared in float64: far from every centre they
+        are large and close together)."""
+        d2 = torch.cdist(x.double(), self.centers.to(x.device, torch.float64)).pow(2)  # [B, 8]
+        return torch.softmax(-d2 / (2 * self.std**2), dim=1)[:, self.mode].float()
 
 
 def pretrain_flow(
