@@ -12,8 +12,9 @@ Commands:
 
 - ``eval``: per-prompt reward and within-prompt diversity of a pretrained or fine-tuned policy
   (:mod:`orwcfm_fast.eval_run`).
-- ``sweep``: one fine-tuning per alpha (and temperature), each evaluated; ``sweep.json``, ``pareto.png``
-  and ``sweep.md``: the reward-diversity trade-off (:mod:`orwcfm_fast.sweep`).
+- ``sweep``: one fine-tuning per objective x alpha (x temperature), each evaluated every epoch with its
+  training forwards counted; ``sweep.json``, ``pareto.png``, ``compute.png`` and ``sweep.md``: the
+  reward-diversity trade-off and its compute, objective against objective (:mod:`orwcfm_fast.sweep`).
 - ``reward-server``: serve a registered reward over HTTP on loopback, for trainers with config
   ``reward: "http://127.0.0.1:PORT"`` (:mod:`orwcfm_fast.reward_server`).
 """
