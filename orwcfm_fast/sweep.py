@@ -625,10 +625,20 @@ def _colour(objective: str) -> str:
 
 
 def _save(fig, path) -> Path:
+    """Writes ``fig`` as a PNG of at most 256 colours (a third of the RGB file's size: these go into the docs)."""
+    import io
+
+    from PIL import Image
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, format="png")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=100, format="png")
+    buffer.seek(0)
+    with Image.open(buffer) as image:
+        image.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, format="PNG",
+                                                                                          optimize=True)
     return path
 
 
@@ -711,8 +721,13 @@ def save_compute(record: Mapping[str, Any], path: str | os.PathLike, title: str 
                            label=f"temperature {t:g}") for k, t in enumerate(temps)]
     if target is not None:
         handles.append(Line2D([], [], color="black", linestyle="--", linewidth=0.8, label="reward target"))
+    # symmetric log: the pretrained model at 0, then decades (offline-rwr's cheap steps and the online objectives'
+    # costly ones differ by several times)
+    positive = [p["forwards_total"] for e in settings for p in e.get("epochs", ()) if p["forwards_total"] > 0]
     for ax, key in zip(axes, ("reward", "diversity")):
-        ax.set_xlabel("training forwards (samples through the model: sampling + loss passes)", fontsize=8)
+        if positive:
+            ax.set_xscale("symlog", linthresh=min(positive), linscale=0.3)
+        ax.set_xlabel("training forwards (samples through the model: sampling + loss passes; symlog)", fontsize=8)
         ax.set_ylabel(f"evaluated {key}")
         ax.grid(alpha=0.3)
     axes[0].legend(handles=handles, fontsize=7, loc="best")
