@@ -70,6 +70,7 @@ import argparse
 import datetime
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -693,6 +694,7 @@ def save_compute(record: Mapping[str, Any], path: str | os.PathLike, title: str 
     setting from the pretrained model at 0 forwards, coloured by objective, a line style per temperature (solid for
     objectives without one), a marker per alpha; the reward target as a dashed horizontal."""
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import FixedLocator
 
     from orwcfm_fast.tasks.plots import _new_figure
 
@@ -725,8 +727,12 @@ def save_compute(record: Mapping[str, Any], path: str | os.PathLike, title: str 
     # costly ones differ by several times)
     positive = [p["forwards_total"] for e in settings for p in e.get("epochs", ()) if p["forwards_total"] > 0]
     for ax, key in zip(axes, ("reward", "diversity")):
-        if positive:
-            ax.set_xscale("symlog", linthresh=min(positive), linscale=0.3)
+        if positive:  # linear up to the decade below the first point, so 0 and the first decade's tick stand apart
+            low, high = math.floor(math.log10(min(positive))), math.ceil(math.log10(max(positive)))
+            ax.set_xscale("symlog", linthresh=10.0**low, linscale=0.5)
+            ax.set_xlim(0, max(positive) * 1.15)
+            ax.xaxis.set_major_locator(FixedLocator([0.0] + [10.0**k for k in range(low, high + 1)]))
+            ax.xaxis.set_minor_locator(FixedLocator([m * 10.0**k for k in range(low, high) for m in range(2, 10)]))
         ax.set_xlabel("training forwards (samples through the model: sampling + loss passes; symlog)", fontsize=8)
         ax.set_ylabel(f"evaluated {key}")
         ax.grid(alpha=0.3)
