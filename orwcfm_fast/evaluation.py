@@ -311,8 +311,10 @@ def _sound_alarm(trainer, out: dict[str, Any]) -> None:
 
     trainer.eval_history.append(evaluation_summary(out, trainer.epoch, trainer.global_step))
     alarm = check_hacking(trainer.eval_history, trainer.config["hacking_window"])
-    message = None if alarm is None else alarm.message(trainer.config["w2_coefficient"],
-                                                       trainer.config["temperature"])
+    # the temperature is a knob only of the objectives that weight samples by exp(temperature * r)
+    temperature = trainer.config["temperature"] if trainer.objective.uses_reward_weights else None
+    message = None if alarm is None else alarm.message(trainer.config["w2_coefficient"], temperature,
+                                                       temperature_applies=trainer.objective.uses_reward_weights)
     out.update(hacking_alarm=alarm is not None, hacking_signals=[] if alarm is None else alarm.signals,
                hacking_message=message)
     if message is not None and distributed.is_main_process():

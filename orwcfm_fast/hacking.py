@@ -99,8 +99,10 @@ class HackingAlarm:
         """The names of the signals that fell."""
         return list(self.fell)
 
-    def message(self, w2_coefficient: float | None = None, temperature: float | None = None) -> str:
-        """The warning's text: what fell, by how much, over which epochs, and what to do."""
+    def message(self, w2_coefficient: float | None = None, temperature: float | None = None, *,
+                temperature_applies: bool = True) -> str:
+        """The warning's text: what fell, by how much, over which epochs, and what to do (lowering the temperature
+        only where the objective weights by it: not DiffusionNFT)."""
         first, last = self.window[0], self.window[-1]
         epochs = ", ".join(str(s["epoch"]) for s in self.window)
         falls = []
@@ -111,8 +113,9 @@ class HackingAlarm:
         return (f"possible reward hacking at epoch {last['epoch']} (global step {last['global_step']}): the training "
                 f"reward rose at each of the last {len(self.window)} evaluations (epochs {epochs}: "
                 f"{first['reward']:.4g} -> {last['reward']:.4g}) while {' and '.join(falls)}. The policy may be "
-                f"exploiting the training reward: raise w2_coefficient{now(w2_coefficient)} or lower "
-                f"temperature{now(temperature)}, or stop at the checkpoint of epoch {first['epoch']}, before the fall.")
+                f"exploiting the training reward: raise w2_coefficient{now(w2_coefficient)}"
+                + (f" or lower temperature{now(temperature)}" if temperature_applies else "")
+                + f", or stop at the checkpoint of epoch {first['epoch']}, before the fall.")
 
 
 def check_hacking(history: Sequence[Mapping[str, Any]], window: int) -> HackingAlarm | None:

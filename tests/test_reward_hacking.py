@@ -110,6 +110,9 @@ def test_the_message_says_what_fell_by_how_much_when_and_what_to_do():
                  "epochs 0, 1, 2", "0.1 -> 0.3", "raise w2_coefficient (now 0.5)", "lower temperature (now 3)",
                  "checkpoint of epoch 0"):
         assert part in text, (part, text)
+    # DiffusionNFT does not weight by exp(temperature * r): no temperature advice
+    nft = check_hacking(hist, 3).message(w2_coefficient=1e-4, temperature=None, temperature_applies=False)
+    assert "temperature" not in nft and "raise w2_coefficient (now 0.0001), or stop" in nft
 
 
 # ---------------------------------------------------------------- evaluate(): scripted evaluations
