@@ -77,6 +77,8 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from orwcfm_fast.cli import _positive_int
+
 __all__ = ["add_parser", "run_sweep", "read_sweep", "sweep_settings", "uses_temperature", "held_out_reward",
            "analyse", "matched_diversity", "forwards_to_target", "matched_compute", "default_reward_target",
            "save_pareto", "save_compute", "sweep_table", "EVAL_SAMPLES", "DIVERSITY_LEVELS", "OBJECTIVE_COLOURS"]
@@ -130,13 +132,6 @@ def _objective_list(text: str) -> list[str]:
     return names
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
 def _finite(text: str) -> float:
     value = float(text)
     if value != value or value in (float("inf"), float("-inf")):
@@ -175,7 +170,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--outdir", default=None, help="folder of the sweep (default runs/sweep-TASK)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per setting (default: the task's)")
     p.add_argument("--steps-per-epoch", type=int, default=None, help="steps per epoch (default: the task's)")
-    p.add_argument("--eval-every", type=_positive, default=1,
+    p.add_argument("--eval-every", type=_positive_int, default=1,
                    help="evaluate each setting after every this many epochs (and after its last)")
     p.add_argument("--samples-per-prompt", type=int, default=None,
                    help="evaluation samples per prompt (unconditional tasks: in all); default per task: "
