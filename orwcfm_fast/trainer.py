@@ -842,11 +842,13 @@ class ORWCFMTrainer:
         log_every = self.config["log_every"]
         pending: Pending | None = None
         rng_before_pending: dict | None = None
+        counts_before_pending: dict | None = None
 
         def submit_next() -> Pending:
-            nonlocal rng_before_pending
+            nonlocal rng_before_pending, counts_before_pending
             if stop.may_stop:  # a stop would discard this batch: keep the states to rewind its draws
                 rng_before_pending = self._rng_state()
+                counts_before_pending = self.compute.state()  # its sampling passes are undone with it
             return self._worker.submit(self._make_batch, *self._draw_batch_inputs())
 
         try:
@@ -879,6 +881,7 @@ class ORWCFMTrainer:
                         pending.wait()
                         pending = None
                         self._set_rng_state(rng_before_pending)
+                        self.compute.load_state(counts_before_pending)
                     return True
         finally:
             if pending is not None:  # an error stopped the epoch: let the background batch finish, unused
