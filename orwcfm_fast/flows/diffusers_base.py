@@ -23,7 +23,8 @@ What a family may rely on, and must provide:
   family sets ``cfg_batched = False`` (two forwards, as pipelines with true CFG run them);
 - :meth:`PipelineFlow.decode` returns images ``[B, 3, H, W]``, or videos ``[B, 3, F, H, W]`` when the family
   sets ``video``; rewards score video frames (:func:`orwcfm_fast.rewards.score_terms`);
-- :meth:`PipelineFlow.default_lora_targets` names the attention projections LoRA adapts by default.
+- :meth:`PipelineFlow.default_lora_targets` names the attention projections LoRA adapts by default;
+- :meth:`PipelineFlow.shard_units` names the blocks FSDP shards one by one (config ``parallelism: "fsdp"``).
 """
 
 from __future__ import annotations
@@ -166,6 +167,16 @@ class PipelineFlow:
         from orwcfm_fast.flows.lora import DEFAULT_TARGET_MODULES
 
         return DEFAULT_TARGET_MODULES
+
+    def shard_units(self, transformer: torch.nn.Module) -> list[torch.nn.Module]:
+        """The sub-modules config ``parallelism: "fsdp"`` shards one by one (FSDP2 units), in forward order.
+
+        Every element of the transformer's top-level ``ModuleList`` s: the transformer blocks of every family
+        registered today (SD3's ``transformer_blocks``, Flux's double and single stream blocks, Z-Image's
+        refiners and ``layers``, Wan's ``blocks``). A family whose blocks sit deeper overrides this.
+        """
+        return [block for child in transformer.children() if isinstance(child, torch.nn.ModuleList)
+                for block in child]
 
     def default_resolution(self) -> int:
         raise NotImplementedError

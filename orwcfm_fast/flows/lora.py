@@ -101,6 +101,16 @@ class LoraRoles:
                 last.append(params[name.replace(f".{POLICY}.", f".{LAST_POLICY}.")])
         return policy, last
 
+    def refresh_parameters(self) -> None:
+        """Collect the adapters' parameters again, after something replaced the transformer's parameter
+        objects (FSDP2's ``fully_shard`` turns them into ``DTensor`` parameters, the modules staying the same)."""
+        self._policy, self._last = self._adapter_pairs()
+
+    def named_adapter_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """Both adapters' parameters by their names in the transformer (sharded checkpoints key them so)."""
+        return {name: p for name, p in self.transformer.named_parameters()
+                if f".{POLICY}." in name or f".{LAST_POLICY}." in name}
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """The policy adapter's LoRA weights (the optimiser's parameters), in a fixed order."""
         return list(self._policy)

@@ -13,7 +13,8 @@ the trainer wires, whatever the family:
   :meth:`reward_inputs` (samples -> what the reward scores: the samples themselves, or decoded
   images);
 - :meth:`time_grid` (``None``: the uniform grid), :meth:`state` / :meth:`load_state` (the
-  checkpoint's model part).
+  checkpoint's model part); for sharded runs (:attr:`~TrainingModels.sharded`) :meth:`sharded_state` and
+  :meth:`checkpoint_meta` instead.
 
 :class:`ModuleModels` is the family of plain velocity modules ``model(t, x)`` and conditional
 ones ``model(t, x, *cond)``: three modules, the policy trained in place, two frozen copies.
@@ -116,6 +117,23 @@ class TrainingModels:
 
     def state(self) -> dict[str, Any]:
         raise NotImplementedError
+
+    #: whether the trained model is sharded over the ranks (config ``parallelism: "fsdp"``): its parameters are
+    #: ``DTensor`` s, gradients are reduced in the backward, and checkpoints are sharded
+    #: (:mod:`orwcfm_fast.sharded_checkpoints`, through :meth:`sharded_state`)
+    sharded: bool = False
+
+    def sharded_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The checkpoint's model part as live tensors keyed by name (``{"lora": {name: param}}`` ...), which a
+        sharded checkpoint saves from and loads into in place; families that can be sharded implement it."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be sharded (config parallelism 'fsdp')")
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """What a sharded checkpoint records beside :meth:`sharded_state` to check a resume (small, plain values)."""
+        return {}
+
+    def check_checkpoint_meta(self, meta: Mapping[str, Any], source: str) -> None:
+        """Raise :class:`CheckpointError` if a sharded checkpoint's :meth:`checkpoint_meta` does not fit; change nothing."""
 
     def check_state(self, ckpt: Mapping[str, Any], source: str) -> None:
         """Raise :class:`CheckpointError` if ``ckpt``'s model part does not fit; change nothing."""
