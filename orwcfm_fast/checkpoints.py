@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -202,6 +203,7 @@ class CheckpointRotation:
 
         checkpoint-e000012.pt           after 12 completed epochs
         checkpoint-e000012_s000034.pt   12 completed epochs + 34 steps into the 13th
+        checkpoint-e000012.dcp/         a sharded checkpoint (FSDP): a torch.distributed.checkpoint folder
 
     ``epoch`` counts completed epochs and ``step_in_epoch`` the steps done in the current
     one, so ``(epoch, step_in_epoch)`` increases with training time, and so does the name
@@ -227,7 +229,7 @@ class CheckpointRotation:
         self.directory = Path(directory)
         self.keep_last = keep_last
         self.prefix = prefix
-        stem = re.escape(prefix) + r"-e(\d{6,})(?:_s(\d{6,}))?\.pt"
+        stem = re.escape(prefix) + r"-e(\d{6,})(?:_s(\d{6,}))?\.(pt|dcp)"
         self._name_re = re.compile(stem)
         # atomic_save's temporary files: ".{final name}.{random}.tmp"
         self._tmp_re = re.compile(r"\." + stem + r"\..+\.tmp", re.DOTALL)
@@ -235,14 +237,15 @@ class CheckpointRotation:
     def __repr__(self) -> str:
         return f"CheckpointRotation({str(self.directory)!r}, keep_last={self.keep_last!r}, prefix={self.prefix!r})"
 
-    def path_for(self, epoch: int, step_in_epoch: int = 0) -> Path:
-        """The file for a checkpoint after ``epoch`` completed epochs and ``step_in_epoch`` more steps."""
+    def path_for(self, epoch: int, step_in_epoch: int = 0, *, sharded: bool = False) -> Path:
+        """The file (``sharded``: the folder, ``.dcp``) for a checkpoint after ``epoch`` completed epochs and
+        ``step_in_epoch`` more steps."""
         _check_count(epoch, "epoch", minimum=0)
         _check_count(step_in_epoch, "step_in_epoch", minimum=0)
         name = f"{self.prefix}-e{epoch:06d}"
         if step_in_epoch:
             name += f"_s{step_in_epoch:06d}"
-        return self.directory / f"{name}.pt"
+        return self.directory / f"{name}.{'dcp' if sharded else 'pt'}"
 
     def _parse(self, name: str) -> tuple[int, int] | None:
         match = self._name_re.fullmatch(name)
@@ -250,7 +253,7 @@ class CheckpointRotation:
             return None
         key = (int(match.group(1)), int(match.group(2) or 0))
         # canonical names only: "e0000012" or "_s000000" are not what path_for writes
-        if self.path_for(*key).name != name:
+        if self.path_for(*key, sharded=match.group(3) == "dcp").name != name:
             return None
         return key
 
@@ -262,13 +265,14 @@ class CheckpointRotation:
         entries = []
         for child in children:
             key = self._parse(child.name)
-            if key is not None and child.is_file():
+            if key is not None and (child.is_dir() if child.suffix == ".dcp" else child.is_file()):
                 entries.append((key, child))
         entries.sort(key=lambda entry: entry[0])
         return entries
 
     def checkpoints(self) -> list[Path]:
-        """The rotation's checkpoint files now in the folder, oldest first (``[]`` if there is no folder)."""
+        """The rotation's checkpoints (files, and sharded checkpoints' folders) now in the folder, oldest first
+        (``[]`` if there is no folder)."""
         return [path for _, path in self._entries()]
 
     def latest(self) -> Path | None:
@@ -288,9 +292,9 @@ class CheckpointRotation:
         except (FileNotFoundError, NotADirectoryError):
             return removed
         for child in children:
-            if self._tmp_re.fullmatch(child.name) and child.is_file():
+            if self._tmp_re.fullmatch(child.name):
                 try:
-                    child.unlink()
+                    _remove(child)
                 except FileNotFoundError:
                     continue
                 except OSError as err:
@@ -314,26 +318,44 @@ class CheckpointRotation:
         path = self.path_for(epoch, step_in_epoch)
         self.remove_stale_temporaries()
         atomic_save(state, path)
+        self.prune(path)
+        return path
+
+    def prune(self, written: Path) -> None:
+        """After ``written`` was saved: warn if newer checkpoints are already in the folder, and delete the oldest
+        beyond ``keep_last`` (never ``written``). :meth:`save` calls it; a sharded checkpoint's writer calls it
+        once its folder is in place (rank 0)."""
+        written = Path(written)
+        key = self._parse(written.name)
+        if key is None:
+            raise ValueError(f"{str(written)!r} is not a checkpoint name of {self!r}")
         entries = self._entries()
-        newer = [p for key, p in entries if key > (epoch, step_in_epoch)]
+        newer = [p for k, p in entries if k > key]
         if newer:
             warnings.warn(
-                f"saved {path.name} but {len(newer)} newer checkpoint(s) are already in "
+                f"saved {written.name} but {len(newer)} newer checkpoint(s) are already in "
                 f"{str(self.directory)!r} (newest {newer[-1].name}), probably from an earlier run; "
                 "latest() returns the newest, not the one just saved",
-                stacklevel=2,
+                stacklevel=3,
             )
         if self.keep_last is not None:
             for _, old in entries[: max(0, len(entries) - self.keep_last)]:
-                if old == path:
+                if old == written:
                     continue
                 try:
-                    old.unlink()
+                    _remove(old)
                 except FileNotFoundError:
                     pass
                 except OSError as err:
-                    warnings.warn(f"could not remove old checkpoint {str(old)!r}: {err}", stacklevel=2)
-        return path
+                    warnings.warn(f"could not remove old checkpoint {str(old)!r}: {err}", stacklevel=3)
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, or a folder with what it holds (a sharded checkpoint)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def latest_checkpoint(directory, prefix: str = "checkpoint") -> Path | None:

@@ -242,9 +242,14 @@ def _add_train_parser(sub) -> None:
     train.add_argument("--batch-size", type=_positive_int, default=None,
                        help="config batch_size: samples per step (per process under torchrun)")
     train.add_argument("--resume", default="auto", metavar="{auto,never,PATH}",
-                       help="auto: continue from the newest checkpoint in the checkpoint folder (or OUTDIR/final.pt) "
+                       help="auto: continue from the newest checkpoint in the checkpoint folder (or OUTDIR/final.pt, "
+                            "final.dcp when sharded) "
                             "if there is one; never: start afresh (refused if OUTDIR already holds a run); "
                             "PATH: that checkpoint")
+    train.add_argument("--reshard", action="store_true",
+                       help="resume a sharded (parallelism fsdp) checkpoint on another number of ranks or another "
+                            "parallelism: weights, EMA and optimiser are loaded into this run's layout, the random "
+                            "streams reseeded (without it such a resume is refused)")
     train.add_argument("--outdir", default=None,
                        help="config savedir: metrics, checkpoints/, final.pt; default runs/train-TASK")
     train.add_argument("--device", default=None,

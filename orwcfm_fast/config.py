@@ -367,6 +367,10 @@ OPTIONS: dict[str, Option] = {
                             "loss times: uniform, logit_normal (sigmoid of N(0, 1)), shifted (uniform, time-shifted)"),
     "ema_decay": Option(None, _decay, "EMA of the trained weights, used by sample() and save_lora (None: off)"),
     "gradient_checkpointing": Option(False, _bool, "pipelines: recompute the transformer's activations in backward"),
+    "parallelism": Option("ddp", _choice(("ddp", "fsdp")),
+                          "under torchrun: ddp replicates the model on every rank; fsdp (pipelines) shards the "
+                          "transformer with FSDP2's fully_shard, one unit per block (checkpoints: torch.distributed"
+                          ".checkpoint folders)"),
     "vae_batch_size": Option(None, _optional_int(1), "pipelines: images per VAE decode (None: the whole batch)"),
     "reward_paths": Option(None, _reward_paths,
                            "local weights of the preference rewards: {name: path} (clip_score, pickscore, hpsv2, "

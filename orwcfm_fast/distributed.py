@@ -4,7 +4,8 @@
 starts one process per GPU and sets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and
 ``MASTER_PORT``. :func:`init_from_env` turns that into an initialised default process group
 (NCCL for CUDA, gloo for CPU); :class:`~orwcfm_fast.ORWCFMTrainer` notices an initialised group
-and runs data-parallel (see its docstring). Nothing here runs at import time.
+and runs data-parallel (see its docstring), or, with config ``parallelism: "fsdp"``, shards a pipeline's
+transformer with FSDP2 (:func:`shard_module`). Nothing here runs at import time.
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ import torch.distributed as dist
 
 __all__ = [
     "agree_on_stop",
+    "full_tensor",
+    "is_sharded",
+    "local_parameter_bytes",
+    "local_tensors",
+    "shard_module",
     "wrap_data_parallel",
     "launched_by_torchrun",
     "init_from_env",
@@ -182,3 +188,65 @@ def agree_on_stop(stop) -> bool:
     if received and stop.signum is None:
         stop.signum = received[0]
     return bool(received)
+
+
+# ---------------------------------------------------------------------------------------------- FSDP2
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a ``DTensor`` (a parameter, gradient or state sharded by FSDP2)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a ``DTensor`` gathered from every rank (a collective: every rank must call it), else ``tensor``."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
+
+
+def local_tensors(tensors) -> list[torch.Tensor]:
+    """Each tensor's local part: a ``DTensor`` 's shard on this rank (a view: writing to it writes the ``DTensor``),
+    other tensors as they are. For ``torch._foreach_*`` ops, which ``DTensor`` does not implement, on tensors
+    sharded alike (a parameter and its EMA or its copy in the other adapter)."""
+    return [t.to_local() if is_sharded(t) else t for t in tensors]
+
+
+def local_parameter_bytes(module: torch.nn.Module) -> int:
+    """Bytes of ``module``'s parameters held by this process: a sharded parameter counts its local shard only."""
+    total = 0
+    for p in module.parameters():
+        local = p.to_local() if is_sharded(p) else p
+        total += local.numel() * local.element_size()
+    return total
+
+
+def shard_module(root: torch.nn.Module, units, compute_dtype: torch.dtype | None) -> None:
+    """Shard ``root`` over every rank with FSDP2's ``fully_shard``: one unit per module of ``units``, then the root.
+
+    Each unit's parameters are all-gathered just before its forward (and again before its backward) and freed
+    after it, so a rank holds ``1 / world_size`` of the parameters plus one unit at a time. Gradients are
+    reduce-scattered (averaged over ranks) during the backward, in float32.
+
+    Args:
+        root: the module (its parameters become ``DTensor`` s in place; the module object stays the same).
+        units: its sub-modules to shard one by one (a transformer's blocks), in forward order.
+        compute_dtype: the dtype the forwards run in (parameters are cast to it when gathered; bf16 /
+            fp16 mixed precision), or ``None``: each parameter's own dtype.
+
+    Raises:
+        RuntimeError: no process group is initialised (start the run under torchrun).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("FSDP sharding needs torch.distributed: start the run under torchrun")
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    for unit in units:
+        fully_shard(unit, mp_policy=policy)
+    fully_shard(root, mp_policy=policy)
+    # FSDP fixes each unit's gradient dtypes when the root first runs, from the parameters that require
+    # gradients then. LoRA's reference role (adapters disabled) requires none, and its base (bf16) and adapters
+    # (fp32) differ in dtype: had the first forward been the reference's, the policy's gradients would later
+    # reach reduce-scatter uncast. Initialise now, while the trained parameters are the ones requiring grad.
+    root._get_fsdp_state()._lazy_init()

@@ -130,6 +130,7 @@ _PROMPTED = "prompted-digits"
 
 _RUN_RECORD = "train_run.json"
 _FINAL = "final.pt"
+_FINAL_SHARDED = "final.dcp"  # config parallelism "fsdp": a sharded checkpoint folder
 _LORA = "lora"
 
 
@@ -466,11 +467,14 @@ def weights_digest(weights) -> str:
 
 def _trained_weights(trainer):
     """What the replicas must agree on: ``net_model``, or a pipeline's trained parameters (its LoRA adapter)."""
+    from orwcfm_fast import distributed
     from orwcfm_fast.flows.models import ModuleModels
 
     if isinstance(trainer.models, ModuleModels):
         return trainer.net_model
-    return {f"trainable.{i}": p for i, p in enumerate(trainer.models.trainable_parameters())}
+    # sharded (FSDP) parameters gathered whole: a collective, every rank calls this
+    return {f"trainable.{i}": distributed.full_tensor(p.detach())
+            for i, p in enumerate(trainer.models.trainable_parameters())}
 
 
 def _next_prompts(trainer) -> list[str]:
@@ -561,8 +565,8 @@ def _plan(args: argparse.Namespace) -> _Plan:
             "reward 'clip' needs config key 'text_prompts': [target prompt, contrast prompt] (reward "
             "p(target) - p(contrast)), e.g. --set 'text_prompts=[\"a photo of a cat\", \"a photo of a dog\"]'"
         )
-    if args.resume not in ("auto", "never") and not Path(args.resume).is_file():
-        raise UsageError(f"--resume {args.resume!r}: no such file (or use 'auto' / 'never')")
+    if args.resume not in ("auto", "never") and not Path(args.resume).exists():
+        raise UsageError(f"--resume {args.resume!r}: no such file or sharded checkpoint folder (or use 'auto' / 'never')")
     epochs = args.epochs if args.epochs is not None else spec["epochs"]
     steps = args.steps_per_epoch if args.steps_per_epoch is not None else spec["steps_per_epoch"]
     missing = [flag for flag, value in (("--epochs", epochs), ("--steps-per-epoch", steps)) if value is None]
@@ -604,15 +608,16 @@ def _find_resume(plan: _Plan, config: Mapping[str, Any]) -> Path | None:
     """The checkpoint to resume from (rank 0 decides), or None for a fresh run.
 
     ``auto``: the newer (by modification time) of the checkpoint directory's latest checkpoint and
-    ``<outdir>/final.pt``, so a finished run is extended by raising ``--epochs``.
+    ``<outdir>/final.pt`` (sharded runs: ``final.dcp``), so a finished run is extended by raising ``--epochs``.
     ``never``: a fresh run, refused when the output folder already holds one (their checkpoints would mix).
     """
     from orwcfm_fast.checkpoints import latest_checkpoint
     from orwcfm_fast.trainer import checkpoint_directory
 
     ckpt_dir = checkpoint_directory(config)
-    final = Path(config["savedir"]) / _FINAL
-    candidates = [p for p in (latest_checkpoint(ckpt_dir), final if final.is_file() else None) if p is not None]
+    finals = [Path(config["savedir"]) / _FINAL, Path(config["savedir"]) / _FINAL_SHARDED]
+    finals = [p for p in finals if (p.is_dir() if p.suffix == ".dcp" else p.is_file())]
+    candidates = [p for p in (latest_checkpoint(ckpt_dir), *finals) if p is not None]
     if plan.resume == "never":
         if candidates:
             raise UsageError(
@@ -624,7 +629,7 @@ def _find_resume(plan: _Plan, config: Mapping[str, Any]) -> Path | None:
         return Path(plan.resume)
     if not candidates:
         return None
-    return max(candidates, key=lambda p: (p.stat().st_mtime_ns, p.name == _FINAL))
+    return max(candidates, key=lambda p: (p.stat().st_mtime_ns, p.name in (_FINAL, _FINAL_SHARDED)))
 
 
 def _write_record(outdir: Path, plan: _Plan, trainer, *, resumed_from, world: int, device) -> None:
@@ -732,7 +737,7 @@ def _train(plan: _Plan, args: argparse.Namespace, device, prog: str) -> int:
         if isinstance(resume, UsageError):
             return fail(str(resume), 2)
         if resume is not None:
-            trainer.load_checkpoint(resume)
+            trainer.load_checkpoint(resume, reshard=getattr(args, "reshard", False))
             log(f"[train] resumed from {resume} (epoch {trainer.epoch} completed)")
     except CheckpointError as err:
         return fail(str(err), 1)
@@ -761,8 +766,8 @@ def _train(plan: _Plan, args: argparse.Namespace, device, prog: str) -> int:
             code = stop.code
             return code if isinstance(code, int) else 1
 
-    final = outdir / _FINAL
-    trainer.save_checkpoint(final)  # a collective under torch.distributed: rank 0 writes
+    final = outdir / (_FINAL_SHARDED if trainer.models.sharded else _FINAL)
+    trainer.save_checkpoint(final)  # a collective under torch.distributed: rank 0 writes (sharded: every rank)
     lora = None
     if getattr(trainer.models, "roles", None) is not None:  # a pipeline trained with LoRA
         lora = outdir / _LORA

@@ -57,6 +57,15 @@ from orwcfm_fast.rewards import make_reward, score_terms
 from orwcfm_fast.run_log import EpochLog
 from orwcfm_fast.step_metrics import MetricSums
 from orwcfm_fast.sampling import GraphSampler, integrate, nfe
+from orwcfm_fast.sharded_checkpoints import (
+    STATE_FILE,
+    check_layout,
+    load_sharded,
+    read_state,
+    restore_optimizer,
+    save_sharded,
+    trainer_tensors,
+)
 from orwcfm_fast.weighting import checked_reward_weights, default_normalization, effective_sample_size
 
 __all__ = ["ORWCFMTrainer", "LinearWarmup", "TrainingInterrupted", "checkpoint_directory", "infer_sample_shape"]
@@ -226,6 +235,14 @@ class ORWCFMTrainer:
 
     def _build_models(self, model, pipeline: bool) -> TrainingModels:
         cfg = self.config
+        if cfg["parallelism"] == "fsdp":
+            if not pipeline:
+                raise ConfigError("config key 'parallelism' is 'fsdp', which shards a diffusers pipeline's transformer; "
+                                  f"a plain velocity module ({type(unwrap_model(model)).__name__}) runs data-parallel: "
+                                  "use 'ddp'")
+            if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+                raise ConfigError("config key 'parallelism' is 'fsdp' but no torch.distributed process group is "
+                                  "initialised: start the run under torchrun (orwcfm_fast.distributed.init_from_env)")
         if pipeline:
             from orwcfm_fast.flows.pipeline_models import PipelineModels
 
@@ -470,27 +487,27 @@ class ORWCFMTrainer:
             return
         params = self.models.trainable_parameters()
         saved = [p.detach().clone() for p in params]
+        local = dist_utils.local_tensors  # sharded (FSDP): shard by shard
         with torch.no_grad():
-            torch._foreach_copy_(params, self._ema)
+            torch._foreach_copy_(local(params), local(self._ema))
         self.models.sync_weights()
         try:
             yield
         finally:
             with torch.no_grad():
-                torch._foreach_copy_(params, saved)
+                torch._foreach_copy_(local(params), local(saved))
             self.models.sync_weights()
 
     def save_lora(self, path) -> None:
         """Write the trained LoRA adapter (the EMA's weights with ``ema_decay``) in diffusers' format.
 
         ``pipe.load_lora_weights(path)`` loads it into a fresh pipeline of the same base model.
-        Under ``torch.distributed`` rank 0 writes.
+        Under ``torch.distributed`` every rank must call it (a sharded adapter is gathered); rank 0 writes.
         """
         save = getattr(self.models, "save_lora", None)
         if save is None:
             raise ValueError("save_lora is for diffusers pipelines trained with LoRA; save net_model's state_dict instead")
-        if dist_utils.is_main_process():
-            save(path, weights=self._ema)
+        save(path, weights=self._ema)
         dist_utils.barrier()
 
     # ------------------------------------------------------------------ loss and step
@@ -661,7 +678,7 @@ class ORWCFMTrainer:
             self.models.reduce_gradients()
             params = [p for p in self.models.trainable_parameters() if p.grad is not None]
             max_norm = self.grad_clip if self.grad_clip is not None else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            grad_norm = dist_utils.full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm))  # FSDP: replicated
             if check_now:
                 if not bool(torch.isfinite(grad_norm)):
                     self.optimizer.zero_grad(set_to_none=True)
@@ -682,7 +699,8 @@ class ORWCFMTrainer:
             if self._ema is not None:
                 with torch.no_grad():
                     current = [p.detach().float() for p in self.models.trainable_parameters()]
-                    torch._foreach_lerp_(self._ema, current, 1.0 - self.config["ema_decay"])
+                    torch._foreach_lerp_(dist_utils.local_tensors(self._ema), dist_utils.local_tensors(current),
+                                         1.0 - self.config["ema_decay"])
         self.global_step += 1
         metrics.update(
             reward=rewards.mean(),
@@ -942,8 +960,21 @@ class ORWCFMTrainer:
         them), the EMA, optimiser, scheduler, config, epoch and step counters (also within an epoch, with
         that epoch's metric sums), history, and every random state (the trainer's generators,
         torch CPU and CUDA, numpy, Python: one set per rank). Under ``torch.distributed`` this is a
-        collective: every rank must call it.
+        collective: every rank must call it. Not for sharded runs (config ``parallelism: "fsdp"``), whose
+        checkpoints are folders (:meth:`save_checkpoint`).
         """
+        if self.models.sharded:
+            raise RuntimeError("state_dict() holds whole tensors; a sharded run (config parallelism 'fsdp') has none: "
+                               "save_checkpoint(path) writes a sharded checkpoint folder")
+        return {
+            **self.models.state(),  # net_model / last_policy / ref_model (LoRA: both adapters + base fingerprint)
+            "ema": [e.clone() for e in self._ema] if self._ema is not None else None,
+            "optim": self.optimizer.state_dict(),
+            **self._run_state(),
+        }
+
+    def _run_state(self) -> dict[str, Any]:
+        """The checkpoint's part beside the tensors of models, EMA and optimiser (a collective when distributed)."""
         rng_states = [self._rng_state()]
         if self.distributed:
             import torch.distributed as dist
@@ -952,9 +983,6 @@ class ORWCFMTrainer:
             dist.all_gather_object(rng_states, self._rng_state())
         partial = self._epoch_sums is not None and self.step_in_epoch > 0
         return {
-            **self.models.state(),  # net_model / last_policy / ref_model (LoRA: both adapters + base fingerprint)
-            "ema": [e.clone() for e in self._ema] if self._ema is not None else None,
-            "optim": self.optimizer.state_dict(),
             "sched": self.scheduler.state_dict(),
             "config": serializable_config(self.config),
             "epoch": self.epoch,
@@ -971,11 +999,24 @@ class ORWCFMTrainer:
             "version": __version__,
         }
 
+    def _save_sharded(self, path: Path) -> None:
+        """A sharded checkpoint folder at ``path`` (:mod:`orwcfm_fast.sharded_checkpoints`; a collective)."""
+        stepped = bool(self.optimizer.state)
+        tensors = trainer_tensors(self.models, self.optimizer, self._ema, optimizer_state=stepped)
+        state = {**self._run_state(), **self.models.checkpoint_meta(), "parallelism": self.config["parallelism"],
+                 "has_ema": self._ema is not None, "has_optim": stepped}
+        save_sharded(path, tensors, state)
+
     def save_checkpoint(self, path) -> None:
         """Write :meth:`state_dict` to ``path`` atomically (parent folders are created).
 
-        Under ``torch.distributed`` every rank must call it; rank 0 writes the file.
+        Under ``torch.distributed`` every rank must call it; rank 0 writes the file. A sharded run (config
+        ``parallelism: "fsdp"``) writes a folder at ``path`` instead, each rank its shards
+        (:mod:`orwcfm_fast.sharded_checkpoints`; on a filesystem every node shares).
         """
+        if self.models.sharded:
+            self._save_sharded(Path(path))
+            return
         state = self.state_dict()
         if dist_utils.is_main_process():
             atomic_save(state, path)
@@ -983,14 +1024,23 @@ class ORWCFMTrainer:
 
     def _save_rotating(self):
         """A numbered checkpoint in :attr:`checkpoints` (the newest ``keep_checkpoints`` are kept); its path."""
+        if self.models.sharded:
+            path = self.checkpoints.path_for(self.epoch, self.step_in_epoch, sharded=True)
+            if dist_utils.is_main_process():
+                self.checkpoints.remove_stale_temporaries()
+            self._save_sharded(path)
+            if dist_utils.is_main_process():
+                self.checkpoints.prune(path)
+            dist_utils.barrier()
+            return path
         state = self.state_dict()
         if dist_utils.is_main_process():
             self.checkpoints.save(state, self.epoch, self.step_in_epoch)
         dist_utils.barrier()
         return self.checkpoints.path_for(self.epoch, self.step_in_epoch)
 
-    def load_checkpoint(self, path) -> None:
-        """Resume from :meth:`save_checkpoint`'s file: models, optimiser, scheduler, counters, RNG.
+    def load_checkpoint(self, path, *, reshard: bool = False) -> None:
+        """Resume from :meth:`save_checkpoint`'s file (or sharded folder): models, optimiser, scheduler, counters, RNG.
 
         The trainer's own config (passed to the constructor) stays in force. A following
         ``train(num_epochs, steps_per_epoch)`` continues exactly where the saved run was (the rest
@@ -999,13 +1049,27 @@ class ORWCFMTrainer:
         own random state; a different world size resumes the weights and optimiser but not the
         random streams (a warning says so).
 
+        A sharded checkpoint (config ``parallelism: "fsdp"``) resumes exactly on as many ranks as wrote it, with
+        the same ``parallelism``. Another world size or parallelism is refused unless ``reshard``: then the
+        weights, EMA and optimiser are loaded into this run's layout (any number of ranks, sharded or not) and
+        the random streams are reseeded, as above.
+
         Raises:
             CheckpointError: missing or unreadable file, not a trainer checkpoint, or weights of
-                another architecture (nothing is changed then).
+                another architecture, or a sharded checkpoint of another layout without ``reshard``
+                (nothing is changed then).
         """
+        if Path(path).is_dir():
+            self._load_sharded(Path(path), reshard)
+            return
+        source = f"{str(path)!r}"
+        if self.models.sharded:
+            raise CheckpointError(
+                f"{source} is a single-file checkpoint, written without sharding; this run shards the transformer "
+                "(config parallelism 'fsdp') and resumes from sharded checkpoint folders (.dcp): resume it with "
+                "parallelism 'ddp'")
         # on the CPU first: every tensor is then copied into its place on the device (no second full copy there)
         ckpt = load_file(path, map_location="cpu")
-        source = f"{str(path)!r}"
         missing = [k for k in ("optim", "sched") if not (isinstance(ckpt, Mapping) and k in ckpt)]
         if missing:
             raise CheckpointError(
@@ -1024,6 +1088,37 @@ class ORWCFMTrainer:
             else:  # a checkpoint of a run without EMA: start it from the loaded weights
                 self._ema = [p.detach().float().clone() for p in self.models.trainable_parameters()]
         self.optimizer.load_state_dict(ckpt["optim"])
+        self._restore_run_state(ckpt, path)
+
+    def _load_sharded(self, path: Path, reshard: bool) -> None:
+        source = f"{str(path)!r}"
+        state = read_state(path)
+        if "sched" not in state:
+            raise CheckpointError(f"{source} is not a trainer checkpoint: its {STATE_FILE} lacks 'sched'")
+        saved_world, saved_layout = int(state.get("world_size", 1)), state.get("parallelism")
+        if not reshard and (saved_world != self.world_size or saved_layout != self.config["parallelism"]):
+            raise CheckpointError(
+                f"{source} was written by {saved_world} rank(s) with parallelism {saved_layout!r}; this run has "
+                f"{self.world_size} with {self.config['parallelism']!r}. An exact resume needs the same ranks and "
+                "layout: start as many (torchrun --nproc_per_node / --nnodes), or pass reshard=True (orwcfm-fast "
+                "train --reshard) to load the weights, EMA and optimiser into this layout with reseeded random streams")
+        self.models.check_checkpoint_meta(state, source)
+        load_ema = self._ema is not None and bool(state.get("has_ema"))
+        try:
+            tensors = trainer_tensors(self.models, self.optimizer, self._ema if load_ema else None,
+                                      optimizer_state=bool(state.get("has_optim")))
+        except NotImplementedError as err:  # a family without sharded_state (plain modules)
+            raise CheckpointError(f"{source} is a sharded checkpoint: {err}") from None
+        check_layout(path, tensors)  # before anything changes
+        load_sharded(path, tensors)
+        restore_optimizer(self.models, self.optimizer, tensors)
+        self.models.sync_weights()
+        if self._ema is not None and not load_ema:  # a run without EMA: start it from the loaded weights
+            self._ema = [p.detach().float().clone() for p in self.models.trainable_parameters()]
+        self._restore_run_state(state, path)
+
+    def _restore_run_state(self, ckpt: Mapping[str, Any], path) -> None:
+        """The counters, history, scheduler and random states of a checkpoint (:meth:`_run_state`)."""
         self.scheduler.load_state_dict(ckpt["sched"])
         self.epoch = int(ckpt.get("epoch", 0))
         self.global_step = int(ckpt.get("global_step", 0))

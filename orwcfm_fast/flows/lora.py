@@ -37,6 +37,12 @@ are matched by the same suffixes)."""
 ROLES = ("policy", "last_policy", "reference")
 
 
+def _local(tensors):
+    from orwcfm_fast.distributed import local_tensors
+
+    return local_tensors(tensors)
+
+
 class LoraRoles:
     """The policy / last-policy / reference roles of one peft-adapted diffusers transformer.
 
@@ -121,10 +127,12 @@ class LoraRoles:
     @torch.no_grad()
     def update_last_policy(self, decay: float = 0.0) -> None:
         """The last-policy adapter becomes ``decay * last + (1 - decay) * policy``, in place (``0``: a copy)."""
+        # sharded (FSDP) adapters shard by shard: the two adapters of a layer are sharded alike
+        last, policy = _local(self._last), _local(self._policy)
         if decay == 0.0:
-            torch._foreach_copy_(self._last, self._policy)
+            torch._foreach_copy_(last, policy)
         else:
-            torch._foreach_lerp_(self._last, self._policy, 1.0 - decay)
+            torch._foreach_lerp_(last, policy, 1.0 - decay)
 
     @contextlib.contextmanager
     def role(self, name: str) -> Iterator[None]:
@@ -182,4 +190,4 @@ class LoraRoles:
                     raise ValueError(f"LoRA state {key!r}[{i}]: shape {tuple(s.shape)} but the adapter has "
                                      f"{tuple(p.shape)} (another lora_rank?)")
         for key, params in (("policy", self._policy), ("last_policy", self._last)):
-            torch._foreach_copy_(params, [s.to(p.device) for p, s in zip(params, state[key])])
+            torch._foreach_copy_(_local(params), _local([s.to(p.device) for p, s in zip(params, state[key])]))

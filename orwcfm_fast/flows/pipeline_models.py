@@ -8,6 +8,13 @@ place and two frozen copies are made, as for plain models.
 
 Checkpoints hold the trained weights only (both adapters, or the three transformers for full
 fine-tuning) plus a fingerprint of the base weights, which a resume checks.
+
+With config ``parallelism: "fsdp"`` (under torchrun) every transformer is sharded with FSDP2, one unit per
+block (:meth:`PipelineFlow.shard_units`): with LoRA the frozen base and both adapters, the roles switching as
+before; with full fine-tuning the trained transformer in float32 (its shards are the master weights; the
+forwards gather it in the compute dtype) and its two frozen copies in the pipeline's dtype. Gradients are
+reduce-scattered in the backward, in float32; the compute dtype is bf16 under ``precision: "bf16"``, else the
+pipeline's dtype.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from orwcfm_fast import distributed as dist_utils
 from orwcfm_fast.checkpoints import CheckpointError, load_state_strict
 from orwcfm_fast.flows import flow_for_pipeline
 from orwcfm_fast.flows.lora import LoraRoles
@@ -28,6 +36,15 @@ from orwcfm_fast.flows.master_weights import MasterWeights, needs_master_weights
 from orwcfm_fast.flows.models import TrainingModels, blend_into
 
 __all__ = ["PipelineModels", "RoleVelocity", "base_fingerprint", "cfg_roles"]
+
+
+def _compute_dtype(transformer: torch.nn.Module, precision: str) -> torch.dtype | None:
+    """The dtype FSDP gathers the weights in: bf16 under ``precision: "bf16"``, else the transformer's own
+    (``None``, no casting, for float32) -- the dtype the forwards run in without sharding."""
+    if precision == "bf16":
+        return torch.bfloat16
+    dtype = next((p.dtype for p in transformer.parameters() if p.is_floating_point()), torch.float32)
+    return dtype if torch.finfo(dtype).bits < 32 else None
 
 
 class RoleVelocity(torch.nn.Module):
@@ -144,21 +161,32 @@ class PipelineModels(TrainingModels):
             transformer.enable_gradient_checkpointing()
         rank = config["lora_rank"]
         self._master: MasterWeights | None = None
+        self.sharded = config["parallelism"] == "fsdp"
+        compute_dtype = _compute_dtype(transformer, config["precision"])
         if rank is not None:
             targets = config["lora_target_modules"] or self.flow.default_lora_targets()
             self.roles: LoraRoles | None = LoraRoles(transformer, rank, config["lora_alpha"], targets, seed=seed)
-            self._fingerprint = base_fingerprint(transformer)
+            self._fingerprint = base_fingerprint(transformer)  # of the whole weights: before sharding
             self.net_model = transformer
             transformers = (transformer, transformer, transformer)
+            if self.sharded:
+                dist_utils.shard_module(transformer, self.flow.shard_units(transformer), compute_dtype)
+                self.roles.refresh_parameters()  # the adapters' parameters are DTensors now
         else:
             self.roles = None
             self._fingerprint = None
             transformer.requires_grad_(True)
-            # bf16 / fp16 weights: Adam's ~lr updates would round away; the optimiser trains fp32 copies
-            params = list(transformer.parameters())
-            self._master = MasterWeights(params) if needs_master_weights(params) else None
             last = copy.deepcopy(transformer).eval().requires_grad_(False)
             ref = copy.deepcopy(transformer).eval().requires_grad_(False)
+            if self.sharded:
+                # the trained shards in fp32 are the master weights; the forwards gather them in compute_dtype
+                transformer.float()
+                for module in (transformer, last, ref):
+                    dist_utils.shard_module(module, self.flow.shard_units(module), compute_dtype)
+            else:
+                # bf16 / fp16 weights: Adam's ~lr updates would round away; the optimiser trains fp32 copies
+                params = list(transformer.parameters())
+                self._master = MasterWeights(params) if needs_master_weights(params) else None
             self.net_model = transformer
             transformers = (transformer, last, ref)
         # config cfg_mode: which velocity the loss trains and which one samples (see cfg_roles)
@@ -230,11 +258,9 @@ class PipelineModels(TrainingModels):
         rank had one. As under DDP, a parameter that some rank gave a gradient gets the average (the
         missing ones counted as zero) on every rank; one that no rank did keeps ``grad = None``.
         """
-        from orwcfm_fast import distributed as dist_utils
-
         if self._master is not None:
             self._master.take_gradients()
-        if not dist_utils.is_distributed():
+        if self.sharded or not dist_utils.is_distributed():  # FSDP reduce-scattered them in the backward
             return
         import torch.distributed as dist
         from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
@@ -291,6 +317,36 @@ class PipelineModels(TrainingModels):
             state["master_weights"] = [p.detach().clone() for p in self._master.params]
         return state
 
+    def sharded_state(self):
+        if self.roles is not None:
+            return {"lora": self.roles.named_adapter_parameters()}
+        # the reference is the pretrained transformer, loaded again by the resuming run
+        return {"net_model": dict(self.net_model.named_parameters()),
+                "last_policy": dict(self.last_policy.transformer.named_parameters())}
+
+    def checkpoint_meta(self):
+        if self.roles is not None:
+            return {"base_fingerprint": self._fingerprint, "lora_rank": self.roles.rank}
+        return {}
+
+    def check_checkpoint_meta(self, meta, source):
+        if self.roles is None:
+            if "lora_rank" in meta:
+                raise CheckpointError(f"{source} is a LoRA checkpoint (lora_rank {meta['lora_rank']}); this trainer "
+                                      "fine-tunes the whole transformer (lora_rank None)")
+            return
+        if "lora_rank" not in meta:
+            raise CheckpointError(f"{source} is a full fine-tuning checkpoint; this trainer trains LoRA adapters "
+                                  f"(lora_rank {self.roles.rank})")
+        self._check_fingerprint(meta.get("base_fingerprint"), source)
+
+    def _check_fingerprint(self, saved, source):
+        if saved != self._fingerprint:
+            raise CheckpointError(
+                f"{source} was trained from other base weights than this pipeline's transformer (fingerprint "
+                f"{str(saved)[:12]} vs {self._fingerprint[:12]}): load the same pretrained model"
+            )
+
     def check_state(self, ckpt, source):
         if self.roles is None:
             missing = [k for k in ("net_model", "last_policy") if k not in ckpt]
@@ -299,11 +355,7 @@ class PipelineModels(TrainingModels):
             return
         if "lora" not in ckpt:
             raise CheckpointError(f"{source} has no LoRA weights ('lora'): not a LoRA checkpoint of this trainer")
-        if ckpt.get("base_fingerprint") != self._fingerprint:
-            raise CheckpointError(
-                f"{source} was trained from other base weights than this pipeline's transformer (fingerprint "
-                f"{str(ckpt.get('base_fingerprint'))[:12]} vs {self._fingerprint[:12]}): load the same pretrained model"
-            )
+        self._check_fingerprint(ckpt.get("base_fingerprint"), source)
         saved = ckpt["lora"]
         for key, own in (("policy", self.roles.trainable_parameters()), ("last_policy", self.roles.last_policy_parameters())):
             tensors = saved.get(key, [])
@@ -336,6 +388,7 @@ class PipelineModels(TrainingModels):
 
         ``pipe.load_lora_weights(path)`` loads it into a fresh pipeline, at the trained scale: the file
         carries the adapter's ``LoraConfig`` (``lora_alpha`` included) as diffusers' adapter metadata.
+        Under torch.distributed every rank calls it (a sharded adapter is gathered) and rank 0 writes.
         """
         if self.roles is None:
             raise ValueError("save_lora needs LoRA training (config 'lora_rank'); with full fine-tuning save "
@@ -345,15 +398,18 @@ class PipelineModels(TrainingModels):
         if weights is not None:
             saved = [p.detach().clone() for p in params]
             with torch.no_grad():
-                torch._foreach_copy_(params, list(weights))
+                torch._foreach_copy_(dist_utils.local_tensors(params), dist_utils.local_tensors(weights))
         try:
             # copies (copy=True): on the CPU .to("cpu") would alias the parameters, which the finally
             # block then sets back to the policy's values (an EMA export would write the policy)
-            state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.roles.policy_state_dict().items()}
+            state = {k: dist_utils.full_tensor(v.detach()).to("cpu", copy=True).contiguous()
+                     for k, v in self.roles.policy_state_dict().items()}
         finally:
             if saved is not None:
                 with torch.no_grad():
-                    torch._foreach_copy_(params, saved)
+                    torch._foreach_copy_(dist_utils.local_tensors(params), dist_utils.local_tensors(saved))
+        if not dist_utils.is_main_process():
+            return
         # the adapter's LoraConfig as metadata: without it diffusers' loader takes lora_alpha = r
         type(self.pipe).save_lora_weights(str(path), transformer_lora_layers=state,
                                           transformer_lora_adapter_metadata=self.roles.policy_adapter_metadata())
