@@ -385,3 +385,60 @@ def test_truncated_file_raises_checkpoint_error_naming_the_file(tmp_path):
         load_file(truncated, "cpu")
     with pytest.raises(CheckpointError, match="truncated.pt"):
         checkpoints.read_model_state(truncated)
+
+
+# ----------------------------------------------------------------------------- sharded checkpoints (folders)
+
+
+def _sharded(tmp_path, path, value=1.0):
+    """A sharded checkpoint folder written by save_sharded in this process (DCP without a process group)."""
+    from orwcfm_fast.sharded_checkpoints import save_sharded
+
+    return save_sharded(path, {"model": {"w": torch.full((3, 2), value)}}, {"epoch": int(value), "sched": {}})
+
+
+def test_rotation_lists_prunes_and_cleans_sharded_folders(tmp_path):
+    rot = CheckpointRotation(tmp_path, keep_last=2)
+    assert rot.path_for(3, sharded=True).name == "checkpoint-e000003.dcp"
+    assert rot.path_for(3, 4, sharded=True).name == "checkpoint-e000003_s000004.dcp"
+    rot.save({"a": 1}, 1)  # a file checkpoint of an earlier (unsharded) run in the same folder
+    for epoch in (2, 3):
+        path = _sharded(tmp_path, rot.path_for(epoch, sharded=True), float(epoch))
+        rot.prune(path)
+    assert [p.name for p in rot.checkpoints()] == ["checkpoint-e000002.dcp", "checkpoint-e000003.dcp"]
+    assert rot.latest().name == "checkpoint-e000003.dcp"
+    # a folder of that name that is a file, or a file named .dcp, is not a checkpoint of the rotation
+    (tmp_path / "checkpoint-e000009.dcp.txt").write_text("x")
+    (tmp_path / "checkpoint-e000008.pt").mkdir()
+    assert rot.latest().name == "checkpoint-e000003.dcp"
+    # a killed save leaves a temporary folder: removed by the next save's cleanup
+    stale = tmp_path / ".checkpoint-e000004.dcp.123.tmp"
+    (stale / "sub").mkdir(parents=True)
+    assert rot.remove_stale_temporaries() == [stale] and not stale.exists()
+    with pytest.raises(ValueError, match="not a checkpoint name"):
+        rot.prune(tmp_path / "best.pt")
+
+
+def test_save_sharded_replaces_atomically_and_reads_back(tmp_path):
+    from orwcfm_fast.sharded_checkpoints import (
+        check_layout,
+        is_sharded_checkpoint,
+        load_sharded,
+        read_state,
+    )
+
+    path = _sharded(tmp_path, tmp_path / "ck.dcp", 1.0)
+    assert is_sharded_checkpoint(path) and read_state(path)["epoch"] == 1
+    _sharded(tmp_path, path, 2.0)  # the same name again: replaced whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.dcp"]  # no temporaries, no old copy
+    target = {"model": {"w": torch.zeros(3, 2)}}
+    check_layout(path, target)
+    load_sharded(path, target)
+    assert torch.equal(target["model"]["w"], torch.full((3, 2), 2.0)) and read_state(path)["epoch"] == 2
+    with pytest.raises(CheckpointError, match=r"shape mismatches \(1\).*model\.w: checkpoint \(3, 2\) vs trainer \(2, 3\)"):
+        check_layout(path, {"model": {"w": torch.zeros(2, 3)}})
+    with pytest.raises(CheckpointError, match=r"missing tensors \(1\).*model\.v"):
+        check_layout(path, {"model": {"w": torch.zeros(3, 2), "v": torch.zeros(1)}})
+    (path / "trainer_state.pt").unlink()  # incomplete: refused by name
+    with pytest.raises(CheckpointError, match="not a sharded checkpoint"):
+        read_state(path)

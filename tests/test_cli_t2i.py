@@ -19,6 +19,7 @@ pytest.importorskip("diffusers", reason="the text-to-image task needs the 'diffu
 pytest.importorskip("peft", reason="the text-to-image task needs the 'diffusers' extra")
 
 from orwcfm_fast.cli import main  # noqa: E402
+from orwcfm_fast.precision import native_low_precision  # noqa: E402
 from orwcfm_fast.train_run import weights_digest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,7 +142,9 @@ def test_text_to_image_run_writes_checkpoint_and_a_lora_diffusers_loads(pipeline
     argv.remove("--quiet")  # the summary line is checked
     assert main(argv) == 0
     summary = capsys.readouterr().out
-    assert "ORW-CFM-W2 train text-to-image (StableDiffusion3Pipeline, fp32) on cpu: epoch 0 -> 1 of 1" in summary
+    # --dtype's default: what this CPU runs natively (fp32 on AVX2-only CPUs, bf16 where avx512_bf16 is fast)
+    native = native_low_precision("cpu").dtype_name
+    assert f"ORW-CFM-W2 train text-to-image (StableDiffusion3Pipeline, {native}) on cpu: epoch 0 -> 1 of 1" in summary
     assert "jpeg_compressibility" in summary and f"LoRA {out / 'lora'}" in summary
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "final.pt", "lora", "orw-cfm-w2_metrics.csv",
                                                      "train_run.json"]
@@ -316,3 +319,48 @@ def test_lora_pipelines_do_not_overlap_sampling_by_default_on_cuda(pipeline_dir,
         assert trainer._overlap() is False  # the CPU default
         trainer.device = torch.device("cuda")  # what the default would be there (nothing runs)
         assert trainer._overlap() is on_cuda, lora_rank
+
+
+def test_torchrun_fsdp_text_to_image_resumes_only_on_its_layout(pipeline_dir, tmp_path):
+    """``--set parallelism=fsdp`` under torchrun: sharded checkpoints (``.dcp`` folders), the LoRA gathered and
+    written once, the same adapters on both ranks; a resume on another number of ranks is refused (exit 1, both
+    sizes named), on the same number it continues."""
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
+    out = tmp_path / "out"
+
+    def run(ranks: int, epochs: int):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr",
+               "127.0.0.1", "--master_port", str(_free_port()), "-m", "orwcfm_fast.cli",
+               *_argv(pipeline_dir, out, "--epochs", str(epochs), "--set", "parallelism=fsdp")]
+        cmd.remove("--quiet")
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+        return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+
+    result = run(2, 1)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "final.dcp", "lora", "orw-cfm-w2_metrics.csv",
+                                                     "train_run.json"]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-e000001.dcp"]
+    assert "replicas: weights identical across 2 ranks" in result.stdout  # the gathered adapters
+    # the exported LoRA is the sharded checkpoint's policy adapter, gathered whole
+    dcp_to_torch_save(out / "final.dcp", tmp_path / "final.pt")
+    final = torch.load(tmp_path / "final.pt", weights_only=True)
+    policy = [t for name, t in final["model"]["lora"].items() if ".orwcfm_policy." in name]
+    saved = load_file(out / "lora" / "pytorch_lora_weights.safetensors")
+    assert len(policy) == len(saved) and _same_tensors(saved.values(), policy)
+    assert any(("lora_B" in k) and t.abs().max() > 0 for k, t in saved.items())
+
+    refused = run(1, 2)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "written by 2 rank(s)" in refused.stderr and "this run has 1" in refused.stderr \
+        and "--reshard" in refused.stderr
+    resumed = run(2, 2)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "epoch 1 -> 2 of 2 (1 trained" in resumed.stdout
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-e000001.dcp",
+                                                                         "checkpoint-e000002.dcp"]

@@ -170,6 +170,35 @@ def _scenario(rank: int, out: Path, scenario: str) -> None:
         trainer.train(1, 1)
         save("bf16_trainer", {"start": start, "end": _full(trainer.models.trainable_parameters()),
                               "loss": trainer.history[-1]["total_loss"]})
+    elif scenario == "families":
+        from test_families import FAMILIES
+        from test_families import config as family_config
+
+        from orwcfm_fast import ORWCFMTrainer
+        from orwcfm_fast.flows.tiny import build_tiny_pipeline
+
+        results = {}
+        for name in ("flux", *FAMILIES):
+            extra = family_config(out, name) if name in FAMILIES else _config(out)
+            extra.update(savedir=str(out / f"family-{name}"), reward=red_minus_blue)
+            velocities = {}
+            for layout in ("ddp", "fsdp"):
+                trainer = ORWCFMTrainer(build_tiny_pipeline(name), {**extra, "parallelism": layout}, "cpu")
+                gen = torch.Generator().manual_seed(5)
+                x = torch.randn(2, *trainer.sample_shape, generator=gen)
+                cond = trainer.models.encode(PROMPTS[:2], 2)
+                with torch.no_grad():
+                    velocities[layout] = trainer._policy_forward(torch.tensor([0.3, 0.7]), x, *cond)
+            trainer.train(1, 1)  # the fsdp one
+            transformer = trainer.models.pipe.transformer
+            _resharded(transformer)
+            held = [None] * WORLD
+            dist.all_gather_object(held, local_parameter_bytes(transformer))
+            results[name] = {"ddp": velocities["ddp"], "fsdp": velocities["fsdp"], "held": held,
+                             "units": len(trainer.models.flow.shard_units(transformer)),
+                             "total": sum(p.numel() * p.element_size() for p in transformer.parameters()),
+                             "loss": trainer.history[-1]["total_loss"]}
+        save("families", results)
     else:
         raise ValueError(scenario)
 
@@ -215,7 +244,8 @@ def _children_import_this_module(patch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fsdp")
-    scenarios = ("ddp_lora", "fsdp_lora", "ddp_full", "fsdp_full", "straight", "resumed", "layouts", "bf16")
+    scenarios = ("ddp_lora", "fsdp_lora", "ddp_full", "fsdp_full", "straight", "resumed", "layouts", "bf16",
+                 "families")
     with pytest.MonkeyPatch.context() as patch:
         _children_import_this_module(patch)
         mp.spawn(_worker, args=(WORLD, str(out / "rendezvous"), str(out), scenarios), nprocs=WORLD, join=True)
@@ -307,6 +337,20 @@ def test_bf16_base_with_fp32_adapters(runs):
     assert trainer["loss"] == trainer["loss"]  # not NaN
 
 
+def test_every_family_shards_per_block(runs):
+    """FLUX.1, Qwen-Image, FLUX.2 / klein, Z-Image and Wan: the sharded transformer's velocity is the unsharded
+    one's (both from the same seeded build), each rank holds about half, and a training step runs."""
+    families = _load(runs, "families")
+    assert set(families) == {"flux", "qwen_image", "flux2", "flux2_klein", "z_image", "wan"}
+    for name, result in families.items():
+        assert result["units"] >= 2, name
+        # float32: the same weights gathered; the forwards differ at most in summation order
+        torch.testing.assert_close(result["fsdp"], result["ddp"], rtol=1e-5, atol=1e-6, msg=name)
+        assert sum(result["held"]) == result["total"], name
+        assert max(result["held"]) <= 0.55 * result["total"], (name, result["held"], result["total"])
+        assert result["loss"] == result["loss"], name
+
+
 def test_fsdp_needs_a_pipeline_and_a_process_group(tmp_path):
     from orwcfm_fast import ORWCFMTrainer
     from orwcfm_fast.config import ConfigError
@@ -327,3 +371,53 @@ def test_fsdp_needs_a_pipeline_and_a_process_group(tmp_path):
         ORWCFMTrainer(tiny_sd3_pipeline(), _config(tmp_path), "cpu")
     with pytest.raises(ConfigError, match="'parallelism'.*'ddp'"):
         ORWCFMTrainer(tiny_sd3_pipeline(), _config(tmp_path, parallelism="zero3"), "cpu")
+
+
+# ----------------------------------------------------------------------------- CUDA (make gpu-check)
+
+
+def _cuda_worker(rank: int, init_file: str, outdir: str) -> None:
+    """One process on cuda:0 with NCCL: a bf16 LoRA pipeline sharded under a bf16 compute policy, and full
+    fine-tuning's fp32 master shards; a sharded checkpoint saved and loaded back exactly."""
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=0, world_size=1)
+    from orwcfm_fast import ORWCFMTrainer
+    from orwcfm_fast.flows.tiny import tiny_sd3_pipeline
+
+    out, results = Path(outdir), {}
+    try:
+        for name, extra in (("lora", {}), ("full", {"lora_rank": None, "learning_rate": 1e-4})):
+            def build():
+                pipe = tiny_sd3_pipeline(sd35=True, seed=0).to(torch.bfloat16)
+                return ORWCFMTrainer(pipe, _config(out / name, precision="bf16", ema_decay=0.9, **extra), "cuda")
+
+            trainer = build()
+            start = _full(trainer.models.trainable_parameters())
+            trainer.train(1, 2)
+            trainer.save_checkpoint(out / name / "ck.dcp")
+            loaded = build()
+            loaded.load_checkpoint(out / name / "ck.dcp")
+            results[name] = {
+                "dtypes": sorted({str(p.dtype) for p in trainer.models.trainable_parameters()}),
+                "moved": float((_full(trainer.models.trainable_parameters()) - start).abs().max()),
+                "loss": trainer.history[-1]["total_loss"],
+                "same_weights": torch.equal(_full(trainer.models.trainable_parameters()),
+                                            _full(loaded.models.trainable_parameters())),
+                "same_ema": torch.equal(_full(trainer._ema), _full(loaded._ema)),
+                "same_moments": torch.equal(_optimizer_moments(trainer), _optimizer_moments(loaded))}
+        torch.save(results, out / "cuda.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or not dist.is_nccl_available(), reason="needs CUDA and NCCL")
+def test_fsdp_on_cuda_with_nccl(tmp_path):
+    with pytest.MonkeyPatch.context() as patch:
+        _children_import_this_module(patch)
+        mp.spawn(_cuda_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=1, join=True)
+    results = torch.load(tmp_path / "cuda.pt", weights_only=True)
+    for name, result in results.items():
+        assert result["dtypes"] == ["torch.float32"], name  # fp32 adapters / fp32 master shards
+        assert result["moved"] > 0 and result["loss"] == result["loss"], name
+        assert result["same_weights"] and result["same_ema"] and result["same_moments"], name
