@@ -382,6 +382,13 @@ def evaluate_policy(trainer, prompts: Sequence[str] | None = None, samples_per_p
     for i, prompt in enumerate(groups):
         if i % world == rank:
             mine[i] = _evaluate_prompt(trainer, i, prompt, n, seed, embed, keep, held_out)
+    if trainer.models.sharded:
+        # a sharded model's forwards are collectives (FSDP gathers each block from every rank): a rank given one
+        # prompt fewer samples once more, the same number of passes, and discards it (counted in its forwards)
+        for _ in range(-(-len(groups) // world) - len(mine)):
+            with isolated_rng(trainer, seed):
+                trainer.sample(n, batch_size=min(n, trainer.batch_size),
+                               prompts=None if groups[0] is None else [groups[0]] * n)
     results = dict(mine)
     if distributed.is_distributed():
         gathered = [None] * world

@@ -801,8 +801,11 @@ class ORWCFMTrainer:
                 means["epoch"] = self.epoch
                 if log is not None:
                     log.log(means, step=self.epoch)
-                    if log.wants_images and cfg["log_samples"] > 0:
-                        self._log_sample_grid(log)
+                wants_grid = cfg["log_samples"] > 0 and log is not None and log.wants_images
+                if self.models.sharded:  # its forwards are collectives: every rank samples the grid rank 0 logs
+                    wants_grid = dist_utils.broadcast_object(wants_grid)
+                if wants_grid:
+                    self._log_sample_grid(log)
                 self.history.append(means)
                 new.append(means)
                 if dist_utils.is_main_process():
@@ -817,12 +820,12 @@ class ORWCFMTrainer:
                     raise TrainingInterrupted(stop.signum, self._save_rotating())
         return new
 
-    def _log_sample_grid(self, log: EpochLog) -> None:
+    def _log_sample_grid(self, log: EpochLog | None) -> None:
         """This epoch's grid of ``log_samples`` policy samples (fixed noise; random states untouched) to TensorBoard / wandb."""
         from orwcfm_fast.evaluation import sample_grid
 
         grid = sample_grid(self, self.config["log_samples"], seed=self.seed)
-        if grid is not None:
+        if grid is not None and log is not None:
             log.log_images("samples", grid, step=self.epoch)
 
     def evaluate(self, prompts: list[str] | None = None, samples_per_prompt: int | None = None, *,

@@ -94,14 +94,19 @@ def _scenario(rank: int, out: Path, scenario: str) -> None:
             torch.save(value, out / f"{name}.pt")
 
     if scenario in ("ddp_lora", "fsdp_lora"):
-        trainer = _trainer(out / scenario, parallelism=scenario.split("_")[0])
+        # TensorBoard's sample grid (rank 0 logs it) and an evaluation of 3 prompts on 2 ranks (one rank gets one
+        # fewer): under fsdp every rank must run as many forwards, or the run hangs
+        trainer = _trainer(out / scenario, parallelism=scenario.split("_")[0], use_tensorboard=True, log_samples=2)
         trainer.train(1, 2)
         transformer = trainer.models.pipe.transformer
         _resharded(transformer)
         held = [None] * WORLD
         dist.all_gather_object(held, local_parameter_bytes(transformer))
-        save(scenario, {**_record(trainer), "held": held,
-                        "total": sum(p.numel() * p.element_size() for p in transformer.parameters())})
+        record = {**_record(trainer), "held": held,
+                  "total": sum(p.numel() * p.element_size() for p in transformer.parameters())}
+        evaluation = trainer.evaluate(prompts=PROMPTS[:3], samples_per_prompt=2)
+        save(scenario, {**record, "evaluation": {k: evaluation[k] for k in ("reward", "diversity", "per_prompt")},
+                        "tensorboard": sorted(p.name for p in (out / scenario / "tensorboard").rglob("*"))})
     elif scenario in ("ddp_full", "fsdp_full"):
         trainer = _trainer(out / scenario, parallelism=scenario.split("_")[0], lora_rank=None, learning_rate=1e-4)
         trainer.train(1, 2)
@@ -271,6 +276,11 @@ def test_fsdp_lora_adapters_equal_ddp(runs):
     torch.testing.assert_close(fsdp["last"], ddp["last"], rtol=0, atol=1e-6)
     torch.testing.assert_close(fsdp["moments"], ddp["moments"], rtol=1e-4, atol=1e-10)
     assert [h["epoch"] for h in fsdp["history"]] == [1]
+    # the same weights evaluate the same (the grid sampled on both ranks, one evaluation discarded on rank 1)
+    assert fsdp["evaluation"]["per_prompt"].keys() == set(PROMPTS[:3])
+    assert fsdp["evaluation"]["reward"] == pytest.approx(ddp["evaluation"]["reward"], rel=1e-6)
+    assert fsdp["evaluation"]["diversity"] == pytest.approx(ddp["evaluation"]["diversity"], rel=1e-5)
+    assert any(name.startswith("events.out.tfevents") for name in fsdp["tensorboard"])
     for key in ("reward", "forwards_total"):
         assert fsdp["history"][0][key] == pytest.approx(ddp["history"][0][key], rel=1e-5), key
 
