@@ -251,6 +251,14 @@ class ORWCFMTrainer:
                                         seed=self.seed)
             except ValueError as err:
                 raise ConfigError(str(err)) from None
+            if cfg["overlap_sampling"] and models.sharded:
+                raise ConfigError(
+                    "config key 'overlap_sampling' is True, but with parallelism 'fsdp' every forward gathers the "
+                    "transformer's blocks from all ranks: sampling in the background would interleave its collectives "
+                    "with the backward's differently on each rank (set it to None/False)")
+            if cfg["cuda_graphs"] and models.sharded:
+                raise ConfigError("config key 'cuda_graphs' is True, but a sharded transformer (parallelism 'fsdp') "
+                                  "gathers its weights with collectives a CUDA graph cannot replay: set it to None")
             if cfg["overlap_sampling"] and not models.can_overlap:
                 raise ConfigError(
                     "config key 'overlap_sampling' is True, but with LoRA the sampling policy and the trained "

@@ -96,7 +96,8 @@ def _scenario(rank: int, out: Path, scenario: str) -> None:
     if scenario in ("ddp_lora", "fsdp_lora"):
         # TensorBoard's sample grid (rank 0 logs it) and an evaluation of 3 prompts on 2 ranks (one rank gets one
         # fewer): under fsdp every rank must run as many forwards, or the run hangs
-        trainer = _trainer(out / scenario, parallelism=scenario.split("_")[0], use_tensorboard=True, log_samples=2)
+        trainer = _trainer(out / scenario, parallelism=scenario.split("_")[0], use_tensorboard=True, log_samples=2,
+                           gradient_checkpointing=True)
         trainer.train(1, 2)
         transformer = trainer.models.pipe.transformer
         _resharded(transformer)
@@ -144,8 +145,13 @@ def _scenario(rank: int, out: Path, scenario: str) -> None:
         except Exception as err:  # noqa: BLE001 - the test reads it
             message = f"{type(err).__name__}: {err}"
         trainer.load_checkpoint(latest, reshard=True)
+        try:  # full fine-tuning may overlap sampling with the backward, but not sharded
+            _trainer(out / "overlap", lora_rank=None, overlap_sampling=True)
+            overlap = None
+        except Exception as err:  # noqa: BLE001 - the test reads it
+            overlap = f"{type(err).__name__}: {err}"
         save("layouts", {"message": message, "weights": _full(trainer.models.trainable_parameters()),
-                         "ema": _full(trainer._ema), "epoch": trainer.epoch})
+                         "ema": _full(trainer._ema), "epoch": trainer.epoch, "overlap": overlap})
     elif scenario == "bf16":
         from orwcfm_fast.distributed import shard_module
         from orwcfm_fast.flows.lora import LoraRoles
@@ -327,6 +333,8 @@ def test_another_layout_is_refused_unless_resharded(runs):
     layouts, one = _load(runs, "layouts"), _load(runs, "one")
     assert layouts["message"].startswith("CheckpointError") and "'fsdp'" in layouts["message"] \
         and "'ddp'" in layouts["message"] and "reshard" in layouts["message"]
+    assert layouts["overlap"].startswith("ConfigError") and "'overlap_sampling'" in layouts["overlap"] \
+        and "'fsdp'" in layouts["overlap"]
     assert one["message"].startswith("CheckpointError") and "2 rank(s)" in one["message"] \
         and "this run has 1" in one["message"]
     # resharded: two ranks' shards whole in one process, and unsharded in a ddp run of two ranks, exactly as saved

@@ -199,7 +199,9 @@ class PipelineModels(TrainingModels):
         self.ref_model = RoleVelocity(self.flow, transformers[2], self.roles, "reference", guided=guide_loss)
         self._sampler = RoleVelocity(self.flow, transformers[1], self.roles, "last_policy", guided=guide_sampling)
         self._policy_sampler = RoleVelocity(self.flow, transformers[0], self.roles, "policy", guided=guide_sampling)
-        self.can_overlap = self.roles is None
+        # not with LoRA (two adapters of one transformer), nor sharded (the sampler's and the backward's FSDP
+        # collectives, issued from two threads, would interleave in a different order on each rank)
+        self.can_overlap = self.roles is None and not self.sharded
         if config["prompt_cache_size"] is None:
             self.flow.precompute(prompts)
             self.flow.release_text_encoders()
