@@ -185,6 +185,8 @@ def _scenario(rank: int, out: Path, scenario: str) -> None:
         from test_families import FAMILIES
         from test_families import config as family_config
 
+        from torch.distributed.fsdp import FSDPModule
+
         from orwcfm_fast import ORWCFMTrainer
         from orwcfm_fast.flows.tiny import build_tiny_pipeline
 
@@ -207,6 +209,8 @@ def _scenario(rank: int, out: Path, scenario: str) -> None:
             dist.all_gather_object(held, local_parameter_bytes(transformer))
             results[name] = {"ddp": velocities["ddp"], "fsdp": velocities["fsdp"], "held": held,
                              "units": len(trainer.models.flow.shard_units(transformer)),
+                             "units_sharded": all(isinstance(u, FSDPModule)
+                                                  for u in trainer.models.flow.shard_units(transformer)),
                              "total": sum(p.numel() * p.element_size() for p in transformer.parameters()),
                              "loss": trainer.history[-1]["total_loss"]}
         save("families", results)
@@ -361,7 +365,7 @@ def test_every_family_shards_per_block(runs):
     families = _load(runs, "families")
     assert set(families) == {"flux", "qwen_image", "flux2", "flux2_klein", "z_image", "wan"}
     for name, result in families.items():
-        assert result["units"] >= 2, name
+        assert result["units"] >= 2 and result["units_sharded"], name  # one FSDP unit per block
         # float32: the same weights gathered; the forwards differ at most in summation order
         torch.testing.assert_close(result["fsdp"], result["ddp"], rtol=1e-5, atol=1e-6, msg=name)
         assert sum(result["held"]) == result["total"], name
