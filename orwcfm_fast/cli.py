@@ -17,6 +17,8 @@ Commands:
   reward-diversity trade-off and its compute, objective against objective (:mod:`orwcfm_fast.sweep`).
 - ``reward-server``: serve a registered reward over HTTP on loopback, for trainers with config
   ``reward: "http://127.0.0.1:PORT"`` (:mod:`orwcfm_fast.reward_server`).
+- ``plan``: will a text-to-image fine-tuning fit on N GPUs (DDP or FSDP, gradient checkpointing, largest batch),
+  and what will a step cost; from the pipeline's configs alone, no GPU (:mod:`orwcfm_fast.plan`).
 """
 
 from __future__ import annotations
@@ -138,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     from orwcfm_fast.reward_server import add_parser as _add_reward_server_parser
 
     _add_reward_server_parser(sub)
+    from orwcfm_fast.plan import add_parser as _add_plan_parser
+
+    _add_plan_parser(sub)
     return parser
 
 
@@ -355,6 +360,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from orwcfm_fast.reward_server import run as run_reward_server
 
         return run_reward_server(args)
+    if args.command == "plan":
+        from orwcfm_fast.plan import run_plan
+
+        return run_plan(args, prog=f"{parser.prog} plan")
     parser.error(f"unknown command {args.command!r}")  # unreachable: argparse checks choices
     return 2
 
