@@ -124,6 +124,12 @@ def _scenario(rank: int, out: Path, scenario: str) -> None:
         if scenario == "straight":
             trainer = _trainer(out / scenario, **extra)
             trainer.train(2, 2)
+            trainer.save_lora(out / "lora_ema")  # the EMA's adapter, gathered: every rank calls it, rank 0 writes
+            if rank == 0:
+                from safetensors.torch import load_file
+
+                exported = load_file(out / "lora_ema" / "pytorch_lora_weights.safetensors")
+                save("lora_ema", torch.cat([t.double().flatten() for t in exported.values()]))
         else:
             first = _trainer(out / scenario, **extra)
             first.train(1, 2)
@@ -329,6 +335,11 @@ def test_sharded_resume_is_bit_identical(runs):
         for a, b in zip(straight["generators"][rank], resumed["generators"][rank]):
             assert torch.equal(a, b), rank
     assert straight["history"] == resumed["history"]
+    # save_lora wrote the EMA's policy adapter (gathered whole), not the current weights: as many values, the same
+    # multiset as the EMA (the file orders them by name)
+    exported = _load(runs, "lora_ema").sort().values
+    assert torch.equal(exported, straight["ema"].sort().values)
+    assert not torch.equal(exported, straight["weights"].sort().values)
     # the straight run's own rotation kept one sharded checkpoint, its last
     assert sorted(p.name for p in (runs / "straight" / "checkpoints").iterdir()) == ["checkpoint-e000002.dcp"]
 

@@ -133,7 +133,8 @@ def _reduce_worker(rank: int, init_file: str, outdir: str) -> None:
         params[0].grad = torch.full((3,), float(rank + 1))  # rank 0: 1, rank 1: 2
         if rank == 0:  # only rank 0 has a gradient for the second parameter; nobody for the third
             params[1].grad = torch.full((2, 2), 4.0)
-        models = SimpleNamespace(trainable_parameters=lambda: params, _master=None)  # no fp32 master copies
+        models = SimpleNamespace(trainable_parameters=lambda: params, _master=None,  # no fp32 master copies
+                                 sharded=False)  # (FSDP reduce-scatters in the backward itself)
         PipelineModels.reduce_gradients(models)
         torch.save([p.grad for p in params], Path(outdir) / f"grads-{rank}.pt")
     finally:
