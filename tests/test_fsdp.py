@@ -125,6 +125,9 @@ def _scenario(rank: int, out: Path, scenario: str) -> None:
             trainer = _trainer(out / scenario, **extra)
             trainer.train(2, 2)
             trainer.save_lora(out / "lora_ema")  # the EMA's adapter, gathered: every rank calls it, rank 0 writes
+            with trainer._ema_weights():  # what sample() runs with: the EMA in the sharded parameters
+                inside = _full(trainer.models.trainable_parameters())
+            save("ema_swap", {"inside": inside, "after": _full(trainer.models.trainable_parameters())})
             if rank == 0:
                 from safetensors.torch import load_file
 
@@ -337,6 +340,8 @@ def test_sharded_resume_is_bit_identical(runs):
     assert straight["history"] == resumed["history"]
     # save_lora wrote the EMA's policy adapter (gathered whole), not the current weights: as many values, the same
     # multiset as the EMA (the file orders them by name)
+    swap = _load(runs, "ema_swap")
+    assert torch.equal(swap["inside"], straight["ema"]) and torch.equal(swap["after"], straight["weights"])
     exported = _load(runs, "lora_ema").sort().values
     assert torch.equal(exported, straight["ema"].sort().values)
     assert not torch.equal(exported, straight["weights"].sort().values)
