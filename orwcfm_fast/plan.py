@@ -806,7 +806,9 @@ class Option:
     parallelism: str
     gradient_checkpointing: bool
     fixed_bytes: float  # weights, adapters, gradients, optimiser state, EMA, VAE (text encoders when kept)
-    peak_bytes: float  # at the configured batch size: fixed + the largest phase (training step, sampling, decoding)
+    loading_bytes: float  # while the trainer is built: the whole pipeline on the GPU, before any sharding
+    # at the configured batch size: fixed + the largest phase (training step, sampling, decoding), or the loading
+    peak_bytes: float
     fits: bool
     max_batch_size: int  # the largest per-GPU batch_size (a multiple of images_per_prompt) that fits; 0: none
     step_tflop: float  # per GPU per training step
@@ -949,35 +951,40 @@ def make_plan(pretrained: str | Path, config: Mapping[str, Any] | None = None, *
     g = gpus
 
     # ---------------------------------------------------------------- memory that does not depend on the batch
+    # (as PipelineModels builds it: FSDP shards every block over the GPUs, the root module (embedders, final layer)
+    # stays whole; full fine-tuning under FSDP trains fp32 shards, which are the master weights)
     mem: list[MemoryItem] = []
-    shard = lambda x: x / g  # noqa: E731
     dtype_name = "bf16" if b == 2 else "fp32"
+    compute = 2 if (b == 2 or autocast) else FP32  # the dtype FSDP gathers the weights in
+
+    def sharded(nbytes_per_param: float) -> float:
+        return (root + sum(unit_params) / g) * nbytes_per_param
+
     if lora:
-        mem.append(MemoryItem(f"transformer weights ({dtype_name})", base * b, root * b + shard(sum(unit_params) * b),
-                              "computed", "FSDP: the blocks sharded, the rest (embedders, final layer) whole"))
+        mem.append(MemoryItem(f"transformer weights ({dtype_name})", base * b, sharded(b), "computed",
+                              "FSDP: the blocks sharded, the rest (embedders, final layer) whole"))
         mem.append(MemoryItem("LoRA adapters: policy + last policy (fp32)", 2 * adapter * FP32,
-                              shard(2 * adapter * FP32), "computed", f"{adapter:,} parameters each, rank {rank}"))
+                              2 * adapter * FP32 / g, "computed", f"{adapter:,} parameters each, rank {rank}"))
     else:
-        mem.append(MemoryItem(f"transformer weights: policy ({dtype_name})", base * b,
-                              root * b + shard(sum(unit_params) * b), "computed"))
+        mem.append(MemoryItem(f"transformer weights: policy ({dtype_name}; FSDP: fp32 shards)", base * b,
+                              sharded(FP32), "computed", "FSDP: the fp32 shards are the master weights"))
         mem.append(MemoryItem(f"frozen copies: last policy + reference ({dtype_name})", 2 * base * b,
-                              2 * (root * b + shard(sum(unit_params) * b)), "computed",
-                              "FSDP: assumed sharded like the policy"))
+                              2 * sharded(b), "computed"))
         if b < FP32:
-            mem.append(MemoryItem("fp32 master weights", base * FP32, shard(base * FP32), "computed",
+            mem.append(MemoryItem("fp32 master weights", base * FP32, 0.0, "computed",
                                   "Adam's updates would round away in bf16 (master_weights.py)"))
     grad_note = ("bf16 on the weights during the backward, then fp32 on the masters: 4 B per parameter at the peak"
                  if not lora and b < FP32 else "")
-    mem.append(MemoryItem("gradients (fp32)", trained * FP32, shard(trained * FP32), "computed", grad_note))
-    mem.append(MemoryItem("Adam moments (fp32, two)", 2 * trained * FP32, shard(2 * trained * FP32), "computed"))
+    mem.append(MemoryItem("gradients (fp32)", trained * FP32, trained * FP32 / g, "computed", grad_note))
+    mem.append(MemoryItem("Adam moments (fp32, two)", 2 * trained * FP32, 2 * trained * FP32 / g, "computed"))
     if cfg["ema_decay"] is not None:
-        mem.append(MemoryItem("EMA (fp32)", trained * FP32, shard(trained * FP32), "computed",
+        mem.append(MemoryItem("EMA (fp32)", trained * FP32, trained * FP32 / g, "computed",
                               f"ema_decay {cfg['ema_decay']}"))
     if g > 1:
         mem.append(MemoryItem("gradient all-reduce buffer (a flattened fp32 copy)", trained * FP32, 0.0, "computed",
                               "DDP: PipelineModels.reduce_gradients flattens every gradient into one all-reduce"))
-        gather = 2 * max(unit_params or [0]) * act
-        mem.append(MemoryItem("FSDP: two blocks gathered (the running one, the prefetched)", 0.0, gather, "estimate"))
+        mem.append(MemoryItem("FSDP: two blocks gathered (the running one, the prefetched)", 0.0,
+                              2 * max(unit_params or [0]) * compute, "estimate"))
     vae = getattr(pipe, "vae", None)
     mem.append(MemoryItem(f"VAE ({dtype_name})", _numel(vae) * b, _numel(vae) * b, "computed"))
     encoders = {k: _numel(m) for k, m in pipe.components.items() if k.startswith("text_encoder") and m is not None}
@@ -986,6 +993,16 @@ def make_plan(pretrained: str | Path, config: Mapping[str, Any] | None = None, *
         mem.append(MemoryItem(f"text encoders ({dtype_name}), kept on the GPU", encoder_bytes, encoder_bytes,
                               "computed", "prompt_cache_size set: prompts are encoded when drawn"))
     fixed = {"ddp": sum(m.ddp for m in mem), "fsdp": sum(m.fsdp for m in mem)}
+    # Loading (PipelineModels.__init__): the whole pipeline goes to each GPU before anything is sharded, with full
+    # fine-tuning's two copies (FSDP: the policy made fp32 first), then the prompts are encoded with the text
+    # encoders there; gradients and Adam's moments come later, at the first step.
+    whole = base * b + 2 * adapter * FP32 + _numel(vae) * b + encoder_bytes
+    if not lora:
+        whole_ddp = whole + 2 * base * b + (base * FP32 if b < FP32 else 0)
+        whole_fsdp = whole + 2 * base * b + base * (FP32 - b)
+    else:
+        whole_ddp = whole_fsdp = whole
+    loading = {"ddp": whole_ddp, "fsdp": whole_fsdp}
 
     # ---------------------------------------------------------------- what depends on the batch
     acts = activation_estimate(transformer, units, n_img, n_txt, rank=rank, adapted=adapted, base_bytes=b,
@@ -1018,15 +1035,16 @@ def make_plan(pretrained: str | Path, config: Mapping[str, Any] | None = None, *
     options = []
     choices = [("ddp", False), ("ddp", True)] + ([("fsdp", False), ("fsdp", True)] if g > 1 else [])
     for par, ckpt in choices:
-        def fits(groups: int, par=par, ckpt=ckpt) -> bool:  # a batch of ``groups`` prompt groups
-            return fixed[par] + max(phases(groups * ipp, ckpt).values()) <= usable
+        def peak_at(batch: int, par=par, ckpt=ckpt) -> float:
+            return max(fixed[par] + max(phases(batch, ckpt).values()), loading[par])
 
-        low, high = 0, 1 << 20  # the largest fitting number of groups, by bisection (memory grows with the batch)
+        low, high = 0, 1 << 20  # the largest fitting number of prompt groups, by bisection (memory grows with it)
         while low < high:
             mid = (low + high + 1) // 2
-            low, high = (mid, high) if fits(mid) else (low, mid - 1)
-        peak = fixed[par] + max(phases(cfg["batch_size"], ckpt).values())
-        options.append(Option(par, ckpt, fixed[par], peak, peak <= usable, low * ipp, step_flops(ckpt) / 1e12))
+            low, high = (mid, high) if peak_at(mid * ipp) <= usable else (low, mid - 1)
+        peak = peak_at(cfg["batch_size"])
+        options.append(Option(par, ckpt, fixed[par], loading[par], peak, peak <= usable, low * ipp,
+                              step_flops(ckpt) / 1e12))
     recommendation = _recommend(options, cfg, g, usable)
     chosen = next((o for o in options if (o.parallelism, o.gradient_checkpointing)
                    == (recommendation.get("parallelism"), recommendation.get("gradient_checkpointing"))), None)
@@ -1125,9 +1143,13 @@ def _recommend(options: Sequence[Option], cfg: Mapping[str, Any], gpus: int, usa
                                f"{o.max_batch_size} per GPU (set --set batch_size={o.max_batch_size}, or more GPUs)"}
     last = options[-1]
     how = "FSDP + gradient checkpointing" if gpus > 1 else "gradient checkpointing (FSDP needs --gpus > 1)"
+    why = f"{last.fixed_bytes / GIB:.1f} GiB before activations"
+    if last.loading_bytes > usable:
+        why = (f"loading alone takes {last.loading_bytes / GIB:.1f} GiB (the trainer moves the whole pipeline to each "
+               "GPU before sharding it, and encodes the prompts there)")
     return {"fits": False, "parallelism": None, "gradient_checkpointing": None, "batch_size": 0, "max_batch_size": 0,
-            "message": f"does not fit even with {how} on {gpus} GPU{'s' if gpus > 1 else ''}: "
-                       f"{last.fixed_bytes / GIB:.1f} GiB before activations, {usable / GIB:.1f} GiB usable per GPU"}
+            "message": f"does not fit even with {how} on {gpus} GPU{'s' if gpus > 1 else ''}: {why}; "
+                       f"{usable / GIB:.1f} GiB usable per GPU"}
 
 
 # ----------------------------------------------------------------------------------------------- text and the command
@@ -1164,7 +1186,10 @@ def render_text(report: PlanReport) -> str:
     for m in r.memory:
         lines.append(f"  {m.name:58s} {_gib(m.ddp):>11s} {_gib(m.fsdp):>11s}  {m.kind}")
     fixed = {o.parallelism: o.fixed_bytes for o in r.options}
+    loading = {o.parallelism: o.loading_bytes for o in r.options}
     lines.append(f"  {'total before activations':58s} {_gib(fixed.get('ddp')):>11s} {_gib(fixed.get('fsdp')):>11s}")
+    lines.append(f"  {'while loading (whole pipeline, text encoders; unsharded)':58s} {_gib(loading.get('ddp')):>11s} "
+                 f"{_gib(loading.get('fsdp')):>11s}  computed")
     a = r.activations
     kind = "estimate, checked" if a["checked"] else "GENERIC estimate, unchecked for this family"
     lines += ["",

@@ -187,6 +187,11 @@ def test_bytes_and_forwards_equal_a_real_trainers(tiny_dir, tmp_path, case):
     assert _item(report, "VAE").ddp == _nbytes(pipe.vae.parameters())
     encoders = [p for k, m in pipe.components.items() if k.startswith("text_encoder") for p in m.parameters()]
     assert report.host["text_encoder_bytes"] == _nbytes(encoders)
+    # while the trainer is built (DDP): every model of the pipeline, full fine-tuning's copies and masters
+    whole = _nbytes(pipe.transformer.parameters()) + _nbytes(pipe.vae.parameters()) + _nbytes(encoders)
+    if not lora:
+        whole += _nbytes(copies) + (_nbytes(models._master.params) if models._master is not None else 0)
+    assert next(o for o in report.options if o.parallelism == "ddp").loading_bytes == whole
     # FSDP over 2 GPUs: what is sharded is half (the blocks' weights; everything trained)
     assert _item(report, "gradients").fsdp == _item(report, "gradients").ddp / 2
     # the trainer's own count of this step's transformer passes
@@ -410,6 +415,12 @@ def test_full_fine_tuning_of_flux_dev_needs_sharding(real_configs):
     assert eight.recommendation["parallelism"] == "fsdp"
     ddp = next(o for o in eight.options if o.parallelism == "ddp")
     assert ddp.fixed_bytes > (2 * 3 + 4 + 4 + 8) * 11.9e9
+    # sharded, the states fit 8 H100s, but each GPU first holds the whole pipeline (three transformers, the policy
+    # made fp32): 8 B per parameter before sharding
+    h100 = P.make_plan(real_configs["flux-dev"], cfg, gpus=8, gpu="H100")
+    fsdp = next(o for o in h100.options if o.parallelism == "fsdp" and o.gradient_checkpointing)
+    assert fsdp.fixed_bytes < 0.5 * 79.6 * P.GIB < fsdp.loading_bytes
+    assert not h100.recommendation["fits"] and "loading alone" in h100.recommendation["message"]
 
 
 @pytest.mark.parametrize("family", ["sd35", "flux", "qwen_image", "z_image", "wan", "flux2"])
