@@ -274,6 +274,15 @@ def test_activations_match_the_cpus_accounting(family, mode, resolution, checkpo
     assert abs(want_peak / peak - 1) <= PEAK_TOLERANCE, (want_peak, peak)
 
 
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # torch.nn.RMSNorm under autocast
+@pytest.mark.parametrize("family,mode", [("sd35", "lora"), ("flux", "full")])
+def test_fp32_weights_under_autocast_are_an_upper_bound(family, mode):
+    """fp32 weights under bf16 autocast keep some tensors in bf16 and some in fp32: the estimate takes the residual
+    stream as fp32 and is an upper bound (measured 0.76 to 0.95 of it)."""
+    estimate, held, _ = _measure(family, mode, 128, False, "fp32", True)
+    assert 0.7 * estimate.held(2, False) <= held <= estimate.held(2, False)
+
+
 def test_activations_scale_with_tokens_not_their_square():
     """Flash attention keeps no L x L scores: from 64 to 256 px (16x the image tokens) the image part grows 16x."""
     small, held_small, _ = _measure("flux", "lora", 64, False, "fp32", False)
