@@ -41,7 +41,7 @@ __all__ = [
     "PlanReport",
     "ActivationEstimate",
     "MemoryItem",
-    "Option",
+    "PlanOption",
     "load_meta_pipeline",
     "lora_parameter_count",
     "image_tokens",
@@ -672,13 +672,19 @@ def _mlp_width(block, h: int) -> int:
     return max(widths) if widths else 4 * h
 
 
+#: video frames a causal video VAE (Wan's) decodes at a time: one latent frame, four video frames
+VIDEO_DECODE_FRAMES = 4
+
+
 def vae_decode_work(vae, height: int, width: int, frames: int, act: int) -> float:
     """Bytes per decoded image (video: per video) the VAE decoder holds at its peak, roughly: five tensors of its
-    first block's channels at full resolution (measured on the tiny VAE: 161 bytes per pixel with 8 channels, fp32)."""
+    full-resolution stage's channels at full resolution (measured on the tiny VAE: 161 bytes per pixel with 8
+    channels, fp32); a video VAE decodes :data:`VIDEO_DECODE_FRAMES` frames at a time."""
     if vae is None:
         return 0.0
-    channels = getattr(vae.config, "block_out_channels", None) or (128,)
-    return 5.0 * channels[0] * height * width * max(1, frames) * act
+    config = vae.config
+    channels = (config.get("block_out_channels") or [config.get("base_dim") or 128])[0]
+    return 5.0 * channels * height * width * min(max(1, frames), VIDEO_DECODE_FRAMES) * act
 
 
 # ----------------------------------------------------------------------------------------------- FLOPs
@@ -800,7 +806,7 @@ class MemoryItem:
 
 
 @dataclass
-class Option:
+class PlanOption:
     """One way to run: DDP or FSDP, with or without gradient checkpointing, per GPU."""
 
     parallelism: str
@@ -836,7 +842,7 @@ class PlanReport:
     host: dict[str, Any]
     forwards: dict[str, Any]
     flops: dict[str, Any]
-    options: list[Option]
+    options: list[PlanOption]
     recommendation: dict[str, Any]
     notes: list[str] = field(default_factory=list)
 
@@ -1043,7 +1049,7 @@ def make_plan(pretrained: str | Path, config: Mapping[str, Any] | None = None, *
             mid = (low + high + 1) // 2
             low, high = (mid, high) if peak_at(mid * ipp) <= usable else (low, mid - 1)
         peak = peak_at(cfg["batch_size"])
-        options.append(Option(par, ckpt, fixed[par], loading[par], peak, peak <= usable, low * ipp,
+        options.append(PlanOption(par, ckpt, fixed[par], loading[par], peak, peak <= usable, low * ipp,
                               step_flops(ckpt) / 1e12))
     recommendation = _recommend(options, cfg, g, usable)
     chosen = next((o for o in options if (o.parallelism, o.gradient_checkpointing)
@@ -1121,11 +1127,11 @@ def _count_prompts(cfg: Mapping[str, Any]) -> int | None:
         raise PlanError(str(err)) from None
 
 
-def _name(option: Option) -> str:
+def _name(option: PlanOption) -> str:
     return option.parallelism.upper() + (" + gradient checkpointing" if option.gradient_checkpointing else "")
 
 
-def _recommend(options: Sequence[Option], cfg: Mapping[str, Any], gpus: int, usable: float) -> dict[str, Any]:
+def _recommend(options: Sequence[PlanOption], cfg: Mapping[str, Any], gpus: int, usable: float) -> dict[str, Any]:
     """The first option (DDP, DDP + checkpointing, FSDP, FSDP + checkpointing) where the configured batch fits;
     else the first where some batch does, with its largest batch; else a plain 'does not fit'."""
     batch = cfg["batch_size"]
@@ -1180,8 +1186,8 @@ def render_text(report: PlanReport) -> str:
              f"{_count(p['largest_block'])}){lora}; VAE {_count(p['vae'])}; text encoders {_count(p['text_encoders'])}",
              "",
              f"per GPU: {r.gpu}, {r.gpu_memory_gib:g} GiB, {r.headroom:.0%} kept free -> "
-             f"{r.gpu_memory_gib * (1 - r.headroom):.1f} GiB usable; {r.gpus} GPU{'s' if r.gpus > 1 else ''} "
-             "(FSDP shards over them)",
+             f"{r.gpu_memory_gib * (1 - r.headroom):.1f} GiB usable; "
+             + (f"{r.gpus} GPUs (FSDP shards over them)" if r.gpus > 1 else "1 GPU (FSDP needs --gpus > 1)"),
              f"  {'part':58s} {'DDP':>11s} {'FSDP':>11s}  kind"]
     for m in r.memory:
         lines.append(f"  {m.name:58s} {_gib(m.ddp):>11s} {_gib(m.fsdp):>11s}  {m.kind}")

@@ -18,7 +18,8 @@
 - **FLOPs**: the matmul + attention count against ``torch.utils.flop_counter.FlopCounterMode`` on the tiny
   transformers' forward (math SDPA, which the counter sees): equal to 0.1%.
 - **real sizes**: configs alone (no weights) of SD3.5-medium and FLUX.1-dev give 2.24 B / 11.90 B parameters and
-  3.0 M / 6.5 M LoRA parameters per adapter at rank 4; peft's own count equals the plan's arithmetic on the tiny families.
+  3.0 M / 6.5 M LoRA parameters per adapter at rank 4; peft's own count equals the plan's arithmetic on the tiny
+  families.
 - **the command**: the table, ``--json``, a clear error for a bad ``--pretrained``.
 """
 
@@ -324,7 +325,7 @@ def test_flops_equal_torchs_flop_counter(family, resolution, mode):
     assert flops["attention"] > 0 and (flops["lora"] > 0) == (mode == "lora")
 
 
-# ----------------------------------------------------------------------------------------------- real sizes, configs only
+# ------------------------------------------------------------------------------------- real sizes, configs only
 
 
 def _write_configs(root, pipeline, transformer, text_encoders, vae, scheduler):
@@ -434,7 +435,8 @@ def test_full_fine_tuning_of_flux_dev_needs_sharding(real_configs):
 
 @pytest.mark.parametrize("family", ["sd35", "flux", "qwen_image", "z_image", "wan", "flux2"])
 def test_lora_count_equals_pefts(tiny_dir, family):
-    """The arithmetic r (in + out) per adapted Linear is what peft adds (the trainer's LoraRoles, on the real module)."""
+    """The arithmetic r (in + out) per adapted Linear is what peft adds (the trainer's LoraRoles, on the real
+    module)."""
     from orwcfm_fast.flows.lora import LoraRoles
 
     report = P.make_plan(tiny_dir(family), {"lora_rank": 3, "guidance_scale": 1.0})
@@ -481,6 +483,25 @@ def test_recommendation_follows_the_memory(tiny_dir):
     assert at.fits and not above.fits
 
 
+def test_configs_alone_plan_as_the_weights_do(tiny_dir, tmp_path):
+    """A copy of a saved pipeline without its weights (only model_index.json and the configs) gives the same plan; a
+    missing component config is named."""
+    import shutil
+
+    source = tiny_dir("sd35")
+    configs = tmp_path / "configs"
+    shutil.copytree(source, configs, ignore=lambda d, names: [n for n in names if n.endswith((".safetensors", ".bin"))
+                                                               or "token" in n or n.endswith((".txt", ".model"))])
+    assert not list(configs.rglob("*.safetensors"))
+    cfg = {"max_sequence_length": 16, "guidance_scale": 4.5}
+    with_weights, alone = P.make_plan(source, cfg).to_dict(), P.make_plan(configs, cfg).to_dict()
+    with_weights.pop("pretrained"), alone.pop("pretrained")
+    assert alone == with_weights
+    (configs / "vae" / "config.json").unlink()
+    with pytest.raises(P.PlanError, match="component 'vae'"):
+        P.make_plan(configs, cfg)
+
+
 def test_a_config_whose_targets_match_nothing_is_named(tiny_dir):
     with pytest.raises(P.PlanError, match="lora_target_modules"):
         P.make_plan(tiny_dir("sd35"), {"lora_target_modules": ["no_such_layer"]})
@@ -500,7 +521,8 @@ def test_command_prints_the_table_and_json(tiny_dir, capsys, tmp_path):
     for expected in ("transformer weights", "LoRA adapters", "Adam moments", "DDP + gradient checkpointing",
                      "FSDP", "recommendation:", "per epoch of 5 steps", "ASSUMED"):
         assert expected in text, expected
-    assert main(["plan", "--pretrained", str(tiny_dir("sd35")), "--config", str(config), "--json", "--tflops", "100"]) == 0
+    assert main(["plan", "--pretrained", str(tiny_dir("sd35")), "--config", str(config), "--json",
+                 "--tflops", "100"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["tflops"] == 100 and not data["tflops_assumed"] and data["pipeline"] == "StableDiffusion3Pipeline"
     assert data["tokens"]["image"] == 16 and data["recommendation"]["fits"]
