@@ -765,13 +765,11 @@ def forwards_per_step(config: Mapping[str, Any], flow) -> dict[str, Any]:
         "forwards", "passes": {role: passes per sample}, "one_off_sampling"}`` (the last: offline-rwr's set, drawn
         once).
     """
-    from orwcfm_fast.flows.pipeline_models import cfg_roles
+    from orwcfm_fast.flows.pipeline_models import role_passes
     from orwcfm_fast.objectives import make_objective
     from orwcfm_fast.sampling.solvers import nfe
 
-    guide_loss, guide_sampling = cfg_roles(config["cfg_mode"])
-    two = 2 if flow._guided() else 1
-    passes = {"sampling": two if guide_sampling else 1, "policy": two if guide_loss else 1}
+    passes = {role: role_passes(flow, config["cfg_mode"], role) for role in ("sampling", "policy")}
     objective = make_objective(config)
     batch, k, updates = config["batch_size"], config["loss_timesteps"], config["updates_per_batch"]
     solve = nfe(config["ode_solver"], config["ode_steps"]) * passes["sampling"]
@@ -812,7 +810,7 @@ class PlanOption:
     parallelism: str
     gradient_checkpointing: bool
     fixed_bytes: float  # weights, adapters, gradients, optimiser state, EMA, VAE (text encoders when kept)
-    loading_bytes: float  # while the trainer is built: the whole pipeline on the GPU, before any sharding
+    loading_bytes: float  # while the trainer is built (DDP: the whole pipeline; FSDP: shards + one block whole)
     # at the configured batch size: fixed + the largest phase (training step, sampling, decoding), or the loading
     peak_bytes: float
     fits: bool
@@ -999,15 +997,19 @@ def make_plan(pretrained: str | Path, config: Mapping[str, Any] | None = None, *
         mem.append(MemoryItem(f"text encoders ({dtype_name}), kept on the GPU", encoder_bytes, encoder_bytes,
                               "computed", "prompt_cache_size set: prompts are encoded when drawn"))
     fixed = {"ddp": sum(m.ddp for m in mem), "fsdp": sum(m.fsdp for m in mem)}
-    # Loading (PipelineModels.__init__): the whole pipeline goes to each GPU before anything is sharded, with full
-    # fine-tuning's two copies (FSDP: the policy made fp32 first), then the prompts are encoded with the text
-    # encoders there; gradients and Adam's moments come later, at the first step.
-    whole = base * b + 2 * adapter * FP32 + _numel(vae) * b + encoder_bytes
-    if not lora:
-        whole_ddp = whole + 2 * base * b + (base * FP32 if b < FP32 else 0)
-        whole_fsdp = whole + 2 * base * b + base * (FP32 - b)
+    # Loading (PipelineModels.__init__), gradients and Adam's moments come later, at the first step. DDP: the whole
+    # pipeline goes to each GPU, with full fine-tuning's two copies (and fp32 masters of a bf16 base), then the
+    # prompts are encoded with the text encoders there. FSDP: the VAE and text encoders go to the GPU; the
+    # transformer (and full fine-tuning's copies, made in host memory) is moved block by block as fully_shard shards
+    # it: the GPU holds the shards so far plus one unit whole, just moved, in its dtype (fp32 for the trained one).
+    others = _numel(vae) * b + encoder_bytes
+    biggest_unit = max([*unit_params, root])
+    if lora:
+        whole_ddp = base * b + 2 * adapter * FP32 + others
+        whole_fsdp = sharded(b) + 2 * adapter * FP32 / g + biggest_unit * b + others
     else:
-        whole_ddp = whole_fsdp = whole
+        whole_ddp = 3 * base * b + (base * FP32 if b < FP32 else 0) + others
+        whole_fsdp = sharded(FP32) + 2 * sharded(b) + biggest_unit * FP32 + others
     loading = {"ddp": whole_ddp, "fsdp": whole_fsdp}
 
     # ---------------------------------------------------------------- what depends on the batch
@@ -1151,8 +1153,8 @@ def _recommend(options: Sequence[PlanOption], cfg: Mapping[str, Any], gpus: int,
     how = "FSDP + gradient checkpointing" if gpus > 1 else "gradient checkpointing (FSDP needs --gpus > 1)"
     why = f"{last.fixed_bytes / GIB:.1f} GiB before activations"
     if last.loading_bytes > usable:
-        why = (f"loading alone takes {last.loading_bytes / GIB:.1f} GiB (the trainer moves the whole pipeline to each "
-               "GPU before sharding it, and encodes the prompts there)")
+        why = (f"loading alone takes {last.loading_bytes / GIB:.1f} GiB (the VAE and text encoders, which encode the "
+               "prompts on the GPU, and the transformer's shards with one block whole as FSDP moves it there)")
     return {"fits": False, "parallelism": None, "gradient_checkpointing": None, "batch_size": 0, "max_batch_size": 0,
             "message": f"does not fit even with {how} on {gpus} GPU{'s' if gpus > 1 else ''}: {why}; "
                        f"{usable / GIB:.1f} GiB usable per GPU"}
@@ -1194,7 +1196,7 @@ def render_text(report: PlanReport) -> str:
     fixed = {o.parallelism: o.fixed_bytes for o in r.options}
     loading = {o.parallelism: o.loading_bytes for o in r.options}
     lines.append(f"  {'total before activations':58s} {_gib(fixed.get('ddp')):>11s} {_gib(fixed.get('fsdp')):>11s}")
-    lines.append(f"  {'while loading (whole pipeline, text encoders; unsharded)':58s} {_gib(loading.get('ddp')):>11s} "
+    lines.append(f"  {'while loading (text encoders on the GPU; FSDP: shards)':58s} {_gib(loading.get('ddp')):>11s} "
                  f"{_gib(loading.get('fsdp')):>11s}  computed")
     a = r.activations
     kind = "estimate, checked" if a["checked"] else "GENERIC estimate, unchecked for this family"

@@ -53,7 +53,13 @@ def _trainer(outdir, dtype=torch.float32, **overrides):
 
     pipe = tiny_sd3_pipeline(sd35=True, seed=0)
     pipe.to(dtype)
-    return ORWCFMTrainer(pipe, _config(outdir, **overrides), "cpu")
+    moves = []
+    if overrides.get("parallelism", "fsdp") == "fsdp":  # FSDP moves the transformer unit by unit, never whole
+        transformer_to = pipe.transformer.to
+        pipe.transformer.to = lambda *args, **kwargs: (moves.append((args, kwargs)), transformer_to(*args, **kwargs))[1]
+    trainer = ORWCFMTrainer(pipe, _config(outdir, **overrides), "cpu")
+    assert moves == [], f"the transformer was moved whole before sharding: {moves}"
+    return trainer
 
 
 def _full(tensors) -> torch.Tensor:

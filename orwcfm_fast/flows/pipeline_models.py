@@ -10,8 +10,8 @@ Checkpoints hold the trained weights only (both adapters, or the three transform
 fine-tuning) plus a fingerprint of the base weights, which a resume checks.
 
 With config ``parallelism: "fsdp"`` (under torchrun) every transformer is sharded with FSDP2, one unit per
-block (:meth:`PipelineFlow.shard_units`): with LoRA the frozen base and both adapters, the roles switching as
-before; with full fine-tuning the trained transformer in float32 (its shards are the master weights; the
+block (:meth:`PipelineFlow.shard_units`), moved to the device unit by unit as it is sharded (it is never whole on a
+GPU): with LoRA the frozen base and both adapters, the roles switching as before; with full fine-tuning the trained transformer in float32 (its shards are the master weights; the
 forwards gather it in the compute dtype) and its two frozen copies in the pipeline's dtype. Gradients are
 reduce-scattered in the backward, in float32; the compute dtype is bf16 under ``precision: "bf16"``, else the
 pipeline's dtype.
@@ -35,7 +35,7 @@ from orwcfm_fast.flows.lora import LoraRoles
 from orwcfm_fast.flows.master_weights import MasterWeights, needs_master_weights
 from orwcfm_fast.flows.models import TrainingModels, blend_into
 
-__all__ = ["PipelineModels", "RoleVelocity", "base_fingerprint", "cfg_roles"]
+__all__ = ["PipelineModels", "RoleVelocity", "base_fingerprint", "cfg_roles", "role_passes"]
 
 
 def _compute_dtype(transformer: torch.nn.Module, precision: str) -> torch.dtype | None:
@@ -98,6 +98,23 @@ def cfg_roles(mode: str) -> tuple[bool, bool]:
     raise ValueError(f"config key 'cfg_mode' must be one of 'guided', 'cfg_free', 'sampling_only', got {mode!r}")
 
 
+def role_passes(flow, cfg_mode: str, role: str) -> int:
+    """Transformer passes per sample of one call of a role's velocity (:meth:`PipelineModels.forward_passes`; also
+    what ``orwcfm-fast plan`` counts): 2 where config ``cfg_mode`` guides that velocity and the flow guides with two
+    passes, else 1.
+
+    Args:
+        flow: the pipeline's flow.
+        cfg_mode: config ``cfg_mode`` (:func:`cfg_roles`).
+        role: ``"sampling"`` (the sampler's velocity) or ``"policy"`` / ``"reference"`` / ``"old_policy"`` (the loss's).
+    """
+    if role not in ("sampling", "policy", "reference", "old_policy"):
+        raise ValueError(f"unknown role {role!r}: one of 'sampling', 'policy', 'reference', 'old_policy'")
+    guide_loss, guide_sampling = cfg_roles(cfg_mode)
+    guided = guide_sampling if role == "sampling" else guide_loss
+    return 2 if guided and flow._guided() else 1
+
+
 def base_fingerprint(transformer: torch.nn.Module) -> str:
     """A SHA-256 of the architecture and of a strided sample of every base (non-LoRA) weight.
 
@@ -145,7 +162,15 @@ class PipelineModels(TrainingModels):
         self.pipe = pipe
         self.device = device
         self.config = config
-        pipe.to(device)
+        self.sharded = config["parallelism"] == "fsdp"
+        if self.sharded:
+            # the transformer stays where it was loaded (host memory): FSDP moves it to the device block by block as
+            # it shards it, so no GPU ever holds it whole (nor full fine-tuning's copies, made on the host)
+            for component in pipe.components.values():
+                if isinstance(component, torch.nn.Module) and component is not pipe.transformer:
+                    component.to(device)
+        else:
+            pipe.to(device)
         self.flow = flow_for_pipeline(
             pipe, resolution=config["resolution"], guidance_scale=config["guidance_scale"],
             negative_prompt=config["negative_prompt"], time_shift=config["time_shift"],
@@ -161,7 +186,6 @@ class PipelineModels(TrainingModels):
             transformer.enable_gradient_checkpointing()
         rank = config["lora_rank"]
         self._master: MasterWeights | None = None
-        self.sharded = config["parallelism"] == "fsdp"
         compute_dtype = _compute_dtype(transformer, config["precision"])
         if rank is not None:
             targets = config["lora_target_modules"] or self.flow.default_lora_targets()
@@ -220,9 +244,7 @@ class PipelineModels(TrainingModels):
         return self.last_policy
 
     def forward_passes(self, role):
-        velocity = {"sampling": self._sampler, "policy": self._policy, "reference": self.ref_model,
-                    "old_policy": self.last_policy}[role]
-        return 2 if velocity.guided and self.flow._guided() else 1
+        return role_passes(self.flow, self.config["cfg_mode"], role)
 
     def policy_sampling_velocity(self) -> RoleVelocity:
         """The current policy with guidance: what :meth:`ORWCFMTrainer.sample` integrates."""
