@@ -221,7 +221,8 @@ def local_parameter_bytes(module: torch.nn.Module) -> int:
     return total
 
 
-def shard_module(root: torch.nn.Module, units, compute_dtype: torch.dtype | None) -> None:
+def shard_module(root: torch.nn.Module, units, compute_dtype: torch.dtype | None,
+                 device: str | torch.device | None = None) -> None:
     """Shard ``root`` over every rank with FSDP2's ``fully_shard``: one unit per module of ``units``, then the root.
 
     Each unit's parameters are all-gathered just before its forward (and again before its backward) and freed
@@ -233,6 +234,8 @@ def shard_module(root: torch.nn.Module, units, compute_dtype: torch.dtype | None
         units: its sub-modules to shard one by one (a transformer's blocks), in forward order.
         compute_dtype: the dtype the forwards run in (parameters are cast to it when gathered; bf16 /
             fp16 mixed precision), or ``None``: each parameter's own dtype.
+        device: where the shards live (FSDP moves each unit there as it shards it): this process's device
+            (``cuda`` means the current one); default: FSDP's choice, CUDA whenever it is available.
 
     Raises:
         RuntimeError: no process group is initialised (start the run under torchrun).
@@ -242,9 +245,14 @@ def shard_module(root: torch.nn.Module, units, compute_dtype: torch.dtype | None
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    kwargs = {"mp_policy": policy}
+    if device is not None:  # a 1-D mesh over every rank on this device type (a CPU run on a GPU machine stays there)
+        from torch.distributed.device_mesh import init_device_mesh
+
+        kwargs["mesh"] = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
     for unit in units:
-        fully_shard(unit, mp_policy=policy)
-    fully_shard(root, mp_policy=policy)
+        fully_shard(unit, **kwargs)
+    fully_shard(root, **kwargs)
     # FSDP fixes each unit's gradient dtypes when the root first runs, from the parameters that require
     # gradients then. LoRA's reference role (adapters disabled) requires none, and its base (bf16) and adapters
     # (fp32) differ in dtype: had the first forward been the reference's, the policy's gradients would later

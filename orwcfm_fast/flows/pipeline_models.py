@@ -194,7 +194,7 @@ class PipelineModels(TrainingModels):
             self.net_model = transformer
             transformers = (transformer, transformer, transformer)
             if self.sharded:
-                dist_utils.shard_module(transformer, self.flow.shard_units(transformer), compute_dtype)
+                dist_utils.shard_module(transformer, self.flow.shard_units(transformer), compute_dtype, device)
                 self.roles.refresh_parameters()  # the adapters' parameters are DTensors now
         else:
             self.roles = None
@@ -206,7 +206,7 @@ class PipelineModels(TrainingModels):
                 # the trained shards in fp32 are the master weights; the forwards gather them in compute_dtype
                 transformer.float()
                 for module in (transformer, last, ref):
-                    dist_utils.shard_module(module, self.flow.shard_units(module), compute_dtype)
+                    dist_utils.shard_module(module, self.flow.shard_units(module), compute_dtype, device)
             else:
                 # bf16 / fp16 weights: Adam's ~lr updates would round away; the optimiser trains fp32 copies
                 params = list(transformer.parameters())
