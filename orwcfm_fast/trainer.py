@@ -1115,12 +1115,17 @@ class ORWCFMTrainer:
                 "train --reshard) to load the weights, EMA and optimiser into this layout with reseeded random streams")
         self.models.check_checkpoint_meta(state, source)
         load_ema = self._ema is not None and bool(state.get("has_ema"))
+        fresh = not self.optimizer.state  # asking for its state gives it one (a zero step): undone on a refusal
         try:
             tensors = trainer_tensors(self.models, self.optimizer, self._ema if load_ema else None,
                                       optimizer_state=bool(state.get("has_optim")))
-        except NotImplementedError as err:  # a family without sharded_state (plain modules)
-            raise CheckpointError(f"{source} is a sharded checkpoint: {err}") from None
-        check_layout(path, tensors)  # before anything changes
+            check_layout(path, tensors)  # before anything changes
+        except BaseException as err:
+            if fresh:
+                self.optimizer.state.clear()
+            if isinstance(err, NotImplementedError):  # a family without sharded_state (plain modules)
+                raise CheckpointError(f"{source} is a sharded checkpoint: {err}") from None
+            raise
         load_sharded(path, tensors)
         restore_optimizer(self.models, self.optimizer, tensors)
         self.models.sync_weights()

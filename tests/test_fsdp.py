@@ -257,8 +257,15 @@ def _one_rank(rank: int, init_file: str, outdir: str) -> None:
         except Exception as err:  # noqa: BLE001 - the test reads it
             message = f"{type(err).__name__}: {err}"
         before = _full(trainer.models.trainable_parameters())
+        other = _trainer(out / "other-rank", ema_decay=0.9, lora_rank=8)  # adapters of another shape
+        try:
+            other.load_checkpoint(latest, reshard=True)
+            mismatch = None
+        except Exception as err:  # noqa: BLE001 - the test reads it
+            mismatch = f"{type(err).__name__}: {err}"
+        mismatch_untouched = len(other.optimizer.state) == 0 and other.epoch == 0
         trainer.load_checkpoint(latest, reshard=True)
-        torch.save({"message": message, "before": before,
+        torch.save({"message": message, "before": before, "mismatch": mismatch, "mismatch_untouched": mismatch_untouched,
                     "weights": _full(trainer.models.trainable_parameters()), "ema": _full(trainer._ema),
                     "moments": _optimizer_moments(trainer), "epoch": trainer.epoch,
                     "held": sum(p.numel() for p in trainer.models.trainable_parameters())}, out / "one.pt")
@@ -363,6 +370,10 @@ def test_another_layout_is_refused_unless_resharded(runs):
         and "'fsdp'" in layouts["overlap"]
     assert one["message"].startswith("CheckpointError") and "2 rank(s)" in one["message"] \
         and "this run has 1" in one["message"]
+    # adapters of another rank: refused before anything changed (the optimiser did not even get a state)
+    assert one["mismatch"].startswith("CheckpointError") and "shape mismatches" in one["mismatch"] \
+        and "lora_rank" in one["mismatch"]
+    assert one["mismatch_untouched"]
     # resharded: two ranks' shards whole in one process, and unsharded in a ddp run of two ranks, exactly as saved
     saved = _load(runs, "checkpointed")
     assert not torch.equal(saved["weights"], one["before"])  # loading has something to change

@@ -344,6 +344,10 @@ class PipelineModels(TrainingModels):
     def sharded_state(self):
         if self.roles is not None:
             return {"lora": self.roles.named_adapter_parameters()}
+        if self._master is not None:
+            raise NotImplementedError("this run fine-tunes a bf16 / fp16 transformer without sharding, through fp32 "
+                                      "master weights, which sharded checkpoints do not hold: load it with "
+                                      "parallelism 'fsdp'")
         # the reference is the pretrained transformer, loaded again by the resuming run
         return {"net_model": dict(self.net_model.named_parameters()),
                 "last_policy": dict(self.last_policy.transformer.named_parameters())}
