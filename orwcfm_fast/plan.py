@@ -5,9 +5,11 @@ builds the pipeline of ``DIR`` on the meta device (no weights are read: a folder
 ``model_index.json`` and each component's ``config.json`` is enough) and reports, per GPU, for DDP and for
 FSDP (``fully_shard`` per transformer block, parameters, gradients and optimiser state sharded over the GPUs):
 
-- **computed** (exact counts from the meta-device modules): base weights, the LoRA adapters (policy and last
+- **computed** (exact counts from the meta-device modules): base weights (parameters and floating-point buffers;
+  FSDP shards the parameters, dim 0 over the GPUs, and keeps buffers whole), the LoRA adapters (policy and last
   policy, fp32; counted as peft adds them), gradients, Adam's two fp32 moments, the EMA, full fine-tuning's
-  frozen copies (last policy, reference) and fp32 master weights, the text encoders, the prompt-embedding cache
+  frozen copies (last policy, reference) and fp32 master weights, FSDP's root layers gathered after a forward, DDP's
+  flattened gradient copy (a phase of the optimiser step), the text encoders, the prompt-embedding cache
   (host memory), the VAE, the transformer forwards per training step (the trainer's own counting:
   :mod:`orwcfm_fast.compute`) and their FLOPs;
 - **estimated** (analytic, per transformer block): the activations the policy's loss forward keeps for its
@@ -37,6 +39,7 @@ from typing import Any, Mapping, Sequence
 __all__ = [
     "GPUS",
     "DEFAULT_HEADROOM",
+    "ALLREDUCE_PHASE",
     "PlanError",
     "PlanReport",
     "ActivationEstimate",
@@ -76,6 +79,9 @@ DEFAULT_GPU = "H100"
 DEFAULT_HEADROOM = 0.15
 
 FP32 = 4
+
+#: the phase of a step holding DDP's flattened fp32 gradient copy (PlanOption.phases)
+ALLREDUCE_PHASE = "optimiser step (gradient all-reduce copy)"
 
 
 class PlanError(ValueError):
@@ -142,10 +148,14 @@ def load_meta_pipeline(path: str | Path):
                 with torch.device("meta"):
                     components[key] = cls.from_config(config)
         elif library == "transformers":
-            cls = getattr(transformers, cls_name, None)
-            if cls is None or not hasattr(cls, "_from_config") or "Tokenizer" in cls_name or "Processor" in cls_name:
+            if _skippable(cls_name):
                 components[key] = None  # tokenizers, processors: not needed to count or to plan
                 continue
+            cls = getattr(transformers, cls_name, None)
+            if cls is None or not hasattr(cls, "_from_config"):
+                raise PlanError(f"--pretrained {str(path)!r}: model_index.json names {key} class {cls_name!r}, which "
+                                f"transformers {transformers.__version__} does not have as a model: its weights "
+                                "cannot be counted")
             try:
                 config = transformers.AutoConfig.from_pretrained(sub)
             except (OSError, ValueError) as err:
@@ -153,14 +163,25 @@ def load_meta_pipeline(path: str | Path):
                                 f"({sub}/config.json): {err}") from None
             with torch.device("meta"):
                 components[key] = cls._from_config(config)
-        else:
+        elif _skippable(cls_name):
             components[key] = None
+        else:
+            raise PlanError(f"--pretrained {str(path)!r}: model_index.json names {key} class {cls_name!r} of library "
+                            f"{library!r}; the plan builds diffusers and transformers models only")
     if components.get("transformer") is None:
         raise PlanError(f"--pretrained {str(path)!r}: {name} has no transformer component in model_index.json")
     try:
         return getattr(diffusers, name)(**components)
     except (TypeError, ValueError) as err:
         raise PlanError(f"--pretrained {str(path)!r}: cannot assemble {name} from its components: {err}") from None
+
+
+#: class-name parts of components the plan does not need (no weights on the GPU): left out of the pipeline
+_SKIPPED_KINDS = ("Tokenizer", "Processor", "FeatureExtractor", "Scheduler")
+
+
+def _skippable(cls_name: str) -> bool:
+    return any(kind in cls_name for kind in _SKIPPED_KINDS)
 
 
 # ----------------------------------------------------------------------------------------------- parameter counts
@@ -206,7 +227,43 @@ def lora_parameter_count(transformer, rank: int, targets: Sequence[str]) -> tupl
 
 
 def _numel(module) -> int:
+    """Parameters of ``module`` (0 for ``None``)."""
     return sum(p.numel() for p in module.parameters()) if module is not None else 0
+
+
+def _buffer_numel(module) -> int:
+    """Floating-point buffers of ``module`` (SD3's ``pos_embed.pos_embed``): they go to the GPU with the weights, are
+    cast with them, and FSDP does not shard them (0 for ``None``)."""
+    return sum(t.numel() for t in module.buffers() if t.is_floating_point()) if module is not None else 0
+
+
+def _shard_rows(rows: int, gpus: int) -> int:
+    """Rows of dim 0 the first rank holds when FSDP2 shards ``rows`` over ``gpus`` (``ceil``: the largest shard)."""
+    return -(-rows // gpus)
+
+
+def _shard_numel(shapes, gpus: int) -> int:
+    """Elements the first (largest) rank holds of tensors of ``shapes``, each sharded on dim 0 over ``gpus``."""
+    total = 0
+    for shape in shapes:
+        shape = tuple(shape)
+        total += _shard_rows(shape[0], gpus) * math.prod(shape[1:]) if shape else 1
+    return total
+
+
+def _lora_shapes(transformer, rank: int, names: Sequence[str]):
+    """The shapes of one adapter's ``lora_A`` and ``lora_B`` weights on the modules ``names`` (peft's layout)."""
+    import torch
+
+    modules = dict(transformer.named_modules())
+    for name in names:
+        m = modules[name]
+        if isinstance(m, torch.nn.Conv2d):
+            yield (rank, m.in_channels // m.groups, *m.kernel_size)
+            yield (m.out_channels, rank, 1, 1)
+        else:
+            yield (rank, m.in_features)
+            yield (m.out_features, rank)
 
 
 # ----------------------------------------------------------------------------------------------- activations
@@ -431,8 +488,6 @@ def _generic_block(block, prefix: str, n_img: int, n_txt: int, ctx: _Ctx, grad_i
     """Any other transformer block, as a pre-norm DiT block on all ``n_img + n_txt`` tokens: two norms, q/k/v (q/k RMS
     norms where the block has RMSNorm modules), flash attention, an MLP of the block's widest ``Linear``. Not checked
     against a measurement for any family."""
-    import torch
-
     led = _Ledger()
     linears = list(_linears(block))
     q = next((m for n, m in linears if n.endswith("to_q")), None)
@@ -602,8 +657,6 @@ def image_tokens(flow) -> int:
 
 
 def _block_width(block) -> int:
-    import torch
-
     q = _get(block, "attn.to_q")  # a Linear, or peft's LoRA layer around one (it has in_features too)
     if isinstance(getattr(q, "in_features", None), int):
         return q.in_features
@@ -666,8 +719,6 @@ def sampling_work(units: Sequence, n_img: int, n_txt: int, act: int) -> float:
 
 
 def _mlp_width(block, h: int) -> int:
-    import torch
-
     widths = [m.out_features for n, m in _linears(block) if ("ff" in n or "mlp" in n) and m.out_features > h]
     return max(widths) if widths else 4 * h
 
@@ -816,6 +867,12 @@ class PlanOption:
     fits: bool
     max_batch_size: int  # the largest per-GPU batch_size (a multiple of images_per_prompt) that fits; 0: none
     step_tflop: float  # per GPU per training step
+    #: at the configured batch size, bytes on top of ``fixed_bytes`` in each phase of a step: the training step (the
+    #: activations at the backward's peak), the optimiser step (DDP's flattened gradient copy), sampling, VAE decode
+    phases: dict[str, float] = field(default_factory=dict)
+    #: the next batch is sampled during the backward (full fine-tuning under DDP on CUDA): the training and optimiser
+    #: steps' phases include the sampler's (or the VAE decode's) working memory
+    overlapped: bool = False
 
 
 @dataclass
@@ -889,6 +946,24 @@ def _resolve_gpu(gpu: str | None, memory: float | None, tflops: float | None) ->
             float(tflops if tflops is not None else table_tflops), tflops is None)
 
 
+def _check_numbers(*, gpus, gpu_memory_gib, tflops, headroom, steps_per_epoch) -> None:
+    """The numeric arguments of :func:`make_plan`, each named by its command-line flag when out of range."""
+    def number(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    if not (isinstance(gpus, int) and not isinstance(gpus, bool)) or gpus < 1:
+        raise PlanError(f"--gpus must be an integer >= 1, got {gpus!r}")
+    if gpu_memory_gib is not None and not (number(gpu_memory_gib) and gpu_memory_gib > 0):
+        raise PlanError(f"--gpu-memory must be a number of GiB > 0, got {gpu_memory_gib!r}")
+    if tflops is not None and not (number(tflops) and tflops > 0):
+        raise PlanError(f"--tflops must be > 0, got {tflops!r}")
+    if not (number(headroom) and 0.0 <= headroom < 1.0):
+        raise PlanError(f"--headroom must be in [0, 1), got {headroom!r}")
+    if steps_per_epoch is not None and not (isinstance(steps_per_epoch, int) and not isinstance(steps_per_epoch, bool)
+                                            and steps_per_epoch >= 1):
+        raise PlanError(f"--steps-per-epoch must be an integer >= 1, got {steps_per_epoch!r}")
+
+
 def make_plan(pretrained: str | Path, config: Mapping[str, Any] | None = None, *, gpus: int = 1,
               gpu: str | None = None, gpu_memory_gib: float | None = None, tflops: float | None = None,
               dtype: str = "bf16", headroom: float = DEFAULT_HEADROOM,
@@ -909,8 +984,6 @@ def make_plan(pretrained: str | Path, config: Mapping[str, Any] | None = None, *
     Raises:
         PlanError: an unusable folder, config value or argument (the message names it).
     """
-    import torch
-
     from orwcfm_fast.config import ConfigError, validate_config
     from orwcfm_fast.flows import flow_for_pipeline
 
@@ -920,8 +993,8 @@ def make_plan(pretrained: str | Path, config: Mapping[str, Any] | None = None, *
         raise PlanError(str(err)) from None
     if dtype not in ("bf16", "fp32"):
         raise PlanError(f"--dtype must be bf16 or fp32, got {dtype!r}")
-    if gpus < 1:
-        raise PlanError(f"--gpus must be >= 1, got {gpus}")
+    _check_numbers(gpus=gpus, gpu_memory_gib=gpu_memory_gib, tflops=tflops, headroom=headroom,
+                   steps_per_epoch=steps_per_epoch)
     if cfg["batch_size"] % cfg["images_per_prompt"]:
         raise PlanError(f"config key 'batch_size' ({cfg['batch_size']}) must be a multiple of 'images_per_prompt' "
                         f"({cfg['images_per_prompt']})")
@@ -944,71 +1017,85 @@ def make_plan(pretrained: str | Path, config: Mapping[str, Any] | None = None, *
     rank = cfg["lora_rank"]
     lora = rank is not None
     base = _numel(transformer)
+    buffers = _buffer_numel(transformer)  # whole on every GPU, in the weights' dtype (FSDP does not shard buffers)
+    g = gpus
     if lora:
         targets = cfg["lora_target_modules"] or flow.default_lora_targets()
         adapter, adapted = lora_parameter_count(transformer, rank, targets)
+        adapter_shard = _shard_numel(_lora_shapes(transformer, rank, adapted), g)
     else:
-        adapter, adapted = 0, []
-    trained = adapter if lora else base
+        adapter, adapted, adapter_shard = 0, [], 0
     unit_params = [_numel(u) for u in units]
-    root = base - sum(unit_params)
-    g = gpus
+    root = base - sum(unit_params)  # the root's own parameters (embedders, final layer): outside every block
+    base_shard = _shard_numel((p.shape for p in transformer.parameters()), g)  # the largest rank's
+    trained = adapter if lora else base
+    trained_shard = adapter_shard if lora else base_shard
 
     # ---------------------------------------------------------------- memory that does not depend on the batch
-    # (as PipelineModels builds it: FSDP shards every block over the GPUs, the root module (embedders, final layer)
-    # stays whole; full fine-tuning under FSDP trains fp32 shards, which are the master weights)
+    # (as PipelineModels builds it: FSDP's fully_shard per block, then the root, shards every parameter over the GPUs,
+    # dim 0 split, the first rank holding the largest share; buffers stay whole; full fine-tuning under FSDP trains
+    # fp32 shards, which are the master weights)
     mem: list[MemoryItem] = []
     dtype_name = "bf16" if b == 2 else "fp32"
-    compute = 2 if (b == 2 or autocast) else FP32  # the dtype FSDP gathers the weights in
+    compute = 2 if (b == 2 or autocast) else FP32  # FSDP's gather dtype (PipelineModels' _compute_dtype)
 
     def sharded(nbytes_per_param: float) -> float:
-        return (root + sum(unit_params) / g) * nbytes_per_param
+        """One transformer at rest under FSDP: the largest rank's shards and the buffers, whole."""
+        return (base_shard + buffers) * nbytes_per_param
 
+    weights_note = "parameters and floating-point buffers; FSDP: every parameter sharded, the buffers whole"
     if lora:
-        mem.append(MemoryItem(f"transformer weights ({dtype_name})", base * b, sharded(b), "computed",
-                              "FSDP: the blocks sharded, the rest (embedders, final layer) whole"))
+        mem.append(MemoryItem(f"transformer weights ({dtype_name})", (base + buffers) * b, sharded(b), "computed",
+                              weights_note))
         mem.append(MemoryItem("LoRA adapters: policy + last policy (fp32)", 2 * adapter * FP32,
-                              2 * adapter * FP32 / g, "computed", f"{adapter:,} parameters each, rank {rank}"))
+                              2 * adapter_shard * FP32, "computed", f"{adapter:,} parameters each, rank {rank}"))
     else:
-        mem.append(MemoryItem(f"transformer weights: policy ({dtype_name}; FSDP: fp32 shards)", base * b,
-                              sharded(FP32), "computed", "FSDP: the fp32 shards are the master weights"))
-        mem.append(MemoryItem(f"frozen copies: last policy + reference ({dtype_name})", 2 * base * b,
-                              2 * sharded(b), "computed"))
+        mem.append(MemoryItem(f"transformer weights: policy ({dtype_name}; FSDP: fp32 shards)", (base + buffers) * b,
+                              sharded(FP32), "computed", weights_note + "; FSDP: the fp32 shards are the masters"))
+        mem.append(MemoryItem(f"frozen copies: last policy + reference ({dtype_name})", 2 * (base + buffers) * b,
+                              2 * sharded(b), "computed", weights_note))
         if b < FP32:
             mem.append(MemoryItem("fp32 master weights", base * FP32, 0.0, "computed",
                                   "Adam's updates would round away in bf16 (master_weights.py)"))
     grad_note = ("bf16 on the weights during the backward, then fp32 on the masters: 4 B per parameter at the peak"
                  if not lora and b < FP32 else "")
-    mem.append(MemoryItem("gradients (fp32)", trained * FP32, trained * FP32 / g, "computed", grad_note))
-    mem.append(MemoryItem("Adam moments (fp32, two)", 2 * trained * FP32, 2 * trained * FP32 / g, "computed"))
+    mem.append(MemoryItem("gradients (fp32)", trained * FP32, trained_shard * FP32, "computed", grad_note))
+    mem.append(MemoryItem("Adam moments (fp32, two)", 2 * trained * FP32, 2 * trained_shard * FP32, "computed"))
     if cfg["ema_decay"] is not None:
-        mem.append(MemoryItem("EMA (fp32)", trained * FP32, trained * FP32 / g, "computed",
+        mem.append(MemoryItem("EMA (fp32)", trained * FP32, trained_shard * FP32, "computed",
                               f"ema_decay {cfg['ema_decay']}"))
     if g > 1:
-        mem.append(MemoryItem("gradient all-reduce buffer (a flattened fp32 copy)", trained * FP32, 0.0, "computed",
-                              "DDP: PipelineModels.reduce_gradients flattens every gradient into one all-reduce"))
         mem.append(MemoryItem("FSDP: two blocks gathered (the running one, the prefetched)", 0.0,
                               2 * max(unit_params or [0]) * compute, "estimate"))
+        forwarding = 1 if lora else 3  # LoRA: one transformer; full fine-tuning: policy, last policy, reference
+        mem.append(MemoryItem("FSDP: non-block layers gathered after a forward", 0.0, forwarding * root * compute,
+                              "computed", "fully_shard(root) keeps the root's own parameters gathered after a forward "
+                              f"without gradients, until its next: one copy per transformer that runs ({forwarding})"))
     vae = getattr(pipe, "vae", None)
-    mem.append(MemoryItem(f"VAE ({dtype_name})", _numel(vae) * b, _numel(vae) * b, "computed"))
+    vae_bytes = (_numel(vae) + _buffer_numel(vae)) * b
+    mem.append(MemoryItem(f"VAE ({dtype_name})", vae_bytes, vae_bytes, "computed"))
     encoders = {k: _numel(m) for k, m in pipe.components.items() if k.startswith("text_encoder") and m is not None}
-    encoder_bytes = sum(encoders.values()) * b
+    encoder_bytes = sum(_numel(m) + _buffer_numel(m) for k, m in pipe.components.items()
+                        if k.startswith("text_encoder") and m is not None) * b
     if cfg["prompt_cache_size"] is not None:
         mem.append(MemoryItem(f"text encoders ({dtype_name}), kept on the GPU", encoder_bytes, encoder_bytes,
                               "computed", "prompt_cache_size set: prompts are encoded when drawn"))
     fixed = {"ddp": sum(m.ddp for m in mem), "fsdp": sum(m.fsdp for m in mem)}
+    # DDP's gradient all-reduce (PipelineModels.reduce_gradients): every gradient flattened into one fp32 copy, alive
+    # only during the optimiser step, after the backward freed the activations; FSDP reduce-scatters per block
+    allreduce = {"ddp": trained * FP32 if g > 1 else 0.0, "fsdp": 0.0}
     # Loading (PipelineModels.__init__), gradients and Adam's moments come later, at the first step. DDP: the whole
     # pipeline goes to each GPU, with full fine-tuning's two copies (and fp32 masters of a bf16 base), then the
     # prompts are encoded with the text encoders there. FSDP: the VAE and text encoders go to the GPU; the
     # transformer (and full fine-tuning's copies, made in host memory) is moved block by block as fully_shard shards
     # it: the GPU holds the shards so far plus one unit whole, just moved, in its dtype (fp32 for the trained one).
-    others = _numel(vae) * b + encoder_bytes
+    others = vae_bytes + encoder_bytes
     biggest_unit = max([*unit_params, root])
     if lora:
-        whole_ddp = base * b + 2 * adapter * FP32 + others
-        whole_fsdp = sharded(b) + 2 * adapter * FP32 / g + biggest_unit * b + others
+        whole_ddp = (base + buffers) * b + 2 * adapter * FP32 + others
+        whole_fsdp = sharded(b) + 2 * adapter_shard * FP32 + biggest_unit * b + others
     else:
-        whole_ddp = 3 * base * b + (base * FP32 if b < FP32 else 0) + others
+        whole_ddp = 3 * (base + buffers) * b + (base * FP32 if b < FP32 else 0) + others
         whole_fsdp = sharded(FP32) + 2 * sharded(b) + biggest_unit * FP32 + others
     loading = {"ddp": whole_ddp, "fsdp": whole_fsdp}
 
@@ -1022,13 +1109,24 @@ def make_plan(pretrained: str | Path, config: Mapping[str, Any] | None = None, *
     decode_image = vae_decode_work(vae, flow.height, flow.width, frames, act)
     ipp = cfg["images_per_prompt"]
 
-    def phases(batch: int, checkpointing: bool) -> dict[str, float]:
+    # full fine-tuning under DDP on CUDA samples the next batch (sampling, VAE decode, reward) in the background
+    # during the backward (the trainer's _overlap: config overlap_sampling None -> CUDA and models.can_overlap, which
+    # is False with LoRA and under FSDP; nothing to overlap for an offline objective)
+    online = forwards["one_off_sampling"] == 0
+    overlapped = {par: not lora and par == "ddp" and cfg["overlap_sampling"] is not False and online
+                  for par in ("ddp", "fsdp")}
+
+    def phases(batch: int, checkpointing: bool, par: str) -> dict[str, float]:
+        """Bytes on top of the fixed memory in each phase of a step at ``batch`` per GPU."""
         rows = batch * cfg["loss_timesteps"] * passes["policy"]
         sampling_rows = batch * (passes["sampling"] if flow.cfg_batched else 1)
         chunk = min(batch, cfg["vae_batch_size"] or batch)
-        return {"training step (activations)": acts.peak(rows, checkpointing),
-                "sampling (no-grad forward)": sampling_rows * sample_row,
-                "VAE decode": chunk * decode_image}
+        sampling, decode = sampling_rows * sample_row, chunk * decode_image
+        background = max(sampling, decode) if overlapped[par] else 0.0  # the next batch, made meanwhile
+        return {"training step (activations)": acts.peak(rows, checkpointing) + background,
+                ALLREDUCE_PHASE: allreduce[par] + background,
+                "sampling (no-grad forward)": sampling,
+                "VAE decode": decode}
 
     f_row = forward_flops(transformer, n_img, n_txt, rank=rank, adapted=adapted)
     base_f = f_row["matmul"] + f_row["attention"]
@@ -1044,7 +1142,7 @@ def make_plan(pretrained: str | Path, config: Mapping[str, Any] | None = None, *
     choices = [("ddp", False), ("ddp", True)] + ([("fsdp", False), ("fsdp", True)] if g > 1 else [])
     for par, ckpt in choices:
         def peak_at(batch: int, par=par, ckpt=ckpt) -> float:
-            return max(fixed[par] + max(phases(batch, ckpt).values()), loading[par])
+            return max(fixed[par] + max(phases(batch, ckpt, par).values()), loading[par])
 
         low, high = 0, 1 << 20  # the largest fitting number of prompt groups, by bisection (memory grows with it)
         while low < high:
@@ -1052,7 +1150,7 @@ def make_plan(pretrained: str | Path, config: Mapping[str, Any] | None = None, *
             low, high = (mid, high) if peak_at(mid * ipp) <= usable else (low, mid - 1)
         peak = peak_at(cfg["batch_size"])
         options.append(PlanOption(par, ckpt, fixed[par], loading[par], peak, peak <= usable, low * ipp,
-                              step_flops(ckpt) / 1e12))
+                                  step_flops(ckpt) / 1e12, phases(cfg["batch_size"], ckpt, par), overlapped[par]))
     recommendation = _recommend(options, cfg, g, usable)
     chosen = next((o for o in options if (o.parallelism, o.gradient_checkpointing)
                    == (recommendation.get("parallelism"), recommendation.get("gradient_checkpointing"))), None)
@@ -1085,6 +1183,10 @@ def make_plan(pretrained: str | Path, config: Mapping[str, Any] | None = None, *
         "backward counted as 2x the forward, gradient checkpointing adds one forward of the policy; VAE decode, "
         "rewards, text encoding and communication not included",
     ]
+    if overlapped["ddp"]:
+        notes.append("full fine-tuning under DDP samples the next batch during the backward (config overlap_sampling, "
+                     "on by default on CUDA): DDP's training and optimiser steps hold the sampler's (or the VAE "
+                     "decode's) working memory too; set overlap_sampling false to take it off")
     if flow.family == "sd3" and cfg["guidance_scale"] is None:
         notes.append("guidance_scale None: SD3's default 1 (no classifier-free guidance); set it (e.g. 4.5) to "
                      "plan a guided run")
@@ -1176,6 +1278,13 @@ def _count(n: float) -> str:
     return f"{n:g}"
 
 
+def _background(option: PlanOption) -> float:
+    """The overlapped sampling's bytes in ``option`` 's training and optimiser phases (0 when not overlapped)."""
+    if not option.overlapped:
+        return 0.0
+    return max(option.phases.get("sampling (no-grad forward)", 0.0), option.phases.get("VAE decode", 0.0))
+
+
 def render_text(report: PlanReport) -> str:
     """The plan as a table for a terminal."""
     r, c, p, t = report, report.config, report.parameters, report.tokens
@@ -1198,6 +1307,10 @@ def render_text(report: PlanReport) -> str:
     lines.append(f"  {'total before activations':58s} {_gib(fixed.get('ddp')):>11s} {_gib(fixed.get('fsdp')):>11s}")
     lines.append(f"  {'while loading (text encoders on the GPU; FSDP: shards)':58s} {_gib(loading.get('ddp')):>11s} "
                  f"{_gib(loading.get('fsdp')):>11s}  computed")
+    reduce = {o.parallelism: o.phases.get(ALLREDUCE_PHASE, 0.0) - _background(o) for o in r.options}
+    if any(reduce.values()):
+        lines.append(f"  {'optimiser step: + gradient all-reduce copy (flat, fp32)':58s} "
+                     f"{_gib(reduce.get('ddp')):>11s} {_gib(reduce.get('fsdp')):>11s}  computed, a phase")
     a = r.activations
     kind = "estimate, checked" if a["checked"] else "GENERIC estimate, unchecked for this family"
     lines += ["",
@@ -1240,6 +1353,24 @@ def render_text(report: PlanReport) -> str:
     return "\n".join(lines)
 
 
+def _arg_type(kind, low: float, high: float | None = None, *, closed_low: bool = True):
+    """An argparse ``type``: ``kind`` (int or float) within ``[low, high)`` (``(low, ...)`` when not
+    ``closed_low``)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
+        ok = (value >= low if closed_low else value > low) and (high is None or value < high)
+        if not ok or (kind is float and not math.isfinite(value)):
+            where = ("[" if closed_low else "(") + f"{low:g}, " + (f"{high:g})" if high is not None else "...)")
+            raise argparse.ArgumentTypeError(f"must be in {where}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse's message: "invalid int value" when ``kind`` fails
+    return parse
+
+
 def add_parser(sub) -> argparse.ArgumentParser:
     """Adds ``plan`` to the ``orwcfm-fast`` subparsers."""
     from orwcfm_fast.train_run import parse_assignment
@@ -1258,21 +1389,22 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     p.add_argument("--pretrained", required=True, metavar="DIR",
                    help="a diffusers pipeline folder (model_index.json and each component's config.json suffice)")
-    p.add_argument("--gpus", type=int, default=1, help="GPUs of the run (DDP replicates, FSDP shards over them)")
+    p.add_argument("--gpus", type=_arg_type(int, 1), default=1, help="GPUs of the run (DDP replicates, FSDP shards over them)")
     p.add_argument("--gpu", choices=sorted(GPUS), default=None,
                    help=f"the GPU (memory and assumed TFLOP/s); default: this machine's if known, else {DEFAULT_GPU}")
-    p.add_argument("--gpu-memory", type=float, default=None, metavar="GiB", help="memory per GPU (default: the GPU's)")
-    p.add_argument("--tflops", type=float, default=None,
+    p.add_argument("--gpu-memory", type=_arg_type(float, 0, closed_low=False), default=None, metavar="GiB",
+                   help="memory per GPU (default: the GPU's)")
+    p.add_argument("--tflops", type=_arg_type(float, 0, closed_low=False), default=None,
                    help="sustained TFLOP/s per GPU for the time estimate (default: the GPU's ASSUMED value: "
                         + ", ".join(f"{k} {v[1]:g}" for k, v in GPUS.items()) + ")")
-    p.add_argument("--headroom", type=float, default=DEFAULT_HEADROOM,
+    p.add_argument("--headroom", type=_arg_type(float, 0, 1), default=DEFAULT_HEADROOM,
                    help="share of each GPU's memory kept free (CUDA context, fragmentation, NCCL buffers)")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
                    help="the pipeline's weights, as train --dtype (bf16: what it picks on CUDA sm_80+)")
     p.add_argument("--config", metavar="FILE.json", action="append", default=None, help="as for train")
     p.add_argument("--set", metavar="KEY=VALUE", action="append", type=parse_assignment, default=None,
                    help="as for train (e.g. --set resolution=512 --set lora_rank=32 --set gradient_checkpointing=true)")
-    p.add_argument("--steps-per-epoch", type=int, default=None, help="for a time per epoch")
+    p.add_argument("--steps-per-epoch", type=_arg_type(int, 1), default=None, help="for a time per epoch")
     p.add_argument("--json", action="store_true", help="print the plan as JSON instead of the table")
     return p
 
@@ -1291,10 +1423,6 @@ def run_plan(args: argparse.Namespace, prog: str = "orwcfm-fast plan") -> int:
         config = resolve_config("text-to-image", args.config or (), args.set or ())
         for key in ("reward", "seed", "savedir"):  # the task's defaults, irrelevant to the plan
             config.pop(key, None)
-        if args.gpus < 1:
-            return fail(f"--gpus must be >= 1, got {args.gpus}")
-        if not 0.0 <= args.headroom < 1.0:
-            return fail(f"--headroom must be in [0, 1), got {args.headroom}")
         report = make_plan(args.pretrained, config, gpus=args.gpus, gpu=args.gpu, gpu_memory_gib=args.gpu_memory,
                            tflops=args.tflops, dtype=args.dtype, headroom=args.headroom,
                            steps_per_epoch=args.steps_per_epoch)
