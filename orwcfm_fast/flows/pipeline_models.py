@@ -200,14 +200,16 @@ class PipelineModels(TrainingModels):
             self.roles = None
             self._fingerprint = None
             transformer.requires_grad_(True)
-            last = copy.deepcopy(transformer).eval().requires_grad_(False)
-            ref = copy.deepcopy(transformer).eval().requires_grad_(False)
             if self.sharded:
-                # the trained shards in fp32 are the master weights; the forwards gather them in compute_dtype
+                # each frozen copy is sharded (moved to the device) before the next is made, so the host holds the
+                # transformer and at most one copy; then the trained shards, in fp32, are the master weights (the
+                # forwards gather them in compute_dtype)
+                last, ref = (self._sharded_copy(transformer, compute_dtype) for _ in range(2))
                 transformer.float()
-                for module in (transformer, last, ref):
-                    dist_utils.shard_module(module, self.flow.shard_units(module), compute_dtype, device)
+                dist_utils.shard_module(transformer, self.flow.shard_units(transformer), compute_dtype, device)
             else:
+                last = copy.deepcopy(transformer).eval().requires_grad_(False)
+                ref = copy.deepcopy(transformer).eval().requires_grad_(False)
                 # bf16 / fp16 weights: Adam's ~lr updates would round away; the optimiser trains fp32 copies
                 params = list(transformer.parameters())
                 self._master = MasterWeights(params) if needs_master_weights(params) else None
@@ -231,6 +233,12 @@ class PipelineModels(TrainingModels):
             self.flow.release_text_encoders()
         else:  # encode on demand, on the device: the negative prompt only now
             self.flow.precompute([])
+
+    def _sharded_copy(self, transformer: torch.nn.Module, compute_dtype: torch.dtype | None) -> torch.nn.Module:
+        """A frozen copy of ``transformer``, sharded at once (its host memory freed as FSDP moves it to the device)."""
+        frozen = copy.deepcopy(transformer).eval().requires_grad_(False)
+        dist_utils.shard_module(frozen, self.flow.shard_units(frozen), compute_dtype, self.device)
+        return frozen
 
     # ------------------------------------------------------------------ the contract
 
