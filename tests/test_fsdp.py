@@ -229,6 +229,19 @@ def _scenario(rank: int, out: Path, scenario: str) -> None:
                              "total": sum(p.numel() * p.element_size() for p in transformer.parameters()),
                              "loss": trainer.history[-1]["total_loss"]}
         save("families", results)
+    elif scenario == "plan":
+        # what orwcfm-fast plan predicts per GPU, against the shards a LoRA trainer holds at rest on each rank
+        from orwcfm_fast.flows.tiny import tiny_sd3_pipeline
+
+        if rank == 0:
+            tiny_sd3_pipeline(sd35=True, seed=0).save_pretrained(out / "plan_pipeline")
+        dist.barrier()
+        transformer = _trainer(out / scenario).models.pipe.transformer
+        _resharded(transformer)
+        buffers = sum(t.numel() * t.element_size() for t in transformer.buffers() if t.is_floating_point())
+        held = [None] * WORLD
+        dist.all_gather_object(held, (local_parameter_bytes(transformer), buffers))
+        save(scenario, {"held": held})
     else:
         raise ValueError(scenario)
 
@@ -282,7 +295,7 @@ def _children_import_this_module(patch: pytest.MonkeyPatch) -> None:
 def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fsdp")
     scenarios = ("ddp_lora", "fsdp_lora", "ddp_full", "fsdp_full", "straight", "resumed", "layouts", "bf16",
-                 "families")
+                 "families", "plan")
     with pytest.MonkeyPatch.context() as patch:
         _children_import_this_module(patch)
         mp.spawn(_worker, args=(WORLD, str(out / "rendezvous"), str(out), scenarios), nprocs=WORLD, join=True)
@@ -404,6 +417,24 @@ def test_every_family_shards_per_block(runs):
         assert sum(result["held"]) == result["total"], name
         assert max(result["held"]) <= 0.55 * result["total"], (name, result["held"], result["total"])
         assert result["loss"] == result["loss"], name
+
+
+def test_plan_predicts_each_ranks_transformer_bytes(runs):
+    """``orwcfm-fast plan`` on the saved tiny SD3.5 pipeline, 2 GPUs: its FSDP rows (transformer weights + the two
+    fp32 adapters) equal the bytes the first rank holds at rest (its dim-0 shards, the largest; the buffers whole),
+    and no rank holds more (here both hold as much); its DDP rows equal the replicated transformer of the ddp run."""
+    from orwcfm_fast import plan as P
+
+    report = P.make_plan(runs / "plan_pipeline", _config(runs / "plan-report"), gpus=WORLD, dtype="fp32")
+    rows = {prefix: next(m for m in report.memory if m.name.startswith(prefix))
+            for prefix in ("transformer weights", "LoRA adapters")}
+    fsdp = sum(m.fsdp for m in rows.values())
+    held = [params + buffers for params, buffers in _load(runs, "plan")["held"]]
+    assert fsdp == held[0] == max(held), (fsdp, held)  # measured: 227,840 bytes on each rank
+    ddp = _load(runs, "ddp_lora")["held"]  # the same trainer config under ddp, after its steps
+    buffers = _load(runs, "plan")["held"][0][1]
+    assert buffers >= 256 * 32 * 4  # SD3's pos_embed table, fp32
+    assert sum(m.ddp for m in rows.values()) == ddp[0] + buffers == ddp[1] + buffers
 
 
 def test_fsdp_needs_a_pipeline_and_a_process_group(tmp_path):
