@@ -985,7 +985,8 @@ def make_plan(pretrained: str | Path, config: Mapping[str, Any] | None = None, *
         PlanError: an unusable folder, config value or argument (the message names it).
     """
     from orwcfm_fast.config import ConfigError, validate_config
-    from orwcfm_fast.flows import flow_for_pipeline
+    from orwcfm_fast.flows.pipeline_models import lora_targets, pipeline_flow
+    from orwcfm_fast.prompts import check_prompt_groups
 
     try:
         cfg = validate_config(config)
@@ -995,17 +996,14 @@ def make_plan(pretrained: str | Path, config: Mapping[str, Any] | None = None, *
         raise PlanError(f"--dtype must be bf16 or fp32, got {dtype!r}")
     _check_numbers(gpus=gpus, gpu_memory_gib=gpu_memory_gib, tflops=tflops, headroom=headroom,
                    steps_per_epoch=steps_per_epoch)
-    if cfg["batch_size"] % cfg["images_per_prompt"]:
-        raise PlanError(f"config key 'batch_size' ({cfg['batch_size']}) must be a multiple of 'images_per_prompt' "
-                        f"({cfg['images_per_prompt']})")
+    try:  # what the trainer refuses for prompted runs (prompts.config_prompts)
+        check_prompt_groups(cfg)
+    except ConfigError as err:
+        raise PlanError(str(err)) from None
     gpu, memory_gib, tflops, assumed = _resolve_gpu(gpu, gpu_memory_gib, tflops)
     pipe = load_meta_pipeline(pretrained)
     try:
-        flow = flow_for_pipeline(pipe, resolution=cfg["resolution"], guidance_scale=cfg["guidance_scale"],
-                                 negative_prompt=cfg["negative_prompt"], time_shift=cfg["time_shift"],
-                                 max_sequence_length=cfg["max_sequence_length"], device="cpu",
-                                 text_encoder_batch_size=cfg["text_encoder_batch_size"],
-                                 prompt_cache_size=cfg["prompt_cache_size"], num_frames=cfg["num_frames"])
+        flow = pipeline_flow(pipe, cfg, "cpu")
     except ValueError as err:
         raise PlanError(str(err)) from None
     transformer = flow.transformer
@@ -1020,7 +1018,7 @@ def make_plan(pretrained: str | Path, config: Mapping[str, Any] | None = None, *
     buffers = _buffer_numel(transformer)  # whole on every GPU, in the weights' dtype (FSDP does not shard buffers)
     g = gpus
     if lora:
-        targets = cfg["lora_target_modules"] or flow.default_lora_targets()
+        targets = lora_targets(cfg, flow)
         adapter, adapted = lora_parameter_count(transformer, rank, targets)
         adapter_shard = _shard_numel(_lora_shapes(transformer, rank, adapted), g)
     else:

@@ -11,12 +11,13 @@ number of processes.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 from pathlib import Path
 
 import torch
 
-__all__ = ["PromptError", "config_prompts", "draw_prompts", "load_prompts"]
+__all__ = ["PromptError", "check_prompt_groups", "config_prompts", "draw_prompts", "load_prompts"]
 
 
 class PromptError(ValueError):
@@ -82,6 +83,24 @@ def draw_prompts(prompts: Sequence[str], batch_size: int, images_per_prompt: int
     return [prompts[i] for i in idx for _ in range(images_per_prompt)]
 
 
+def check_prompt_groups(cfg: Mapping[str, Any]) -> None:
+    """Raise :class:`~orwcfm_fast.config.ConfigError` unless a prompted run's batches hold whole prompt groups
+    (``batch_size`` a multiple of ``images_per_prompt``) and samples pair with their own noise (``coupling``
+    independent)."""
+    from orwcfm_fast.config import ConfigError
+
+    if cfg["batch_size"] % cfg["images_per_prompt"]:
+        raise ConfigError(
+            f"config key 'batch_size' ({cfg['batch_size']}) must be a multiple of 'images_per_prompt' "
+            f"({cfg['images_per_prompt']}): each rank's batch holds whole prompt groups"
+        )
+    if cfg["coupling"] != "independent":
+        raise ConfigError(
+            f"config key 'coupling' is {cfg['coupling']!r}, but samples made for prompts pair with their "
+            "own noise only: use 'independent' (OT across prompts would mix conditions)"
+        )
+
+
 def config_prompts(cfg, pipeline: bool) -> tuple[list[str] | None, list[str] | None]:
     """A trainer config's ``prompts`` and ``eval_prompts``, loaded and checked against the model and batch size.
 
@@ -105,16 +124,7 @@ def config_prompts(cfg, pipeline: bool) -> tuple[list[str] | None, list[str] | N
         if prompts is None:
             what = "a text-to-image pipeline" if pipeline else "a model with a 'prompt_encoder'"
             raise ConfigError(f"config key 'prompts' is required for {what}: a list, or a .txt/.jsonl file")
-        if cfg["batch_size"] % cfg["images_per_prompt"]:
-            raise ConfigError(
-                f"config key 'batch_size' ({cfg['batch_size']}) must be a multiple of 'images_per_prompt' "
-                f"({cfg['images_per_prompt']}): each rank's batch holds whole prompt groups"
-            )
-        if cfg["coupling"] != "independent":
-            raise ConfigError(
-                f"config key 'coupling' is {cfg['coupling']!r}, but samples made for prompts pair with their "
-                "own noise only: use 'independent' (OT across prompts would mix conditions)"
-            )
+        check_prompt_groups(cfg)
     elif prompts is not None:
         raise ConfigError("config key 'prompts' is set but the model takes no prompts: pass a diffusers "
                           "pipeline, or a conditional model with config 'prompt_encoder'")

@@ -668,3 +668,13 @@ def test_fsdp_root_is_sharded_and_gathered_after_a_forward(tiny_dir, mode):
     buffers = sum(t.numel() for t in pipe.transformer.buffers() if t.is_floating_point())
     weights = _item(report, "transformer weights")
     assert weights.fsdp == (shard + buffers) * (2 if mode == "lora" else 4)
+
+
+@pytest.mark.parametrize("config,match", [
+    ({"batch_size": 6, "images_per_prompt": 4}, r"'batch_size' \(6\) must be a multiple of 'images_per_prompt' \(4\)"),
+    ({"coupling": "exact_ot"}, "config key 'coupling' is 'exact_ot'"),
+])
+def test_configs_the_trainer_refuses_are_not_planned(tiny_dir, config, match):
+    """The prompt-group checks are the trainer's own (prompts.check_prompt_groups)."""
+    with pytest.raises(P.PlanError, match=match):
+        P.make_plan(tiny_dir("sd35"), config)

@@ -35,7 +35,8 @@ from orwcfm_fast.flows.lora import LoraRoles
 from orwcfm_fast.flows.master_weights import MasterWeights, needs_master_weights
 from orwcfm_fast.flows.models import TrainingModels, blend_into
 
-__all__ = ["PipelineModels", "RoleVelocity", "base_fingerprint", "cfg_roles", "role_passes"]
+__all__ = ["PipelineModels", "RoleVelocity", "base_fingerprint", "cfg_roles", "lora_targets", "pipeline_flow",
+           "role_passes"]
 
 
 def _compute_dtype(transformer: torch.nn.Module, precision: str) -> torch.dtype | None:
@@ -96,6 +97,24 @@ def cfg_roles(mode: str) -> tuple[bool, bool]:
     if mode == "sampling_only":
         return False, True
     raise ValueError(f"config key 'cfg_mode' must be one of 'guided', 'cfg_free', 'sampling_only', got {mode!r}")
+
+
+def pipeline_flow(pipe, config: Mapping, device):
+    """The pipeline's flow (:func:`~orwcfm_fast.flows.flow_for_pipeline`) as config sets it up: ``resolution``,
+    ``guidance_scale``, ``negative_prompt``, ``time_shift``, ``max_sequence_length``, ``text_encoder_batch_size``,
+    ``prompt_cache_size``, ``num_frames`` (the trainer's, and ``orwcfm-fast plan`` 's on the meta device)."""
+    return flow_for_pipeline(
+        pipe, resolution=config["resolution"], guidance_scale=config["guidance_scale"],
+        negative_prompt=config["negative_prompt"], time_shift=config["time_shift"],
+        max_sequence_length=config["max_sequence_length"], device=device,
+        text_encoder_batch_size=config["text_encoder_batch_size"], prompt_cache_size=config["prompt_cache_size"],
+        num_frames=config["num_frames"],
+    )
+
+
+def lora_targets(config: Mapping, flow) -> tuple[str, ...]:
+    """The module-name suffixes LoRA adapts: config ``lora_target_modules``, else the family's default."""
+    return tuple(config["lora_target_modules"] or flow.default_lora_targets())
 
 
 def role_passes(flow, cfg_mode: str, role: str) -> int:
@@ -171,13 +190,7 @@ class PipelineModels(TrainingModels):
                     component.to(device)
         else:
             pipe.to(device)
-        self.flow = flow_for_pipeline(
-            pipe, resolution=config["resolution"], guidance_scale=config["guidance_scale"],
-            negative_prompt=config["negative_prompt"], time_shift=config["time_shift"],
-            max_sequence_length=config["max_sequence_length"], device=device,
-            text_encoder_batch_size=config["text_encoder_batch_size"], prompt_cache_size=config["prompt_cache_size"],
-            num_frames=config["num_frames"],
-        )
+        self.flow = pipeline_flow(pipe, config, device)
         self.sample_shape = tuple(self.flow.sample_shape)
         self.reward_frame_reduction = config["video_frame_reduction"] if self.flow.video else None
         transformer = pipe.transformer
@@ -188,7 +201,7 @@ class PipelineModels(TrainingModels):
         self._master: MasterWeights | None = None
         compute_dtype = _compute_dtype(transformer, config["precision"])
         if rank is not None:
-            targets = config["lora_target_modules"] or self.flow.default_lora_targets()
+            targets = lora_targets(config, self.flow)
             self.roles: LoraRoles | None = LoraRoles(transformer, rank, config["lora_alpha"], targets, seed=seed)
             self._fingerprint = base_fingerprint(transformer)  # of the whole weights: before sharding
             self.net_model = transformer
